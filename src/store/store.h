@@ -111,7 +111,7 @@ struct AuditEntry {
   std::string target;       // e.g. "deployment/defect-detector"
   std::string details_json = "{}";
   std::string prev_hash;    // hash of the entry before ("" for the first)
-  std::string hash;         // hex sha256 over (seq, time, actor, action, target, details, prev_hash)
+  std::string hash;  // hex sha256 over the length-prefixed (seq, time, actor, action, target, details, prev_hash)
 };
 
 // Outcome of apply_deployment.

@@ -1,0 +1,89 @@
+#include "common/crypto.h"
+
+#include <sodium.h>
+
+#include <cassert>
+#include <mutex>
+#include <vector>
+
+#include "common/digest.h"
+
+namespace outpost::crypto {
+
+void init() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int rc = sodium_init();
+    assert(rc >= 0 && "libsodium failed to initialize");
+    (void)rc;
+  });
+}
+
+std::string random_hex(size_t bytes, std::string_view prefix) {
+  init();
+  std::string raw(bytes, '\0');
+  randombytes_buf(raw.data(), raw.size());
+  return std::string(prefix) + hex_encode(raw);
+}
+
+std::string base64_encode(std::string_view bytes) {
+  init();
+  const size_t len = sodium_base64_ENCODED_LEN(bytes.size(), sodium_base64_VARIANT_ORIGINAL);
+  std::string out(len, '\0');
+  sodium_bin2base64(out.data(), len, reinterpret_cast<const unsigned char*>(bytes.data()),
+                    bytes.size(), sodium_base64_VARIANT_ORIGINAL);
+  out.resize(len - 1);  // drop the NUL terminator sodium writes
+  return out;
+}
+
+Result<std::string> base64_decode(std::string_view text) {
+  init();
+  std::string out(text.size() / 4 * 3 + 3, '\0');
+  size_t out_len = 0;
+  if (sodium_base642bin(reinterpret_cast<unsigned char*>(out.data()), out.size(), text.data(),
+                        text.size(), nullptr, &out_len, nullptr,
+                        sodium_base64_VARIANT_ORIGINAL) != 0) {
+    return make_error(Errc::kInvalidArgument, "not valid base64");
+  }
+  out.resize(out_len);
+  return out;
+}
+
+Ed25519KeyPair ed25519_generate() {
+  init();
+  Ed25519KeyPair pair;
+  pair.public_key.resize(crypto_sign_PUBLICKEYBYTES);
+  pair.secret_key.resize(crypto_sign_SECRETKEYBYTES);
+  crypto_sign_keypair(reinterpret_cast<unsigned char*>(pair.public_key.data()),
+                      reinterpret_cast<unsigned char*>(pair.secret_key.data()));
+  return pair;
+}
+
+std::string ed25519_sign(std::string_view message, std::string_view secret_key) {
+  init();
+  assert(secret_key.size() == crypto_sign_SECRETKEYBYTES);
+  std::string sig(crypto_sign_BYTES, '\0');
+  crypto_sign_detached(reinterpret_cast<unsigned char*>(sig.data()), nullptr,
+                       reinterpret_cast<const unsigned char*>(message.data()), message.size(),
+                       reinterpret_cast<const unsigned char*>(secret_key.data()));
+  return sig;
+}
+
+bool ed25519_verify(std::string_view message, std::string_view signature,
+                    std::string_view public_key) {
+  init();
+  if (signature.size() != crypto_sign_BYTES || public_key.size() != crypto_sign_PUBLICKEYBYTES) {
+    return false;
+  }
+  return crypto_sign_verify_detached(reinterpret_cast<const unsigned char*>(signature.data()),
+                                     reinterpret_cast<const unsigned char*>(message.data()),
+                                     message.size(),
+                                     reinterpret_cast<const unsigned char*>(public_key.data())) == 0;
+}
+
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  if (a.size() != b.size()) return false;
+  return sodium_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+}  // namespace outpost::crypto

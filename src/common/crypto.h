@@ -1,0 +1,34 @@
+// Small wrappers over libsodium: random secrets, base64, Ed25519 keys and signatures.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "common/error.h"
+
+namespace outpost::crypto {
+
+// Must be called once before any other function here (idempotent, thread-safe).
+void init();
+
+// `bytes` random bytes as lowercase hex, with an optional prefix ("opt_" + 64 hex chars).
+std::string random_hex(size_t bytes, std::string_view prefix = {});
+
+std::string base64_encode(std::string_view bytes);
+[[nodiscard]] Result<std::string> base64_decode(std::string_view text);
+
+struct Ed25519KeyPair {
+  std::string public_key;  // 32 raw bytes
+  std::string secret_key;  // 64 raw bytes
+};
+
+Ed25519KeyPair ed25519_generate();
+// Detached signature (64 raw bytes).
+std::string ed25519_sign(std::string_view message, std::string_view secret_key);
+bool ed25519_verify(std::string_view message, std::string_view signature,
+                    std::string_view public_key);
+
+// Constant-time comparison of two equal-length secrets (false when lengths differ).
+bool constant_time_equal(std::string_view a, std::string_view b);
+
+}  // namespace outpost::crypto

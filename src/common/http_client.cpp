@@ -1,0 +1,158 @@
+#include "common/http_client.h"
+
+#include <curl/curl.h>
+
+#include <cstdio>
+#include <mutex>
+
+#include <nlohmann/json.hpp>
+
+namespace outpost {
+namespace {
+
+void global_init() {
+  static std::once_flag once;
+  std::call_once(once, [] { curl_global_init(CURL_GLOBAL_DEFAULT); });
+}
+
+size_t write_body(char* data, size_t size, size_t count, void* user) {
+  static_cast<std::string*>(user)->append(data, size * count);
+  return size * count;
+}
+
+size_t write_header(char* data, size_t size, size_t count, void* user) {
+  auto* headers = static_cast<std::map<std::string, std::string>*>(user);
+  std::string line(data, size * count);
+  auto colon = line.find(':');
+  if (colon != std::string::npos) {
+    std::string name = line.substr(0, colon);
+    for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    std::string value = line.substr(colon + 1);
+    while (!value.empty() && (value.front() == ' ')) value.erase(0, 1);
+    while (!value.empty() && (value.back() == '\r' || value.back() == '\n')) value.pop_back();
+    (*headers)[name] = value;
+  } else if (line.rfind("HTTP/", 0) == 0) {
+    headers->clear();  // a new response (after 100 Continue or a redirect)
+  }
+  return size * count;
+}
+
+struct ProgressContext {
+  const std::function<void(uint64_t, uint64_t)>* callback;
+};
+
+int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t ultotal, curl_off_t ulnow) {
+  auto* ctx = static_cast<ProgressContext*>(user);
+  if (ctx->callback && *ctx->callback) {
+    (*ctx->callback)(static_cast<uint64_t>(ulnow), static_cast<uint64_t>(ultotal));
+  }
+  return 0;
+}
+
+}  // namespace
+
+HttpClient::HttpClient(std::string base_url, std::string bearer_token)
+    : base_url_(std::move(base_url)), token_(std::move(bearer_token)) {
+  global_init();
+  while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
+  curl_ = curl_easy_init();
+}
+
+HttpClient::~HttpClient() { curl_easy_cleanup(static_cast<CURL*>(curl_)); }
+
+Result<HttpResponse> HttpClient::request(const std::string& method, const std::string& path,
+                                         const std::string& body, const std::string& content_type,
+                                         const HttpRequestOptions& options) {
+  CURL* curl = static_cast<CURL*>(curl_);
+  curl_easy_reset(curl);
+  HttpResponse response;
+  const std::string url = base_url_ + path;
+  curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+  curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method.c_str());
+  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, write_body);
+  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &response.body);
+  curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, write_header);
+  curl_easy_setopt(curl, CURLOPT_HEADERDATA, &response.headers);
+  curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(options.timeout_ms));
+  curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 10'000L);
+  curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  if (method == "HEAD") curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
+
+  curl_slist* headers = nullptr;
+  if (!token_.empty()) headers = curl_slist_append(headers, ("Authorization: Bearer " + token_).c_str());
+  if (!content_type.empty()) headers = curl_slist_append(headers, ("Content-Type: " + content_type).c_str());
+  headers = curl_slist_append(headers, "Expect:");  // no 1 s wait for 100-continue
+  for (const auto& [k, v] : options.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+
+  FILE* upload = nullptr;
+  ProgressContext progress{&options.on_progress};
+  if (!options.upload_file.empty()) {
+    upload = std::fopen(options.upload_file.c_str(), "rb");
+    if (!upload) {
+      curl_slist_free_all(headers);
+      return make_error(Errc::kNotFound, "cannot open " + options.upload_file);
+    }
+    std::fseek(upload, 0, SEEK_END);
+    long size = std::ftell(upload);
+    std::fseek(upload, 0, SEEK_SET);
+    curl_easy_setopt(curl, CURLOPT_UPLOAD, 1L);
+    curl_easy_setopt(curl, CURLOPT_READDATA, upload);
+    curl_easy_setopt(curl, CURLOPT_INFILESIZE_LARGE, static_cast<curl_off_t>(size));
+    curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method.c_str());
+    if (options.on_progress) {
+      curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+      curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+      curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &progress);
+    }
+  } else if (!body.empty() || method == "POST" || method == "PUT") {
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDS, body.data());
+    curl_easy_setopt(curl, CURLOPT_POSTFIELDSIZE_LARGE, static_cast<curl_off_t>(body.size()));
+  }
+
+  CURLcode rc = curl_easy_perform(curl);
+  curl_slist_free_all(headers);
+  if (upload) std::fclose(upload);
+  if (rc != CURLE_OK) {
+    return make_error(rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable,
+                      "cannot reach the server at " + base_url_ + ": " + curl_easy_strerror(rc));
+  }
+  curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
+  return response;
+}
+
+Error error_from_response(const HttpResponse& response) {
+  Error error;
+  error.code = response.status == 401   ? Errc::kUnauthenticated
+               : response.status == 403 ? Errc::kPermissionDenied
+               : response.status == 404 ? Errc::kNotFound
+               : response.status == 409 ? Errc::kConflict
+               : response.status >= 500 ? Errc::kUnavailable
+                                        : Errc::kInvalidArgument;
+  error.message = "server answered HTTP " + std::to_string(response.status);
+  auto doc = nlohmann::json::parse(response.body, nullptr, false);
+  if (!doc.is_discarded() && doc.is_object() && doc.contains("error") && doc["error"].is_object()) {
+    const auto& e = doc["error"];
+    if (e.contains("code") && e["code"].is_string()) error.code = errc_from_name(e["code"].get<std::string>());
+    if (e.contains("message") && e["message"].is_string()) error.message = e["message"].get<std::string>();
+    if (e.contains("field") && e["field"].is_string()) error.field = e["field"].get<std::string>();
+  }
+  return error;
+}
+
+std::string url_encode(const std::string& text) {
+  static constexpr char kHex[] = "0123456789ABCDEF";
+  std::string out;
+  for (unsigned char c : text) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~' || c == ':') {
+      out.push_back(static_cast<char>(c));
+    } else {
+      out.push_back('%');
+      out.push_back(kHex[c >> 4]);
+      out.push_back(kHex[c & 15]);
+    }
+  }
+  return out;
+}
+
+}  // namespace outpost

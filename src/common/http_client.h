@@ -1,0 +1,58 @@
+// A small blocking HTTP client over libcurl for the CLI and the agent: JSON calls, streamed
+// file uploads, and errors that say which server could not be reached and why.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+
+namespace outpost {
+
+struct HttpResponse {
+  long status = 0;
+  std::string body;
+  std::map<std::string, std::string> headers;  // lower-case names
+};
+
+struct HttpRequestOptions {
+  std::vector<std::pair<std::string, std::string>> headers;
+  int64_t timeout_ms = 30'000;
+  std::string upload_file;  // when set, the body is streamed from this file
+  std::function<void(uint64_t sent, uint64_t total)> on_progress;
+};
+
+// Not thread-safe: one client per thread (it reuses one connection).
+class HttpClient {
+ public:
+  // base_url like "http://127.0.0.1:7400"; bearer token may be empty.
+  HttpClient(std::string base_url, std::string bearer_token);
+  ~HttpClient();
+  HttpClient(const HttpClient&) = delete;
+  HttpClient& operator=(const HttpClient&) = delete;
+
+  // Transport failures are kUnavailable ("cannot reach the server at URL: ..."); any HTTP
+  // status is a successful result (callers map statuses with error_from_response).
+  [[nodiscard]] Result<HttpResponse> request(const std::string& method, const std::string& path,
+                                             const std::string& body = {},
+                                             const std::string& content_type = "application/json",
+                                             const HttpRequestOptions& options = {});
+
+  const std::string& base_url() const { return base_url_; }
+
+ private:
+  std::string base_url_;
+  std::string token_;
+  void* curl_ = nullptr;
+};
+
+// Turns a non-2xx response with a JSON error body into an Error (code, message, field).
+Error error_from_response(const HttpResponse& response);
+
+// Percent-encodes a query value or path segment.
+std::string url_encode(const std::string& text);
+
+}  // namespace outpost

@@ -1,0 +1,31 @@
+// Typed reads of JSON request fields with errors that name the field's path.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace outpost::json_fields {
+
+// Each returns nullopt when the key is absent (or null), the value when it has the right
+// type, and kInvalidArgument naming `path` ("labels.line: expected a string, got a number").
+[[nodiscard]] Result<std::optional<std::string>> optional_string(const nlohmann::json& obj,
+                                                                 const std::string& key,
+                                                                 const std::string& path);
+[[nodiscard]] Result<std::string> required_string(const nlohmann::json& obj, const std::string& key,
+                                                  const std::string& path);
+[[nodiscard]] Result<std::optional<int64_t>> optional_int(const nlohmann::json& obj,
+                                                          const std::string& key,
+                                                          const std::string& path);
+[[nodiscard]] Result<std::map<std::string, std::string>> string_map(const nlohmann::json& obj,
+                                                                    const std::string& key,
+                                                                    const std::string& path);
+// "a string", "a number", "an object"... for messages.
+std::string type_name(const nlohmann::json& value);
+
+}  // namespace outpost::json_fields

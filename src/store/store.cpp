@@ -1,0 +1,84 @@
+// Backend selection by URL, and the audit hash every backend and verifier shares.
+#include "store/store.h"
+
+#include <exception>
+#include <string_view>
+
+#include "common/digest.h"
+#include "store/sqlite/sqlite_store.h"
+
+namespace outpost::store {
+namespace {
+
+constexpr std::string_view kSqliteScheme = "sqlite:";
+
+// URLs may carry credentials (postgres://user:secret@host/db); errors must not echo them.
+std::string redact_url(std::string_view url) {
+  const auto scheme_end = url.find("://");
+  if (scheme_end == std::string_view::npos) {
+    return std::string(url);
+  }
+  const auto authority = scheme_end + 3;
+  const auto at = url.find('@', authority);
+  const auto path = url.find('/', authority);
+  if (at == std::string_view::npos || (path != std::string_view::npos && at > path)) {
+    return std::string(url);
+  }
+  return std::string(url.substr(0, authority)) + "***" + std::string(url.substr(at));
+}
+
+}  // namespace
+
+std::string audit_entry_hash(const AuditEntry& entry) {
+  // Each field is length-prefixed, so no text can move from one field into the next
+  // without changing the hash.
+  std::string text;
+  auto add = [&text](const std::string& field) {
+    text += std::to_string(field.size());
+    text += ':';
+    text += field;
+    text += '\n';
+  };
+  add(std::to_string(entry.seq));
+  add(std::to_string(entry.time));
+  add(entry.actor);
+  add(entry.action);
+  add(entry.target);
+  add(entry.details_json);
+  add(entry.prev_hash);
+  return sha256_hex(text);
+}
+
+Result<std::unique_ptr<Store>> open_store(const std::string& url) {
+  try {
+    const std::string_view view(url);
+    if (view.starts_with(kSqliteScheme)) {
+      std::string_view path = view.substr(kSqliteScheme.size());
+      // Accept the URL form "sqlite:///abs/path" (empty authority) as well as "sqlite:/abs".
+      if (path.starts_with("//")) {
+        path.remove_prefix(2);
+      }
+      if (path.empty()) {
+        return make_error(Errc::kInvalidArgument,
+                          "store URL " + url + " has no path; expected sqlite:/path/to/outpost.db",
+                          "url");
+      }
+      return sqlite::open_sqlite_store(std::string(path));
+    }
+    if (view.starts_with("postgres://") || view.starts_with("postgresql://")) {
+      return make_error(Errc::kInvalidArgument,
+                        "store URL " + redact_url(view) + ": postgres:// is not supported yet",
+                        "url");
+    }
+    return make_error(Errc::kInvalidArgument,
+                      "store URL " + redact_url(view) +
+                          " has an unsupported scheme; expected sqlite:/path/to/outpost.db",
+                      "url");
+  } catch (const std::exception& e) {
+    return make_error(Errc::kInternal, "opening store " + redact_url(url) + ": " + e.what());
+  }
+}
+
+Result<std::unique_ptr<Store>> open_memory_store() { return sqlite::open_sqlite_store(":memory:"); }
+
+}  // namespace outpost::store
