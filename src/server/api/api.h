@@ -1,0 +1,92 @@
+// The HTTP API of the control plane (/api/v1): one file per resource registers its routes.
+// Handlers authenticate, then hand their blocking work (store, disk) to the worker pool;
+// only the long-poll wait stays on the I/O side, as a parked callback.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include <boost/asio/thread_pool.hpp>
+#include <nlohmann/json.hpp>
+
+#include "common/clock.h"
+#include "common/error.h"
+#include "server/http/http_server.h"
+#include "store/store.h"
+
+namespace outpost::server {
+class DesiredStateUpdater;
+class OperatorAuth;
+namespace registry {
+class BlobStore;
+}
+namespace sync {
+class SyncHub;
+}
+}  // namespace outpost::server
+
+namespace outpost::server::api {
+
+// Who made a call: an operator token or a device credential.
+struct Caller {
+  enum class Kind { kOperator, kDevice } kind = Kind::kOperator;
+  std::string name;  // audit actor: "token:admin" or "device:d-1a2b"
+  std::string role;  // operators: viewer|operator|admin
+  std::string device_id;
+};
+
+struct ApiContext {
+  store::Store& store;
+  registry::BlobStore& blobs;
+  sync::SyncHub& hub;
+  DesiredStateUpdater& desired;
+  OperatorAuth& auth;
+  const Clock& clock;
+  boost::asio::thread_pool& workers;
+  std::string server_public_key_b64;
+  int64_t long_poll_ms = 55'000;
+};
+
+// Runs `work` on the worker pool and answers with its result (errors as JSON errors).
+void run_on_worker(ApiContext& ctx, http::Responder respond,
+                   std::function<Result<http::Response>()> work);
+
+// Minimum operator role for a call.
+enum class Role { kViewer, kOperator, kAdmin };
+
+// Authenticates an operator call (Bearer token). Blocking (may read the store).
+[[nodiscard]] Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req,
+                                                   Role needed);
+// Authenticates a device call (Bearer <device-id>.<secret>). Blocking.
+[[nodiscard]] Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req);
+
+// Appends an audit entry; failures are logged (the change itself already happened).
+void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
+           const std::string& target, const nlohmann::json& details = nlohmann::json::object());
+
+// Parses a JSON request body; kInvalidArgument with the parse position otherwise.
+[[nodiscard]] Result<nlohmann::json> parse_json_body(const std::string& body);
+
+http::Response json_response(int status, const nlohmann::json& doc);
+
+// Registers a route whose handler runs on the worker pool after the caller authenticated.
+using AuthedHandler =
+    std::function<Result<http::Response>(ApiContext&, const http::Request&, const Caller&)>;
+void add_operator_route(http::Router& router, ApiContext& ctx, std::string method,
+                        std::string pattern, Role needed, AuthedHandler handler,
+                        http::RouteOptions options = {});
+void add_device_route(http::Router& router, ApiContext& ctx, std::string method,
+                      std::string pattern, AuthedHandler handler, http::RouteOptions options = {});
+
+// Route registration, one per resource file.
+void register_enrollment_token_routes(http::Router& router, ApiContext& ctx);
+void register_device_routes(http::Router& router, ApiContext& ctx);
+void register_device_sync_routes(http::Router& router, ApiContext& ctx);
+void register_artifact_routes(http::Router& router, ApiContext& ctx);
+void register_model_routes(http::Router& router, ApiContext& ctx);
+void register_deployment_routes(http::Router& router, ApiContext& ctx);
+void register_audit_routes(http::Router& router, ApiContext& ctx);
+
+}  // namespace outpost::server::api

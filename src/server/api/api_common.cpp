@@ -1,0 +1,140 @@
+#include <unistd.h>
+
+#include <boost/asio/post.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/crypto.h"
+#include "common/digest.h"
+#include "server/api/api.h"
+#include "server/operator_auth.h"
+
+namespace outpost::server::api {
+
+http::Response json_response(int status, const nlohmann::json& doc) {
+  return http::Response::json(status, doc.dump());
+}
+
+void run_on_worker(ApiContext& ctx, http::Responder respond,
+                   std::function<Result<http::Response>()> work) {
+  boost::asio::post(ctx.workers, [respond = std::move(respond), work = std::move(work)] {
+    Result<http::Response> result = [&]() -> Result<http::Response> {
+      try {
+        return work();
+      } catch (const std::exception& e) {
+        spdlog::error("request failed with an exception: {}", e.what());
+        return make_error(Errc::kInternal, std::string("internal error: ") + e.what());
+      }
+    }();
+    respond(result ? std::move(*result) : http::Response::error(result.error()));
+  });
+}
+
+namespace {
+
+std::optional<std::string> bearer(const http::Request& req) {
+  std::string value = req.header("authorization");
+  constexpr std::string_view kPrefix = "Bearer ";
+  if (value.size() <= kPrefix.size() || value.compare(0, kPrefix.size(), kPrefix) != 0) {
+    return std::nullopt;
+  }
+  return value.substr(kPrefix.size());
+}
+
+int role_rank(const std::string& role) {
+  if (role == "admin") return 2;
+  if (role == "operator") return 1;
+  return 0;
+}
+
+}  // namespace
+
+Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req, Role needed) {
+  auto token = bearer(req);
+  if (!token) {
+    return make_error(Errc::kUnauthenticated,
+                      "missing bearer token: pass --token or set OUTPOST_TOKEN (the admin token "
+                      "is in the server's data directory, admin.token)");
+  }
+  auto record = ctx.auth.authenticate(*token);
+  if (!record) return make_error(record.error());
+  if (role_rank(record->role) < static_cast<int>(needed)) {
+    return make_error(Errc::kPermissionDenied,
+                      "token " + record->id + " has role " + record->role + ", which may not do this");
+  }
+  Caller caller;
+  caller.kind = Caller::Kind::kOperator;
+  caller.name = "token:" + record->name;
+  caller.role = record->role;
+  return caller;
+}
+
+Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req) {
+  auto token = bearer(req);
+  auto dot = token ? token->find('.') : std::string::npos;
+  if (!token || dot == std::string::npos) {
+    return make_error(Errc::kUnauthenticated, "missing device credential (Bearer <id>.<secret>)");
+  }
+  std::string id = token->substr(0, dot);
+  auto device = ctx.store.get_device(id);
+  if (!device) return make_error(device.error());
+  if (!*device || !crypto::constant_time_equal((*device)->credential_hash,
+                                               sha256_hex(token->substr(dot + 1)))) {
+    return make_error(Errc::kUnauthenticated, "device credential is not valid");
+  }
+  Caller caller;
+  caller.kind = Caller::Kind::kDevice;
+  caller.name = "device:" + id;
+  caller.device_id = id;
+  return caller;
+}
+
+void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
+           const std::string& target, const nlohmann::json& details) {
+  auto entry = ctx.store.append_audit(caller.name, action, target, details.dump(), ctx.clock.now_ms());
+  if (!entry) spdlog::error("audit append failed for {} {}: {}", action, target, entry.error().message);
+}
+
+void add_operator_route(http::Router& router, ApiContext& ctx, std::string method,
+                        std::string pattern, Role needed, AuthedHandler handler,
+                        http::RouteOptions options) {
+  router.add(
+      std::move(method), std::move(pattern),
+      [&ctx, needed, handler = std::move(handler)](http::Request&& req, http::Responder respond) {
+        run_on_worker(ctx, std::move(respond),
+                      [&ctx, needed, &handler, req = std::move(req)]() -> Result<http::Response> {
+                        auto caller = authenticate_operator(ctx, req, needed);
+                        if (!caller) {
+                          if (!req.body_file.empty()) ::unlink(req.body_file.c_str());
+                          return make_error(caller.error());
+                        }
+                        return handler(ctx, req, *caller);
+                      });
+      },
+      options);
+}
+
+void add_device_route(http::Router& router, ApiContext& ctx, std::string method,
+                      std::string pattern, AuthedHandler handler, http::RouteOptions options) {
+  router.add(
+      std::move(method), std::move(pattern),
+      [&ctx, handler = std::move(handler)](http::Request&& req, http::Responder respond) {
+        run_on_worker(ctx, std::move(respond),
+                      [&ctx, &handler, req = std::move(req)]() -> Result<http::Response> {
+                        auto caller = authenticate_device(ctx, req);
+                        if (!caller) return make_error(caller.error());
+                        return handler(ctx, req, *caller);
+                      });
+      },
+      options);
+}
+
+Result<nlohmann::json> parse_json_body(const std::string& body) {
+  try {
+    if (body.empty()) return nlohmann::json::object();
+    return nlohmann::json::parse(body);
+  } catch (const nlohmann::json::parse_error& e) {
+    return make_error(Errc::kInvalidArgument, std::string("request body is not valid JSON: ") + e.what());
+  }
+}
+
+}  // namespace outpost::server::api

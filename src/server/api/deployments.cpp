@@ -1,0 +1,137 @@
+// /api/v1/deployments: declarative manifests. Apply validates strictly (field paths in every
+// refusal), stores a new revision only on a real change, then reschedules the fleet.
+#include <spdlog/spdlog.h>
+
+#include "server/api/api.h"
+#include "server/deployments/manifest.h"
+#include "server/desired_states.h"
+
+namespace outpost::server::api {
+namespace {
+
+nlohmann::json parse_or_empty(const std::string& text) {
+  auto doc = nlohmann::json::parse(text, nullptr, false);
+  return doc.is_discarded() ? nlohmann::json::object() : doc;
+}
+
+nlohmann::json deployment_json(const store::Deployment& d) {
+  nlohmann::json manifest = parse_or_empty(d.manifest_json);
+  nlohmann::json model = manifest.contains("spec") ? manifest["spec"].value("model", nlohmann::json())
+                                                   : nlohmann::json();
+  return {{"name", d.name},         {"revision", d.revision},     {"created_at", d.created_at},
+          {"updated_at", d.updated_at}, {"model", model}, {"spec_hash", d.spec_hash}};
+}
+
+Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+  auto doc = deployments::parse_document(req.body);
+  if (!doc) return make_error(doc.error());
+  auto manifest = deployments::validate_manifest(*doc);
+  if (!manifest) return make_error(manifest.error());
+  deployments::ReferenceLookup lookup;
+  lookup.model_exists = [&ctx](const std::string& model) -> Result<bool> {
+    auto versions = ctx.store.list_model_versions(model);
+    if (!versions) return make_error(versions.error());
+    return !versions->empty();
+  };
+  lookup.model_version_exists = [&ctx](const std::string& model,
+                                       const std::string& version) -> Result<bool> {
+    auto found = ctx.store.get_model_version(model, version);
+    if (!found) return make_error(found.error());
+    return found->has_value();
+  };
+  lookup.artifact_exists = [&ctx](const std::string& digest) -> Result<bool> {
+    auto found = ctx.store.get_artifact(digest);
+    if (!found) return make_error(found.error());
+    return found->has_value();
+  };
+  OUTPOST_TRY(deployments::check_references(*manifest, lookup));
+
+  auto outcome = ctx.store.apply_deployment(manifest->name, manifest->normalized.dump(),
+                                            manifest->spec_hash(), caller.name, ctx.clock.now_ms());
+  if (!outcome) return make_error(outcome.error());
+  nlohmann::json out = deployment_json(outcome->deployment);
+  out["changed"] = outcome->changed;
+  if (outcome->changed) {
+    audit(ctx, caller, "deployment.apply", "deployment/" + manifest->name,
+          {{"revision", outcome->deployment.revision}, {"spec_hash", manifest->spec_hash()}});
+    auto summary = ctx.desired.reconcile_all();
+    if (!summary) return make_error(summary.error().with_context("scheduling devices"));
+    out["devices"] = {{"total", summary->devices},
+                      {"changed", summary->changed},
+                      {"unschedulable", summary->unschedulable}};
+  }
+  return json_response(outcome->changed ? (outcome->deployment.revision == 1 ? 201 : 200) : 200, out);
+}
+
+Result<http::Response> list(ApiContext& ctx, const http::Request&, const Caller&) {
+  auto all = ctx.store.list_deployments();
+  if (!all) return make_error(all.error());
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& d : *all) out.push_back(deployment_json(d));
+  return json_response(200, {{"deployments", out}});
+}
+
+Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Caller&) {
+  const std::string& name = req.params.at("name");
+  auto found = ctx.store.get_deployment(name);
+  if (!found) return make_error(found.error());
+  if (!*found) return make_error(Errc::kNotFound, "deployment " + name + " does not exist");
+  nlohmann::json out = deployment_json(**found);
+  out["manifest"] = parse_or_empty((*found)->manifest_json);
+  auto revisions = ctx.store.list_deployment_revisions(name);
+  if (!revisions) return make_error(revisions.error());
+  nlohmann::json revs = nlohmann::json::array();
+  for (const auto& r : *revisions) {
+    revs.push_back({{"revision", r.revision}, {"created_at", r.created_at},
+                    {"created_by", r.created_by}, {"spec_hash", r.spec_hash}});
+  }
+  out["revisions"] = revs;
+  // Where it runs: per device, scheduled on which revision, reported, or why not.
+  auto devices = ctx.store.list_devices({});
+  if (!devices) return make_error(devices.error());
+  nlohmann::json targets = nlohmann::json::array();
+  size_t scheduled = 0, unschedulable = 0, reported = 0;
+  for (const auto& d : *devices) {
+    nlohmann::json schedule = parse_or_empty(d.schedule_json);
+    if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
+    const auto& entry = schedule["deployments"][name];
+    nlohmann::json target = {{"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")}};
+    if (entry.contains("reason")) target["reason"] = entry["reason"];
+    if (entry.value("state", "") == "unschedulable") {
+      ++unschedulable;
+    } else {
+      ++scheduled;
+    }
+    nlohmann::json status = parse_or_empty(d.status_json);
+    if (status.value("generation", static_cast<int64_t>(-1)) == d.generation) {
+      ++reported;
+      target["in_sync"] = true;
+    } else {
+      target["in_sync"] = false;
+    }
+    targets.push_back(target);
+  }
+  out["devices"] = targets;
+  out["summary"] = {{"scheduled", scheduled}, {"unschedulable", unschedulable}, {"in_sync", reported}};
+  return json_response(200, out);
+}
+
+Result<http::Response> remove(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+  const std::string& name = req.params.at("name");
+  OUTPOST_TRY(ctx.store.delete_deployment(name));
+  audit(ctx, caller, "deployment.delete", "deployment/" + name);
+  auto summary = ctx.desired.reconcile_all();
+  if (!summary) return make_error(summary.error().with_context("scheduling devices"));
+  return json_response(200, {{"name", name}, {"deleted", true}});
+}
+
+}  // namespace
+
+void register_deployment_routes(http::Router& router, ApiContext& ctx) {
+  add_operator_route(router, ctx, "POST", "/api/v1/deployments", Role::kOperator, apply);
+  add_operator_route(router, ctx, "GET", "/api/v1/deployments", Role::kViewer, list);
+  add_operator_route(router, ctx, "GET", "/api/v1/deployments/{name}", Role::kViewer, show);
+  add_operator_route(router, ctx, "DELETE", "/api/v1/deployments/{name}", Role::kOperator, remove);
+}
+
+}  // namespace outpost::server::api

@@ -1,0 +1,142 @@
+// The device side of the API: enroll, long-poll the desired state, report status.
+#include <boost/asio/post.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/crypto.h"
+#include "common/digest.h"
+#include "common/json_fields.h"
+#include "server/api/api.h"
+#include "server/desired_states.h"
+#include "server/sync/sync_hub.h"
+
+namespace outpost::server::api {
+namespace {
+
+Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
+  auto doc = parse_json_body(req.body);
+  if (!doc) return make_error(doc.error());
+  auto token = json_fields::required_string(*doc, "token", "token");
+  if (!token) return make_error(token.error());
+  auto public_key = json_fields::required_string(*doc, "public_key", "public_key");
+  if (!public_key) return make_error(public_key.error());
+  auto raw_key = crypto::base64_decode(*public_key);
+  if (!raw_key || raw_key->size() != 32) {
+    return make_error(Errc::kInvalidArgument,
+                      "public_key: expected a base64 Ed25519 public key (32 bytes)", "public_key");
+  }
+  auto site = json_fields::optional_string(*doc, "site", "site");
+  if (!site) return make_error(site.error());
+  auto labels = json_fields::string_map(*doc, "labels", "labels");
+  if (!labels) return make_error(labels.error());
+  nlohmann::json facts = doc->value("facts", nlohmann::json::object());
+  if (!facts.is_object()) {
+    return make_error(Errc::kInvalidArgument, "facts: expected an object", "facts");
+  }
+
+  const std::string token_hash = sha256_hex(*token);
+  // The token binds the site and its labels; the agent's --label values add to them and
+  // override them (so a device can declare e.g. accelerator=gpu).
+  auto tokens = ctx.store.list_enrollment_tokens();
+  if (!tokens) return make_error(tokens.error());
+  const store::EnrollmentToken* bound = nullptr;
+  for (const auto& t : *tokens) {
+    if (t.token_hash == token_hash) bound = &t;
+  }
+  if (!bound) return make_error(Errc::kUnauthenticated, "enrollment token is not valid");
+  if (*site && !(*site)->empty() && bound->site != **site) {
+    return make_error(Errc::kInvalidArgument,
+                      "site: the enrollment token is for site " + bound->site + ", not " + **site,
+                      "site");
+  }
+
+  const int64_t now = ctx.clock.now_ms();
+  store::Device device;
+  device.id = crypto::random_hex(6, "d-");
+  std::string secret = crypto::random_hex(32);
+  device.credential_hash = sha256_hex(secret);
+  device.public_key = *public_key;
+  device.facts_json = facts.dump();
+  device.enrolled_at = now;
+  device.last_seen = now;
+  device.site = bound->site;
+  device.labels = bound->labels;
+  for (const auto& [k, v] : *labels) device.labels[k] = v;
+  auto used = ctx.store.enroll_device(token_hash, now, device);
+  if (!used) return make_error(used.error());
+  auto stored = ctx.store.get_device(device.id);
+  if (!stored || !*stored) return make_error(Errc::kInternal, "enrolled device vanished");
+  Caller caller;
+  caller.name = "enrollment-token:" + used->id;
+  audit(ctx, caller, "device.enroll", "device/" + device.id,
+        {{"site", (*stored)->site}, {"labels", (*stored)->labels}});
+  auto summary = ctx.desired.reconcile_device(device.id);
+  if (!summary) spdlog::warn("scheduling new device {}: {}", device.id, summary.error().message);
+  nlohmann::json out = {{"device_id", device.id},
+                        {"credential", device.id + "." + secret},
+                        {"site", (*stored)->site},
+                        {"labels", (*stored)->labels},
+                        {"server_public_key", ctx.server_public_key_b64}};
+  return json_response(201, out);
+}
+
+void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) {
+  // Authentication reads the store: do it on a worker, then park the wait.
+  boost::asio::post(ctx.workers, [&ctx, req = std::move(req), respond = std::move(respond)]() {
+    auto caller = authenticate_device(ctx, req);
+    if (!caller) return respond(http::Response::error(caller.error()));
+    int64_t known = 0;
+    int64_t wait_ms = ctx.long_poll_ms;
+    try {
+      if (auto g = req.query_param("generation")) known = std::stoll(*g);
+      if (auto w = req.query_param("wait")) wait_ms = std::min<int64_t>(std::stoll(*w) * 1000, wait_ms);
+    } catch (...) {
+      return respond(http::Response::error(
+          Error{Errc::kInvalidArgument, "generation and wait must be integers", "generation"}));
+    }
+    auto touched = ctx.store.touch_device(caller->device_id, ctx.clock.now_ms());
+    if (!touched) spdlog::warn("touch {}: {}", caller->device_id, touched.error().message);
+    if (!ctx.hub.current(caller->device_id)) {
+      auto loaded = ctx.desired.signed_desired(caller->device_id);
+      if (!loaded) return respond(http::Response::error(loaded.error()));
+      ctx.hub.publish(caller->device_id, *loaded);
+    }
+    ctx.hub.wait(caller->device_id, known, wait_ms,
+                 [respond](std::optional<sync::SignedDesired> desired) {
+                   if (!desired) {
+                     http::Response resp;
+                     resp.status = 304;
+                     resp.content_type = "application/json";
+                     return respond(std::move(resp));
+                   }
+                   http::Response resp = http::Response::json(200, *desired->body);
+                   resp.headers.emplace_back("X-Outpost-Generation",
+                                             std::to_string(desired->generation));
+                   resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
+                   respond(std::move(resp));
+                 });
+  });
+}
+
+Result<http::Response> post_status(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+  auto doc = parse_json_body(req.body);
+  if (!doc) return make_error(doc.error());
+  if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "status: expected an object");
+  (*doc)["received_at"] = ctx.clock.now_ms();
+  OUTPOST_TRY(ctx.store.record_device_status(caller.device_id, doc->dump(), ctx.clock.now_ms()));
+  return json_response(200, {{"ok", true}});
+}
+
+}  // namespace
+
+void register_device_sync_routes(http::Router& router, ApiContext& ctx) {
+  router.add("POST", "/api/v1/device/enroll", [&ctx](http::Request&& req, http::Responder respond) {
+    run_on_worker(ctx, std::move(respond),
+                  [&ctx, req = std::move(req)]() { return enroll(ctx, req); });
+  });
+  router.add("GET", "/api/v1/device/desired", [&ctx](http::Request&& req, http::Responder respond) {
+    get_desired(ctx, std::move(req), std::move(respond));
+  });
+  add_device_route(router, ctx, "POST", "/api/v1/device/status", post_status);
+}
+
+}  // namespace outpost::server::api

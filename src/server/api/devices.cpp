@@ -1,0 +1,113 @@
+// /api/v1/devices: what the fleet looks like, device by device.
+#include "server/api/api.h"
+#include "server/desired_states.h"
+
+namespace outpost::server::api {
+namespace {
+
+nlohmann::json parse_or_empty(const std::string& text) {
+  auto doc = nlohmann::json::parse(text, nullptr, false);
+  return doc.is_discarded() ? nlohmann::json::object() : doc;
+}
+
+nlohmann::json device_summary(const store::Device& d, int64_t now_ms) {
+  nlohmann::json schedule = parse_or_empty(d.schedule_json);
+  nlohmann::json unschedulable = nlohmann::json::array();
+  size_t scheduled = 0;
+  if (schedule.contains("deployments") && schedule["deployments"].is_object()) {
+    for (const auto& [name, entry] : schedule["deployments"].items()) {
+      if (entry.value("state", "") == "unschedulable") {
+        unschedulable.push_back({{"deployment", name}, {"reason", entry.value("reason", "")}});
+      } else {
+        ++scheduled;
+      }
+    }
+  }
+  nlohmann::json status = parse_or_empty(d.status_json);
+  return {{"id", d.id},
+          {"site", d.site},
+          {"labels", d.labels},
+          {"facts", parse_or_empty(d.facts_json)},
+          {"enrolled_at", d.enrolled_at},
+          {"last_seen", d.last_seen},
+          {"seen_seconds_ago", d.last_seen > 0 ? (now_ms - d.last_seen) / 1000 : -1},
+          {"generation", d.generation},
+          {"reported_generation", status.value("generation", static_cast<int64_t>(0))},
+          {"deployments_scheduled", scheduled},
+          {"unschedulable", unschedulable},
+          {"cordoned", d.cordoned}};
+}
+
+Result<store::Labels> parse_label_selector(const std::string& text) {
+  store::Labels labels;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t comma = text.find(',', start);
+    std::string pair = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    auto eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 >= pair.size()) {
+      return make_error(Errc::kInvalidArgument,
+                        "selector: expected k=v[,k=v...], got \"" + text + "\"", "selector");
+    }
+    labels[pair.substr(0, eq)] = pair.substr(eq + 1);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return labels;
+}
+
+Result<http::Response> list(ApiContext& ctx, const http::Request& req, const Caller&) {
+  store::DeviceFilter filter;
+  if (auto site = req.query_param("site"); site && !site->empty()) filter.site = *site;
+  if (auto selector = req.query_param("selector"); selector && !selector->empty()) {
+    auto labels = parse_label_selector(*selector);
+    if (!labels) return make_error(labels.error());
+    filter.labels = *labels;
+  }
+  auto devices = ctx.store.list_devices(filter);
+  if (!devices) return make_error(devices.error());
+  nlohmann::json out = nlohmann::json::array();
+  const int64_t now = ctx.clock.now_ms();
+  for (const auto& d : *devices) out.push_back(device_summary(d, now));
+  return json_response(200, {{"devices", out}});
+}
+
+Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Caller&) {
+  const std::string& id = req.params.at("id");
+  auto device = ctx.store.get_device(id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
+  const auto& d = **device;
+  nlohmann::json out = device_summary(d, ctx.clock.now_ms());
+  out["public_key"] = d.public_key;
+  out["desired"] = parse_or_empty(d.desired_json);
+  out["schedule"] = parse_or_empty(d.schedule_json);
+  out["status"] = parse_or_empty(d.status_json);
+  out["status_at"] = d.status_at;
+  return json_response(200, out);
+}
+
+Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, const Caller& caller,
+                                  bool cordoned) {
+  const std::string& id = req.params.at("id");
+  OUTPOST_TRY(ctx.store.set_device_cordoned(id, cordoned));
+  audit(ctx, caller, cordoned ? "device.cordon" : "device.uncordon", "device/" + id);
+  return json_response(200, {{"id", id}, {"cordoned", cordoned}});
+}
+
+}  // namespace
+
+void register_device_routes(http::Router& router, ApiContext& ctx) {
+  add_operator_route(router, ctx, "GET", "/api/v1/devices", Role::kViewer, list);
+  add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}", Role::kViewer, show);
+  add_operator_route(router, ctx, "POST", "/api/v1/devices/{id}/cordon", Role::kOperator,
+                     [](ApiContext& c, const http::Request& r, const Caller& caller) {
+                       return set_cordon(c, r, caller, true);
+                     });
+  add_operator_route(router, ctx, "POST", "/api/v1/devices/{id}/uncordon", Role::kOperator,
+                     [](ApiContext& c, const http::Request& r, const Caller& caller) {
+                       return set_cordon(c, r, caller, false);
+                     });
+}
+
+}  // namespace outpost::server::api

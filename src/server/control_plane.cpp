@@ -1,0 +1,172 @@
+#include "server/control_plane.h"
+
+#include <csignal>
+#include <cstdio>
+
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/crypto.h"
+#include "common/durable_file.h"
+#include "server/api/api.h"
+#include "server/desired_states.h"
+#include "server/http/http_server.h"
+#include "server/operator_auth.h"
+#include "server/registry/blob_store.h"
+#include "server/sync/sync_hub.h"
+#include "store/store.h"
+
+namespace outpost::server {
+
+namespace {
+
+// Loads DATA/server.key (the Ed25519 signing key), creating it on first start.
+Result<crypto::Ed25519KeyPair> load_or_create_signing_key(const std::string& data_dir) {
+  const std::string key_path = data_dir + "/server.key";
+  const std::string pub_path = data_dir + "/server.pub";
+  if (auto existing = read_file(key_path)) {
+    auto secret = crypto::base64_decode(*existing);
+    if (!secret || secret->size() != 64) {
+      return make_error(Errc::kInvalidArgument, key_path + " is not a valid signing key");
+    }
+    crypto::Ed25519KeyPair pair;
+    pair.secret_key = *secret;
+    pair.public_key = secret->substr(32);  // libsodium's secret key ends with the public key
+    return pair;
+  } else if (existing.error().code != Errc::kNotFound) {
+    return make_error(existing.error());
+  }
+  auto pair = crypto::ed25519_generate();
+  OUTPOST_TRY(write_file_durably(key_path, crypto::base64_encode(pair.secret_key), 0600));
+  OUTPOST_TRY(write_file_durably(pub_path, crypto::base64_encode(pair.public_key) + "\n", 0644));
+  return pair;
+}
+
+}  // namespace
+
+struct ControlPlane::Impl {
+  explicit Impl(ControlPlaneOptions o) : options(std::move(o)), workers(options.worker_threads) {}
+
+  ControlPlaneOptions options;
+  SystemClock clock;
+  std::unique_ptr<store::Store> store;
+  std::unique_ptr<registry::BlobStore> blobs;
+  std::unique_ptr<OperatorAuth> auth;
+  boost::asio::thread_pool workers;
+  http::Router router;
+  std::unique_ptr<http::HttpServer> http;
+  std::unique_ptr<sync::SyncHub> hub;
+  std::unique_ptr<DesiredStateUpdater> desired;
+  std::unique_ptr<api::ApiContext> ctx;
+  std::string admin_token_path;
+  std::atomic<bool> ready{false};
+  std::atomic<bool> stopped{false};
+};
+
+ControlPlane::ControlPlane(ControlPlaneOptions options)
+    : impl_(std::make_unique<Impl>(std::move(options))) {}
+
+ControlPlane::~ControlPlane() { stop(); }
+
+uint16_t ControlPlane::port() const { return impl_->http ? impl_->http->port() : 0; }
+const std::string& ControlPlane::admin_token_path() const { return impl_->admin_token_path; }
+
+Status ControlPlane::start() {
+  auto& d = *impl_;
+  crypto::init();
+  OUTPOST_TRY(make_dirs(d.options.data_dir, 0750));
+  std::string db_url = d.options.db_url.empty() ? "sqlite:" + d.options.data_dir + "/outpost.db"
+                                                : d.options.db_url;
+  auto store = store::open_store(db_url);
+  if (!store) return make_error(store.error().with_context("opening the store " + db_url));
+  d.store = std::move(*store);
+  d.blobs = std::make_unique<registry::BlobStore>(d.options.data_dir + "/blobs");
+  OUTPOST_TRY(d.blobs->init());
+  d.auth = std::make_unique<OperatorAuth>(*d.store);
+  auto token_path = d.auth->ensure_admin_token(d.options.data_dir, d.clock.now_ms());
+  if (!token_path) return make_error(token_path.error());
+  d.admin_token_path = *token_path;
+  auto key = load_or_create_signing_key(d.options.data_dir);
+  if (!key) return make_error(key.error());
+
+  http::ServerOptions http_options;
+  http_options.listen = d.options.listen;
+  http_options.io_threads = d.options.io_threads;
+  http_options.temp_dir = d.blobs->temp_dir();
+  d.http = std::make_unique<http::HttpServer>(http_options, d.router);
+  d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
+  d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
+  d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
+      *d.store, *d.blobs, *d.hub, *d.desired, *d.auth, d.clock, d.workers,
+      crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+
+  api::register_enrollment_token_routes(d.router, *d.ctx);
+  api::register_device_routes(d.router, *d.ctx);
+  api::register_device_sync_routes(d.router, *d.ctx);
+  api::register_artifact_routes(d.router, *d.ctx);
+  api::register_model_routes(d.router, *d.ctx);
+  api::register_deployment_routes(d.router, *d.ctx);
+  api::register_audit_routes(d.router, *d.ctx);
+  d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
+    respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
+                    : http::Response::json(503, R"({"status":"starting"})"));
+  });
+  d.router.add("GET", "/metrics", [&d](http::Request&&, http::Responder respond) {
+    std::string text;
+    text += "# HELP outpost_sync_waiting Device long-polls currently held.\n";
+    text += "# TYPE outpost_sync_waiting gauge\n";
+    text += "outpost_sync_waiting " + std::to_string(d.hub->waiting()) + "\n";
+    respond(http::Response::text(200, text, "text/plain; version=0.0.4"));
+  });
+
+  // Bring every device's desired state up to date with what is stored (e.g. after an upgrade
+  // changed the scheduler) before serving.
+  auto summary = d.desired->reconcile_all();
+  if (!summary) return make_error(summary.error().with_context("scheduling devices at start"));
+  OUTPOST_TRY(d.http->start());
+  d.ready = true;
+  return ok();
+}
+
+void ControlPlane::stop() {
+  auto& d = *impl_;
+  if (d.stopped.exchange(true)) return;
+  d.ready = false;
+  if (d.hub) d.hub->shutdown();  // held long-polls get 304 and come back to the next server
+  d.workers.join();
+  if (d.http) d.http->stop();
+}
+
+int run_server(const ControlPlaneOptions& options) {
+  // Block the stop signals in every thread (the pools inherit this mask); sigwait below
+  // receives them.
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+
+  ControlPlane plane(options);
+  if (auto started = plane.start(); !started) {
+    std::fprintf(stderr, "error: %s\n", started.error().describe().c_str());
+    return 1;
+  }
+  auto host = http::split_host_port(options.listen);
+  std::printf("outpost server listening on http://%s:%u\n",
+              host ? host->first.c_str() : options.listen.c_str(),
+              static_cast<unsigned>(plane.port()));
+  std::printf("data directory: %s\n", options.data_dir.c_str());
+  std::printf("admin token: %s (use: export OUTPOST_TOKEN=$(cat %s))\n",
+              plane.admin_token_path().c_str(), plane.admin_token_path().c_str());
+  std::fflush(stdout);
+
+  int sig = 0;
+  sigwait(&set, &sig);
+  std::printf("outpost server: received %s, stopping\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+  std::fflush(stdout);
+  plane.stop();
+  return 0;
+}
+
+}  // namespace outpost::server

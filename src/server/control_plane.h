@@ -1,0 +1,45 @@
+// `outpost server`: wires the store, blob store, scheduler, sync hub and HTTP API together,
+// owns the data directory, and runs until stopped.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+
+#include "common/error.h"
+
+namespace outpost::server {
+
+struct ControlPlaneOptions {
+  std::string listen = "127.0.0.1:7400";
+  std::string data_dir = "./outpost-data";
+  std::string db_url;           // default: sqlite:DATA/outpost.db
+  int io_threads = 2;
+  int worker_threads = 4;
+  int64_t long_poll_ms = 55'000;
+};
+
+class ControlPlane {
+ public:
+  explicit ControlPlane(ControlPlaneOptions options);
+  ~ControlPlane();
+  ControlPlane(const ControlPlane&) = delete;
+  ControlPlane& operator=(const ControlPlane&) = delete;
+
+  // Prepares the data directory (first start creates the database, blobs/, admin.token and
+  // the signing key), opens the store, and starts listening.
+  [[nodiscard]] Status start();
+  // Answers held long-polls, stops listening, drains workers. Idempotent.
+  void stop();
+  uint16_t port() const;
+  const std::string& admin_token_path() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Runs a control plane until SIGINT/SIGTERM; prints where it listens and the token path.
+int run_server(const ControlPlaneOptions& options);
+
+}  // namespace outpost::server

@@ -1,0 +1,114 @@
+#include "server/desired_states.h"
+
+#include <map>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include "common/crypto.h"
+#include "server/deployments/manifest.h"
+#include "server/scheduler/desired_state.h"
+
+namespace outpost::server {
+
+DesiredStateUpdater::DesiredStateUpdater(store::Store& store, sync::SyncHub& hub,
+                                         std::string signing_secret_key)
+    : store_(store), hub_(hub), signing_secret_key_(std::move(signing_secret_key)) {}
+
+std::string DesiredStateUpdater::document_body(int64_t generation, const std::string& desired_json) {
+  // The generation is part of the signed bytes, so a replayed old document cannot pass for a
+  // newer one. desired_json is an object ("{...}").
+  std::string body = "{\"generation\":" + std::to_string(generation);
+  if (desired_json.size() > 2) body += "," + desired_json.substr(1);
+  else body += "}";
+  return body;
+}
+
+sync::SignedDesired DesiredStateUpdater::sign(int64_t generation, const std::string& desired_json) const {
+  sync::SignedDesired out;
+  out.generation = generation;
+  auto body = std::make_shared<std::string>(document_body(generation, desired_json));
+  out.signature = crypto::base64_encode(crypto::ed25519_sign(*body, signing_secret_key_));
+  out.body = std::move(body);
+  return out;
+}
+
+Result<sync::SignedDesired> DesiredStateUpdater::signed_desired(const std::string& device_id) {
+  if (auto held = hub_.current(device_id)) return *held;
+  auto device = store_.get_device(device_id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + device_id + " does not exist");
+  return sign((*device)->generation, (*device)->desired_json);
+}
+
+Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_all() {
+  auto devices = store_.list_devices({});
+  if (!devices) return make_error(devices.error());
+  return reconcile(*devices);
+}
+
+Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_device(const std::string& device_id) {
+  auto device = store_.get_device(device_id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + device_id + " does not exist");
+  return reconcile({**device});
+}
+
+Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
+    const std::vector<store::Device>& devices) {
+  std::lock_guard lock(mu_);
+  auto stored = store_.list_deployments();
+  if (!stored) return make_error(stored.error());
+  // Manifests are stored normalized; validating them again yields the typed form.
+  std::vector<deployments::Manifest> manifests;
+  manifests.reserve(stored->size());
+  std::vector<scheduler::DeploymentInput> inputs;
+  for (const auto& d : *stored) {
+    auto doc = nlohmann::json::parse(d.manifest_json, nullptr, false);
+    if (doc.is_discarded()) {
+      return make_error(Errc::kInternal, "stored manifest of " + d.name + " is not JSON");
+    }
+    auto manifest = deployments::validate_manifest(doc);
+    if (!manifest) return make_error(manifest.error().with_context("stored deployment " + d.name));
+    manifests.push_back(std::move(*manifest));
+  }
+  for (size_t i = 0; i < manifests.size(); ++i) {
+    inputs.push_back({&manifests[i], (*stored)[i].revision});
+  }
+  // One lookup per model version for the whole pass, not one per device.
+  std::map<std::pair<std::string, std::string>, std::optional<store::ModelVersion>> cache;
+  scheduler::ModelLookup lookup = [&](const std::string& model, const std::string& version)
+      -> Result<std::optional<store::ModelVersion>> {
+    auto key = std::make_pair(model, version);
+    if (auto it = cache.find(key); it != cache.end()) return it->second;
+    auto found = store_.get_model_version(model, version);
+    if (!found) return make_error(found.error());
+    cache[key] = *found;
+    return *found;
+  };
+
+  Summary summary;
+  for (const auto& device : devices) {
+    ++summary.devices;
+    auto computed = scheduler::compute_desired_state(device, inputs, lookup);
+    if (!computed) return make_error(computed.error().with_context("device " + device.id));
+    const nlohmann::json scheduled =
+        computed->schedule.value("deployments", nlohmann::json::object());
+    for (const auto& [name, entry] : scheduled.items()) {
+      if (entry.value("state", "") == "unschedulable") {
+        ++summary.unschedulable;
+        spdlog::info("device {} cannot run {}: {}", device.id, name, entry.value("reason", ""));
+      }
+    }
+    auto generation = store_.update_desired_state(device.id, computed->desired_json,
+                                                  computed->desired_hash, computed->schedule.dump());
+    if (!generation) return make_error(generation.error().with_context("device " + device.id));
+    if (*generation != device.generation) {
+      ++summary.changed;
+      hub_.publish(device.id, sign(*generation, computed->desired_json));
+    }
+  }
+  return summary;
+}
+
+}  // namespace outpost::server

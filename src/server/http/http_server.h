@@ -1,0 +1,128 @@
+// The control plane's HTTP/1.1 server: Boost.Beast on a small fixed pool of I/O threads.
+// Handlers receive a parsed request and a Responder they may call later from any thread,
+// so a held long-poll costs a timer and a socket, never a thread.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include "common/error.h"
+
+namespace outpost::server::http {
+
+struct Request {
+  std::string method;  // "GET", "POST", ...
+  std::string target;  // raw target with query
+  std::string path;    // percent-decoded path without query
+  std::map<std::string, std::string> query;   // decoded query parameters
+  std::map<std::string, std::string> params;  // route parameters ("{name}" segments)
+  std::map<std::string, std::string> headers; // lower-case names
+  std::string body;       // string bodies
+  std::string body_file;  // streamed bodies: path of the temp file holding it (handler owns it)
+  std::string remote;     // peer address
+
+  std::string header(const std::string& lower_name) const;
+  std::optional<std::string> query_param(const std::string& name) const;
+};
+
+// A byte range of a file to send as the body (Range responses, artifact downloads).
+struct FileRange {
+  std::string path;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+struct Response {
+  int status = 200;
+  std::string content_type = "application/json";
+  std::string body;
+  std::vector<std::pair<std::string, std::string>> headers;
+  std::optional<FileRange> file;  // when set, the body is this file range
+  bool head_only = false;         // HEAD: send headers (with Content-Length) and no body
+
+  static Response json(int status, std::string body);
+  static Response error(const Error& error);
+  static Response text(int status, std::string body, std::string content_type = "text/plain");
+};
+
+// Call exactly once, from any thread.
+using Responder = std::function<void(Response)>;
+using Handler = std::function<void(Request&&, Responder)>;
+
+struct RouteOptions {
+  bool stream_body_to_file = false;   // uploads: body written to a temp file, not memory
+  uint64_t body_limit = 4 * 1024 * 1024;
+};
+
+// Routes by method and path pattern; patterns are literal segments and "{param}" segments
+// ("/api/v1/devices/{id}"); a final "{param...}" takes the rest of the path.
+class Router {
+ public:
+  void add(std::string method, std::string pattern, Handler handler, RouteOptions options = {});
+
+  struct Match {
+    const Handler* handler = nullptr;
+    RouteOptions options;
+    std::map<std::string, std::string> params;
+    bool path_known = false;  // path matched some route, but not this method (405)
+  };
+  Match match(const std::string& method, const std::string& path) const;
+
+ private:
+  struct Route {
+    std::string method;
+    std::vector<std::string> segments;
+    Handler handler;
+    RouteOptions options;
+  };
+  std::vector<Route> routes_;
+};
+
+struct ServerOptions {
+  std::string listen = "127.0.0.1:7400";  // host:port; port 0 picks a free one
+  int io_threads = 2;
+  std::string temp_dir;                   // for streamed uploads
+  int64_t idle_timeout_ms = 120'000;      // a connection with no request in flight
+};
+
+class HttpServer {
+ public:
+  HttpServer(ServerOptions options, const Router& router);
+  ~HttpServer();
+  HttpServer(const HttpServer&) = delete;
+  HttpServer& operator=(const HttpServer&) = delete;
+
+  // Binds and starts the I/O threads. kUnavailable when the address cannot be bound.
+  [[nodiscard]] Status start();
+  // Stops accepting, closes connections, joins the I/O threads. Idempotent.
+  void stop();
+  uint16_t port() const { return port_; }
+  boost::asio::io_context& io_context() { return io_; }
+
+ private:
+  class Listener;
+  ServerOptions options_;
+  const Router& router_;
+  boost::asio::io_context io_;
+  std::shared_ptr<Listener> listener_;
+  std::vector<std::thread> threads_;
+  std::atomic<bool> stopped_{false};
+  uint16_t port_ = 0;
+};
+
+// Splits "host:port"; kInvalidArgument naming the text when malformed.
+[[nodiscard]] Result<std::pair<std::string, uint16_t>> split_host_port(const std::string& text);
+
+// Percent-decoding for paths and query strings ('+' is a space only in queries).
+std::string percent_decode(std::string_view text, bool plus_is_space);
+
+}  // namespace outpost::server::http

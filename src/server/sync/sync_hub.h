@@ -1,0 +1,64 @@
+// Device sync state held in memory: each device's current desired-state generation and its
+// signed document, plus the long-poll waiters parked on it. A parked request costs a timer
+// entry, not a thread; publishing a new generation wakes exactly the waiters behind it.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <unordered_map>
+
+#include <boost/asio/io_context.hpp>
+
+namespace outpost::server::sync {
+
+// What a device receives: the exact body bytes and their Ed25519 signature (base64).
+struct SignedDesired {
+  int64_t generation = 0;
+  std::shared_ptr<const std::string> body;
+  std::string signature;
+};
+
+// Thread-safe: every method may be called from any thread. Guarded by mu_.
+class SyncHub {
+ public:
+  using Callback = std::function<void(std::optional<SignedDesired>)>;  // nullopt: timed out
+
+  explicit SyncHub(boost::asio::io_context& io) : io_(io) {}
+
+  // Records a device's current document; wakes waiters whose known generation is older.
+  // A publish with a generation not newer than the held one is ignored.
+  void publish(const std::string& device_id, SignedDesired desired);
+  std::optional<SignedDesired> current(const std::string& device_id) const;
+
+  // Calls back at once when the device's generation is newer than `known`, else parks the
+  // request until a newer one is published (callback with it) or `wait_ms` passes
+  // (callback with nullopt). The callback runs on an I/O thread or the publishing thread.
+  void wait(const std::string& device_id, int64_t known, int64_t wait_ms, Callback callback);
+
+  // Answers every parked request with nullopt and refuses new waits (server stopping).
+  void shutdown();
+
+  size_t waiting() const;
+
+ private:
+  struct Waiter;
+  struct DeviceSlot {
+    std::optional<SignedDesired> desired;
+    std::map<uint64_t, std::shared_ptr<Waiter>> waiters;
+  };
+  void expire(const std::string& device_id, uint64_t waiter_id);
+
+  boost::asio::io_context& io_;
+  mutable std::mutex mu_;
+  std::unordered_map<std::string, DeviceSlot> slots_;  // GUARDED_BY(mu_)
+  uint64_t next_waiter_id_ = 1;                          // GUARDED_BY(mu_)
+  size_t waiting_ = 0;                                   // GUARDED_BY(mu_)
+  bool shut_down_ = false;                               // GUARDED_BY(mu_)
+};
+
+}  // namespace outpost::server::sync
