@@ -1,0 +1,83 @@
+// The operator CLI: one file per verb group registers its subcommands on the CLI11 app.
+// Every verb prints a readable table by default and JSON with `-o json`.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+#include "common/http_client.h"
+
+namespace outpost::cli {
+
+struct GlobalOptions {
+  std::string server;  // --server, else OUTPOST_SERVER, else config, else http://127.0.0.1:7400
+  std::string token;   // --token, else OUTPOST_TOKEN, else config
+  std::string output = "table";  // table | json
+};
+
+// Shared by every verb: resolves the server and token, makes calls, prints results.
+class Session {
+ public:
+  explicit Session(GlobalOptions& options) : options_(options) {}
+
+  bool json_output() const { return options_.output == "json"; }
+  // The resolved server URL and token (flags, then environment, then the config file).
+  std::string server() const;
+  std::string token() const;
+
+  // Calls the API; non-2xx statuses become Errors carrying the server's message and field.
+  [[nodiscard]] Result<nlohmann::json> call(const std::string& method, const std::string& path,
+                                            const std::string& body = {},
+                                            const std::string& content_type = "application/json");
+  [[nodiscard]] Result<nlohmann::json> upload(const std::string& path, const std::string& file);
+
+  // Prints an error to stderr (JSON with -o json) and returns the exit code for it.
+  int fail(const Error& error) const;
+  // Prints a JSON document (pretty) to stdout.
+  void print_json(const nlohmann::json& doc) const;
+
+ private:
+  GlobalOptions& options_;
+};
+
+// Path of the CLI config file (~/.config/outpost/config, or $XDG_CONFIG_HOME/outpost/config).
+std::string config_path();
+
+// Aligned text tables for humans.
+class Table {
+ public:
+  explicit Table(std::vector<std::string> headers) : headers_(std::move(headers)) {}
+  void add(std::vector<std::string> row) { rows_.push_back(std::move(row)); }
+  std::string render() const;
+  bool empty() const { return rows_.empty(); }
+
+ private:
+  std::vector<std::string> headers_;
+  std::vector<std::vector<std::string>> rows_;
+};
+
+// "12s ago", "3m ago", "never".
+std::string ago(int64_t then_ms, int64_t now_ms);
+int64_t now_ms();
+
+// Each adds its verbs; the callback stores the verb's exit code in `exit_code`.
+void add_login_command(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_artifact_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_audit_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+
+// Exit codes shared by all verbs.
+constexpr int kExitOk = 0;
+constexpr int kExitError = 1;        // the server refused (bad input, conflict, not found)
+constexpr int kExitUsage = 2;        // bad command line
+constexpr int kExitUnreachable = 3;  // could not talk to the server
+
+}  // namespace outpost::cli

@@ -1,0 +1,92 @@
+// `outpost deployment list|show|delete`.
+#include <iostream>
+
+#include "cli/cli.h"
+
+namespace outpost::cli {
+
+void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
+  auto* deployment = app.add_subcommand("deployment", "Deployments and their revisions");
+  deployment->require_subcommand(1);
+
+  auto* list = deployment->add_subcommand("list", "List deployments");
+  list->callback([&options, &exit_code] {
+    Session session(options);
+    auto result = session.call("GET", "/api/v1/deployments");
+    if (!result) {
+      exit_code = session.fail(result.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json((*result)["deployments"]);
+    } else {
+      Table table({"NAME", "REVISION", "MODEL", "UPDATED"});
+      for (const auto& d : (*result)["deployments"]) {
+        std::string model = d["model"].is_object()
+                                ? d["model"].value("name", "") + " " + d["model"].value("version", "")
+                                : "-";
+        table.add({d["name"], std::to_string(d["revision"].get<int64_t>()), model,
+                   ago(d["updated_at"].get<int64_t>(), now_ms())});
+      }
+      std::cout << table.render();
+    }
+    exit_code = kExitOk;
+  });
+
+  auto name = std::make_shared<std::string>();
+  auto* show = deployment->add_subcommand("show", "Show a deployment: revision, manifest, devices");
+  show->add_option("NAME", *name, "Deployment name")->required();
+  show->callback([&options, &exit_code, name] {
+    Session session(options);
+    auto result = session.call("GET", "/api/v1/deployments/" + url_encode(*name));
+    if (!result) {
+      exit_code = session.fail(result.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json(*result);
+      exit_code = kExitOk;
+      return;
+    }
+    const auto& d = *result;
+    std::cout << "Deployment: " << d["name"].get<std::string>() << "\n"
+              << "Revision:   " << d["revision"].get<int64_t>() << " (of " << d["revisions"].size()
+              << " revisions)\n";
+    if (d["model"].is_object()) {
+      std::cout << "Model:      " << d["model"].value("name", "") << " " << d["model"].value("version", "") << "\n";
+    }
+    const auto& s = d["summary"];
+    std::cout << "Devices:    " << s["scheduled"] << " scheduled, " << s["unschedulable"]
+              << " unschedulable, " << s["in_sync"] << " reporting the current state\n";
+    if (!d["devices"].empty()) {
+      Table table({"DEVICE", "SITE", "STATE", "IN SYNC", "REASON"});
+      for (const auto& t : d["devices"]) {
+        table.add({t["device"], t["site"], t["state"], t["in_sync"].get<bool>() ? "yes" : "no",
+                   t.value("reason", "")});
+      }
+      std::cout << table.render();
+    }
+    std::cout << "Manifest:\n" << d["manifest"].dump(2) << "\n";
+    exit_code = kExitOk;
+  });
+
+  auto target = std::make_shared<std::string>();
+  auto* del = deployment->add_subcommand("delete", "Delete a deployment (devices stop running it)");
+  del->add_option("NAME", *target, "Deployment name")->required();
+  del->callback([&options, &exit_code, target] {
+    Session session(options);
+    auto result = session.call("DELETE", "/api/v1/deployments/" + url_encode(*target));
+    if (!result) {
+      exit_code = session.fail(result.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json(*result);
+    } else {
+      std::cout << "deployment " << *target << " deleted\n";
+    }
+    exit_code = kExitOk;
+  });
+}
+
+}  // namespace outpost::cli

@@ -1,0 +1,211 @@
+// `outpost model push|list|show`: models, versions and per-hardware variants.
+#include <iostream>
+
+#include "cli/cli.h"
+#include "common/durable_file.h"
+#include "common/onnx/onnx_builder.h"
+#include "common/units.h"
+
+namespace outpost::cli {
+namespace {
+
+struct VariantArg {
+  nlohmann::json selector = nlohmann::json::object();
+  nlohmann::json needs = nlohmann::json::object();
+  std::string file;
+};
+
+// "accelerator=gpu,arch=arm64,min_memory=2G=model.onnx": the file follows the last '=';
+// min_memory and precision are needs of the variant, every other key selects devices.
+Result<VariantArg> parse_variant(const std::string& text) {
+  VariantArg arg;
+  auto last = text.rfind('=');
+  std::string selector = last == std::string::npos ? "" : text.substr(0, last);
+  arg.file = last == std::string::npos ? text : text.substr(last + 1);
+  if (arg.file.empty()) {
+    return make_error(Errc::kInvalidArgument, "--variant " + text + ": expected SELECTOR=FILE", "variant");
+  }
+  size_t start = 0;
+  while (start < selector.size()) {
+    size_t comma = selector.find(',', start);
+    std::string pair = selector.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    auto eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 >= pair.size()) {
+      return make_error(Errc::kInvalidArgument,
+                        "--variant " + text + ": selector part \"" + pair + "\" is not key=value",
+                        "variant");
+    }
+    std::string key = pair.substr(0, eq), value = pair.substr(eq + 1);
+    if (key == "min_memory") {
+      auto bytes = parse_size_bytes(value);
+      if (!bytes) return make_error(Errc::kInvalidArgument, "--variant " + text + ": min_memory: " + bytes.error().message, "variant");
+      arg.needs["min_memory_mb"] = *bytes / (1024 * 1024);
+    } else if (key == "min_memory_mb") {
+      try {
+        arg.needs["min_memory_mb"] = std::stoll(value);
+      } catch (...) {
+        return make_error(Errc::kInvalidArgument, "--variant " + text + ": min_memory_mb must be a number", "variant");
+      }
+    } else if (key == "precision") {
+      arg.needs["precision"] = value;
+    } else {
+      arg.selector[key] = value;
+    }
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return arg;
+}
+
+}  // namespace
+
+void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
+  auto* model = app.add_subcommand("model", "Models, versions and hardware variants");
+  model->require_subcommand(1);
+
+  struct PushArgs {
+    std::string name, version;
+    std::vector<std::string> variants;
+  };
+  auto args = std::make_shared<PushArgs>();
+  auto* push = model->add_subcommand("push", "Upload a model version with one or more variants");
+  push->add_option("NAME", args->name, "Model name, e.g. defect-net")->required();
+  push->add_option("VERSION", args->version, "Semantic version, e.g. 1.4.0")->required();
+  push->add_option("--variant", args->variants,
+                   "SELECTOR=FILE; selector keys match device facts/labels (accelerator, arch, ...); "
+                   "min_memory=2G and precision=fp16 state needs. Repeatable.")
+      ->required();
+  push->footer(
+      "Examples:\n"
+      "  outpost model push defect-net 1.4.0 --variant accelerator=cpu=net.onnx\n"
+      "  outpost model push defect-net 1.4.0 --variant accelerator=gpu,min_memory=2G=net-fp16.onnx \\\n"
+      "                                      --variant accelerator=cpu=net-int8.onnx\n"
+      "A version is immutable: pushing it again with other files is refused.");
+  push->callback([&options, &exit_code, args] {
+    Session session(options);
+    nlohmann::json variants = nlohmann::json::array();
+    for (const auto& text : args->variants) {
+      auto variant = parse_variant(text);
+      if (!variant) {
+        exit_code = session.fail(variant.error());
+        return;
+      }
+      auto uploaded = session.upload("/api/v1/artifacts", variant->file);
+      if (!uploaded) {
+        exit_code = session.fail(uploaded.error().with_context("uploading " + variant->file));
+        return;
+      }
+      variants.push_back({{"selector", variant->selector},
+                          {"needs", variant->needs},
+                          {"artifact", (*uploaded)["digest"]},
+                          {"format", "onnx"}});
+    }
+    nlohmann::json body = {{"version", args->version}, {"variants", variants}};
+    auto result = session.call("POST", "/api/v1/models/" + url_encode(args->name) + "/versions", body.dump());
+    if (!result) {
+      exit_code = session.fail(result.error().with_context("pushing model " + args->name + " " + args->version));
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json(*result);
+    } else {
+      std::cout << "model " << args->name << " " << args->version
+                << ((*result)["created"].get<bool>() ? " pushed" : " unchanged (already pushed with the same content)")
+                << "\n";
+      for (const auto& v : (*result)["variants"]) {
+        const auto& md = v["metadata"];
+        std::cout << "  variant " << v["selector"].dump() << "  " << v["artifact"].get<std::string>()
+                  << "  onnx opset " << md.value("opset", 0) << ", inputs "
+                  << md.value("inputs", nlohmann::json::array()).size() << ", outputs "
+                  << md.value("outputs", nlohmann::json::array()).size() << "\n";
+      }
+    }
+    exit_code = kExitOk;
+  });
+
+  auto gen = std::make_shared<onnx::ClassifierSpec>();
+  auto gen_out = std::make_shared<std::string>();
+  auto* generate = model->add_subcommand(
+      "gen", "Write a tiny ONNX classifier (Gemm-Relu-Gemm-Softmax) with seeded weights");
+  generate->add_option("--out", *gen_out, "Output file")->required();
+  generate->add_option("--inputs", gen->inputs, "Input features")->capture_default_str()->check(CLI::Range(1, 100000));
+  generate->add_option("--hidden", gen->hidden, "Hidden units")->capture_default_str()->check(CLI::Range(1, 100000));
+  generate->add_option("--classes", gen->classes, "Output classes")->capture_default_str()->check(CLI::Range(1, 100000));
+  generate->add_option("--seed", gen->seed, "Weight seed: same seed, same model")->capture_default_str();
+  generate->footer("Example: outpost model gen --out m-1.0.0.onnx --seed 1 && outpost model gen --out m-1.1.0.onnx --seed 2");
+  generate->callback([&options, &exit_code, gen, gen_out] {
+    Session session(options);
+    std::string bytes = onnx::build_classifier_onnx(*gen);
+    if (auto written = write_file_durably(*gen_out, bytes); !written) {
+      exit_code = session.fail(written.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json({{"file", *gen_out}, {"bytes", bytes.size()}, {"inputs", gen->inputs},
+                          {"hidden", gen->hidden}, {"classes", gen->classes}, {"seed", gen->seed}});
+    } else {
+      std::cout << "wrote " << *gen_out << " (" << bytes.size() << " bytes): input [batch, " << gen->inputs
+                << "] FLOAT -> probabilities [batch, " << gen->classes << "], seed " << gen->seed << "\n";
+    }
+    exit_code = kExitOk;
+  });
+
+  auto* list = model->add_subcommand("list", "List models and their versions");
+  list->callback([&options, &exit_code] {
+    Session session(options);
+    auto result = session.call("GET", "/api/v1/models");
+    if (!result) {
+      exit_code = session.fail(result.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json((*result)["models"]);
+    } else {
+      Table table({"NAME", "LATEST", "VERSIONS"});
+      for (const auto& m : (*result)["models"]) {
+        std::string versions;
+        for (const auto& v : m["versions"]) versions += (versions.empty() ? "" : ", ") + v.get<std::string>();
+        table.add({m["name"], m["latest"], versions});
+      }
+      std::cout << table.render();
+    }
+    exit_code = kExitOk;
+  });
+
+  auto name = std::make_shared<std::string>();
+  auto* show = model->add_subcommand("show", "Show a model's versions, variants and their inputs/outputs");
+  show->add_option("NAME", *name, "Model name")->required();
+  show->callback([&options, &exit_code, name] {
+    Session session(options);
+    auto result = session.call("GET", "/api/v1/models/" + url_encode(*name));
+    if (!result) {
+      exit_code = session.fail(result.error());
+      return;
+    }
+    if (session.json_output()) {
+      session.print_json(*result);
+      exit_code = kExitOk;
+      return;
+    }
+    std::cout << "Model: " << *name << "\n";
+    for (const auto& v : (*result)["versions"]) {
+      std::cout << "  " << v["version"].get<std::string>() << "\n";
+      for (const auto& variant : v["variants"]) {
+        const auto& md = variant["metadata"];
+        std::cout << "    variant " << variant["selector"].dump() << " needs " << variant["needs"].dump()
+                  << "\n      artifact " << variant["artifact"].get<std::string>() << "  onnx opset "
+                  << md.value("opset", 0) << "\n";
+        for (const char* side : {"inputs", "outputs"}) {
+          for (const auto& t : md.value(side, nlohmann::json::array())) {
+            std::cout << "      " << (std::string(side) == "inputs" ? "in " : "out") << " "
+                      << t.value("name", "") << " " << t.value("type", "") << " "
+                      << t.value("shape", nlohmann::json::array()).dump() << "\n";
+          }
+        }
+      }
+    }
+    exit_code = kExitOk;
+  });
+}
+
+}  // namespace outpost::cli

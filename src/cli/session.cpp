@@ -1,0 +1,143 @@
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+
+#include "cli/cli.h"
+#include "common/durable_file.h"
+
+namespace outpost::cli {
+namespace {
+
+nlohmann::json read_config() {
+  auto text = read_file(config_path());
+  if (!text) return nlohmann::json::object();
+  auto doc = nlohmann::json::parse(*text, nullptr, false);
+  return doc.is_object() ? doc : nlohmann::json::object();
+}
+
+std::string env(const char* name) {
+  const char* value = std::getenv(name);
+  return value ? value : "";
+}
+
+}  // namespace
+
+std::string config_path() {
+  std::string base = env("XDG_CONFIG_HOME");
+  if (base.empty()) base = env("HOME") + "/.config";
+  return base + "/outpost/config";
+}
+
+std::string Session::server() const {
+  if (!options_.server.empty()) return options_.server;
+  if (auto e = env("OUTPOST_SERVER"); !e.empty()) return e;
+  auto config = read_config();
+  if (config.contains("server") && config["server"].is_string()) return config["server"];
+  return "http://127.0.0.1:7400";
+}
+
+std::string Session::token() const {
+  if (!options_.token.empty()) return options_.token;
+  if (auto e = env("OUTPOST_TOKEN"); !e.empty()) return e;
+  auto config = read_config();
+  if (config.contains("token") && config["token"].is_string()) return config["token"];
+  return "";
+}
+
+namespace {
+Result<nlohmann::json> decode(const Result<HttpResponse>& response) {
+  if (!response) return make_error(response.error());
+  if (response->status < 200 || response->status >= 300) {
+    return make_error(error_from_response(*response));
+  }
+  if (response->body.empty()) return nlohmann::json::object();
+  auto doc = nlohmann::json::parse(response->body, nullptr, false);
+  if (doc.is_discarded()) {
+    return make_error(Errc::kInternal, "the server answered with something that is not JSON");
+  }
+  return doc;
+}
+}  // namespace
+
+Result<nlohmann::json> Session::call(const std::string& method, const std::string& path,
+                                     const std::string& body, const std::string& content_type) {
+  HttpClient client(server(), token());
+  return decode(client.request(method, path, body, content_type));
+}
+
+Result<nlohmann::json> Session::upload(const std::string& path, const std::string& file) {
+  HttpClient client(server(), token());
+  HttpRequestOptions options;
+  options.upload_file = file;
+  options.timeout_ms = 24LL * 3600 * 1000;
+  const bool show_progress = !json_output() && ::isatty(STDERR_FILENO);
+  auto last = std::chrono::steady_clock::now();
+  if (show_progress) {
+    options.on_progress = [&](uint64_t sent, uint64_t total) {
+      auto now = std::chrono::steady_clock::now();
+      if (total == 0 || now - last < std::chrono::milliseconds(200)) return;
+      last = now;
+      std::fprintf(stderr, "\r  uploading %s: %3d%%", file.c_str(),
+                   static_cast<int>(100.0 * static_cast<double>(sent) / static_cast<double>(total)));
+    };
+  }
+  auto response = client.request("POST", path, {}, "application/octet-stream", options);
+  if (show_progress) std::fprintf(stderr, "\r\033[K");
+  return decode(response);
+}
+
+int Session::fail(const Error& error) const {
+  if (json_output()) {
+    nlohmann::json doc = {{"error",
+                           {{"code", errc_name(error.code)},
+                            {"message", error.describe()},
+                            {"field", error.field}}}};
+    std::cerr << doc.dump() << "\n";
+  } else {
+    std::cerr << "error: " << error.describe() << "\n";
+  }
+  if (error.code == Errc::kUnavailable || error.code == Errc::kDeadlineExceeded) return kExitUnreachable;
+  return kExitError;
+}
+
+void Session::print_json(const nlohmann::json& doc) const { std::cout << doc.dump(2) << "\n"; }
+
+std::string Table::render() const {
+  std::vector<size_t> widths(headers_.size(), 0);
+  for (size_t i = 0; i < headers_.size(); ++i) widths[i] = headers_[i].size();
+  for (const auto& row : rows_) {
+    for (size_t i = 0; i < row.size() && i < widths.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+  }
+  auto line = [&](const std::vector<std::string>& cells) {
+    std::string out;
+    for (size_t i = 0; i < widths.size(); ++i) {
+      std::string cell = i < cells.size() ? cells[i] : "";
+      out += cell;
+      if (i + 1 < widths.size()) out += std::string(widths[i] - cell.size() + 2, ' ');
+    }
+    while (!out.empty() && out.back() == ' ') out.pop_back();
+    return out + "\n";
+  };
+  std::string out = line(headers_);
+  for (const auto& row : rows_) out += line(row);
+  return out;
+}
+
+int64_t now_ms() {
+  using namespace std::chrono;
+  return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+std::string ago(int64_t then_ms, int64_t now) {
+  if (then_ms <= 0) return "never";
+  int64_t s = std::max<int64_t>(0, (now - then_ms) / 1000);
+  if (s < 60) return std::to_string(s) + "s ago";
+  if (s < 3600) return std::to_string(s / 60) + "m ago";
+  if (s < 86400) return std::to_string(s / 3600) + "h ago";
+  return std::to_string(s / 86400) + "d ago";
+}
+
+}  // namespace outpost::cli
