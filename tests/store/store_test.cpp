@@ -1,0 +1,850 @@
+// Store behaviour, written once and run against every backend (value-parameterized: add a
+// backend by adding one entry to kBackends), plus SQLite-specific checks at the end.
+#include "store/store.h"
+
+#include <sqlite3.h>
+#include <stdlib.h>
+
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <ostream>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "common/digest.h"
+#include "store/sqlite/sqlite_store.h"
+
+namespace outpost {
+void PrintTo(Errc code, std::ostream* os) { *os << errc_name(code); }
+}  // namespace outpost
+
+namespace outpost::store {
+namespace {
+
+// Fails the test with the error's text when `expr` (a Result or Status) holds an error.
+#define ASSERT_OK(expr)                                                             \
+  do {                                                                              \
+    const auto& outpost_result_ = (expr);                                           \
+    ASSERT_TRUE(outpost_result_.has_value()) << outpost_result_.error().describe(); \
+  } while (0)
+
+// A fresh directory for one test, removed with everything in it afterwards.
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = testing::TempDir() + "/outpost-store-XXXXXX";
+    if (mkdtemp(pattern.data()) != nullptr) {
+      path_ = pattern;
+    }
+  }
+  ~TempDir() {
+    std::error_code ignored;
+    if (!path_.empty()) {
+      std::filesystem::remove_all(path_, ignored);
+    }
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// The documented audit hash, computed independently of audit_entry_hash().
+// Each field is written as "<length>:<bytes>\n".
+std::string sha256_of_joined(const AuditEntry& e) {
+  std::string text;
+  for (const std::string& f : {std::to_string(e.seq), std::to_string(e.time), e.actor, e.action,
+                               e.target, e.details_json, e.prev_hash}) {
+    text += std::to_string(f.size()) + ":" + f + "\n";
+  }
+  return sha256_hex(text);
+}
+
+struct Backend {
+  std::string name;  // test-name suffix: letters, digits and '_' only
+  // Opens the backend's store for a test whose scratch directory is `dir`. Opening twice
+  // with the same dir reaches the same data when `persistent`.
+  std::function<Result<std::unique_ptr<Store>>(const std::string& dir)> open;
+  bool persistent = false;
+};
+
+void PrintTo(const Backend& backend, std::ostream* os) { *os << backend.name; }
+
+const Backend kBackends[] = {
+    {"sqlite_file",
+     [](const std::string& dir) { return open_store("sqlite:" + dir + "/outpost.db"); }, true},
+    {"sqlite_memory", [](const std::string&) { return open_memory_store(); }, false},
+};
+
+class StoreTest : public testing::TestWithParam<Backend> {
+ protected:
+  void SetUp() override {
+    ASSERT_FALSE(dir_.path().empty()) << "cannot create a temp dir under " << testing::TempDir();
+    auto opened = GetParam().open(dir_.path());
+    ASSERT_OK(opened);
+    store_ = std::move(*opened);
+  }
+
+  // Closes and reopens the store (persistent backends only).
+  void reopen() {
+    store_.reset();
+    auto opened = GetParam().open(dir_.path());
+    ASSERT_OK(opened);
+    store_ = std::move(*opened);
+  }
+
+  EnrollmentToken enrollment_token(const std::string& id, std::optional<int64_t> uses_left,
+                                   std::optional<int64_t> expires_at = std::nullopt) {
+    return EnrollmentToken{
+        .id = id,
+        .token_hash = sha_of(id),
+        .site = "plant-a",
+        .labels = {{"line", "3"}},
+        .uses_left = uses_left,
+        .expires_at = expires_at,
+        .created_at = 1000,
+        .created_by = "alice",
+    };
+  }
+
+  static Device device(const std::string& id, const std::string& site = "plant-a",
+                       Labels labels = {}) {
+    return Device{
+        .id = id,
+        .site = site,
+        .labels = std::move(labels),
+        .facts_json = R"({"arch":"arm64"})",
+        .public_key = "pk-" + id,
+        .credential_hash = "cred-" + id,
+        .enrolled_at = 5000,
+    };
+  }
+
+  // Enrolls through an unlimited token, for tests that only need devices to exist.
+  void add_device(const Device& dev) {
+    if (!have_bootstrap_token_) {
+      ASSERT_OK(store_->put_enrollment_token(enrollment_token("bootstrap", std::nullopt)));
+      have_bootstrap_token_ = true;
+    }
+    ASSERT_OK(store_->enroll_device(sha_of("bootstrap"), 5000, dev));
+  }
+
+  static std::string sha_of(const std::string& text) { return "hash-of-" + text; }
+
+  static ModelVersion model_version(const std::string& model, const std::string& version,
+                                    const std::string& content_hash, int64_t created_at) {
+    ModelVersion mv{.model = model,
+                    .version = version,
+                    .content_hash = content_hash,
+                    .created_at = created_at,
+                    .variants = {}};
+    for (const char* accel : {"gpu", "npu", "cpu"}) {
+      mv.variants.push_back(ModelVariant{
+          .selector_json = std::string(R"({"accelerator":")") + accel + R"("})",
+          .needs_json = R"({"min_memory_mb":512})",
+          .artifact_digest = std::string("sha256:") + accel,
+          .format = "onnx",
+          .metadata_json = R"({"opset":17})",
+      });
+    }
+    return mv;
+  }
+
+  // Checks the audit chain's links and hashes; returns the number of entries.
+  void expect_valid_chain(const std::vector<AuditEntry>& entries) {
+    for (size_t i = 0; i < entries.size(); ++i) {
+      EXPECT_EQ(entries[i].seq, static_cast<int64_t>(i) + 1);
+      EXPECT_EQ(entries[i].prev_hash, i == 0 ? "" : entries[i - 1].hash) << "seq " << i + 1;
+      EXPECT_EQ(entries[i].hash, audit_entry_hash(entries[i])) << "seq " << i + 1;
+    }
+  }
+
+  TempDir dir_;
+  std::unique_ptr<Store> store_;
+  bool have_bootstrap_token_ = false;
+};
+
+INSTANTIATE_TEST_SUITE_P(Backends, StoreTest, testing::ValuesIn(kBackends),
+                         [](const testing::TestParamInfo<Backend>& param_info) {
+                           return param_info.param.name;
+                         });
+
+// ---- Schema ----
+
+TEST_P(StoreTest, MigrationsAreAppliedAtOpen) {
+  const auto migrations = sqlite::embedded_migrations();
+  ASSERT_FALSE(migrations.empty());
+  EXPECT_EQ(migrations.front().version, 1);
+  EXPECT_EQ(migrations.front().name, "0001_init.sql");
+  auto version = store_->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, migrations.back().version);
+}
+
+TEST_P(StoreTest, ReopenKeepsDataAndSchema) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  ASSERT_OK(store_->put_operator_token({"admin", "h-admin", "admin", "root", 1}));
+  add_device(device("cam-01"));
+  ASSERT_OK(store_->apply_deployment("det", R"({"spec":1})", "s1", "alice", 10));
+  ASSERT_OK(store_->append_audit("alice", "deployment.apply", "deployment/det", "{}", 10));
+
+  reopen();
+
+  auto version = store_->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, sqlite::embedded_migrations().back().version);
+  auto token = store_->find_operator_token_by_hash("h-admin");
+  ASSERT_OK(token);
+  ASSERT_TRUE(token->has_value());
+  EXPECT_EQ((*token)->name, "root");
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  ASSERT_TRUE(dev->has_value());
+  EXPECT_EQ((*dev)->facts_json, R"({"arch":"arm64"})");
+  auto dep = store_->get_deployment("det");
+  ASSERT_OK(dep);
+  ASSERT_TRUE(dep->has_value());
+  EXPECT_EQ((*dep)->revision, 1);
+  // The chain continues across restarts.
+  ASSERT_OK(store_->append_audit("bob", "device.cordon", "device/cam-01", "{}", 20));
+  auto audit = store_->list_audit(0, 100);
+  ASSERT_OK(audit);
+  ASSERT_EQ(audit->size(), 2u);
+  expect_valid_chain(*audit);
+}
+
+// ---- Operator tokens ----
+
+TEST_P(StoreTest, OperatorTokenIsFoundByHash) {
+  ASSERT_OK(store_->put_operator_token({"ops1", "h-ops1", "operator", "Olga", 7}));
+  auto found = store_->find_operator_token_by_hash("h-ops1");
+  ASSERT_OK(found);
+  ASSERT_TRUE(found->has_value());
+  EXPECT_EQ((*found)->id, "ops1");
+  EXPECT_EQ((*found)->role, "operator");
+  EXPECT_EQ((*found)->name, "Olga");
+  EXPECT_EQ((*found)->created_at, 7);
+
+  auto missing = store_->find_operator_token_by_hash("h-nobody");
+  ASSERT_OK(missing);
+  EXPECT_FALSE(missing->has_value());
+}
+
+TEST_P(StoreTest, PutOperatorTokenReplacesByIdAndRefusesSharedHash) {
+  ASSERT_OK(store_->put_operator_token({"admin", "h1", "admin", "root", 1}));
+  ASSERT_OK(store_->put_operator_token({"admin", "h2", "admin", "root", 2}));
+  auto old_hash = store_->find_operator_token_by_hash("h1");
+  ASSERT_OK(old_hash);
+  EXPECT_FALSE(old_hash->has_value());
+
+  auto clash = store_->put_operator_token({"other", "h2", "viewer", "eve", 3});
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code, Errc::kAlreadyExists);
+  EXPECT_NE(clash.error().message.find("other"), std::string::npos) << clash.error().message;
+}
+
+// ---- Enrollment ----
+
+TEST_P(StoreTest, EnrollmentDecrementsUsesAndStoresDevice) {
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", 2)));
+  auto before =
+      store_->enroll_device(sha_of("t1"), 2000, device("cam-01", "plant-a", {{"line", "3"}}));
+  ASSERT_OK(before);
+  EXPECT_EQ(before->id, "t1");
+  EXPECT_EQ(before->uses_left, 2);  // as it was before the decrement
+  EXPECT_EQ(before->labels, (Labels{{"line", "3"}}));
+
+  auto tokens = store_->list_enrollment_tokens();
+  ASSERT_OK(tokens);
+  ASSERT_EQ(tokens->size(), 1u);
+  EXPECT_EQ((*tokens)[0].uses_left, 1);
+  EXPECT_EQ((*tokens)[0].site, "plant-a");
+  EXPECT_EQ((*tokens)[0].created_by, "alice");
+
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  ASSERT_TRUE(dev->has_value());
+  EXPECT_EQ((*dev)->site, "plant-a");
+  EXPECT_EQ((*dev)->labels, (Labels{{"line", "3"}}));
+  EXPECT_EQ((*dev)->public_key, "pk-cam-01");
+  EXPECT_EQ((*dev)->credential_hash, "cred-cam-01");
+  EXPECT_EQ((*dev)->enrolled_at, 5000);
+  EXPECT_EQ((*dev)->generation, 0);
+  EXPECT_EQ((*dev)->desired_json, "{}");
+  EXPECT_FALSE((*dev)->cordoned);
+}
+
+TEST_P(StoreTest, EnrollmentRefusesUsedUpToken) {
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", 1)));
+  ASSERT_OK(store_->enroll_device(sha_of("t1"), 2000, device("cam-01")));
+  auto refused = store_->enroll_device(sha_of("t1"), 2000, device("cam-02"));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::kFailedPrecondition);
+  EXPECT_EQ(refused.error().message, "enrollment token t1 has no uses left");
+  auto dev = store_->get_device("cam-02");
+  ASSERT_OK(dev);
+  EXPECT_FALSE(dev->has_value());
+}
+
+TEST_P(StoreTest, EnrollmentRefusesExpiredToken) {
+  const int64_t expiry = 1700000000000;  // 2023-11-14T22:13:20Z
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", 5, expiry)));
+  auto refused = store_->enroll_device(sha_of("t1"), expiry, device("cam-01"));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::kFailedPrecondition);
+  EXPECT_EQ(refused.error().message, "enrollment token t1 expired at 2023-11-14T22:13:20Z");
+
+  ASSERT_OK(store_->enroll_device(sha_of("t1"), expiry - 1, device("cam-01")));
+}
+
+TEST_P(StoreTest, EnrollmentRefusesUnknownToken) {
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", 5)));
+  auto refused = store_->enroll_device(sha_of("nope"), 2000, device("cam-01"));
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::kUnauthenticated);
+  EXPECT_EQ(refused.error().message, "enrollment token is not valid");
+}
+
+TEST_P(StoreTest, EnrollmentWithUnlimitedTokenNeverRunsOut) {
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", std::nullopt)));
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_OK(store_->enroll_device(sha_of("t1"), 2000, device("cam-" + std::to_string(i))));
+  }
+  auto tokens = store_->list_enrollment_tokens();
+  ASSERT_OK(tokens);
+  ASSERT_EQ(tokens->size(), 1u);
+  EXPECT_EQ((*tokens)[0].uses_left, std::nullopt);
+  EXPECT_EQ((*tokens)[0].expires_at, std::nullopt);
+}
+
+TEST_P(StoreTest, EnrollmentOfExistingDeviceChangesNothing) {
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t1", 3)));
+  ASSERT_OK(store_->enroll_device(sha_of("t1"), 2000, device("cam-01")));
+  auto again = store_->enroll_device(sha_of("t1"), 2000, device("cam-01", "plant-b"));
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::kAlreadyExists);
+  EXPECT_EQ(again.error().message, "device cam-01 already exists");
+  // The decrement was rolled back with the failed insert.
+  auto tokens = store_->list_enrollment_tokens();
+  ASSERT_OK(tokens);
+  EXPECT_EQ((*tokens)[0].uses_left, 2);
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->site, "plant-a");
+}
+
+TEST_P(StoreTest, LabelsMustBeValidUtf8) {
+  EnrollmentToken token = enrollment_token("t1", 1);
+  token.labels = {{"line", "\xff\xfe"}};
+  auto refused = store_->put_enrollment_token(token);
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(refused.error().field, "labels");
+}
+
+// ---- Devices ----
+
+TEST_P(StoreTest, ListDevicesFiltersBySiteAndLabels) {
+  add_device(device("a1", "plant-a", {{"line", "1"}, {"camera", "yes"}}));
+  add_device(device("a2", "plant-a", {{"line", "2"}}));
+  add_device(device("b1", "plant-b", {{"line", "1"}}));
+  add_device(device("b2", "plant-b", {}));
+
+  auto ids = [&](const DeviceFilter& filter) {
+    std::vector<std::string> out;
+    auto devices = store_->list_devices(filter);
+    EXPECT_TRUE(devices) << devices.error().describe();
+    if (devices) {
+      for (const auto& d : *devices) {
+        out.push_back(d.id);
+      }
+    }
+    return out;
+  };
+  using Ids = std::vector<std::string>;
+  EXPECT_EQ(ids({}), (Ids{"a1", "a2", "b1", "b2"}));
+  EXPECT_EQ(ids({.site = "plant-b", .labels = {}}), (Ids{"b1", "b2"}));
+  EXPECT_EQ(ids({.site = std::nullopt, .labels = {{"line", "1"}}}), (Ids{"a1", "b1"}));
+  EXPECT_EQ(ids({.site = "plant-a", .labels = {{"line", "1"}}}), (Ids{"a1"}));
+  EXPECT_EQ(ids({.site = std::nullopt, .labels = {{"line", "1"}, {"camera", "yes"}}}), (Ids{"a1"}));
+  EXPECT_EQ(ids({.site = std::nullopt, .labels = {{"camera", "no"}}}), Ids{});
+  EXPECT_EQ(ids({.site = "plant-z", .labels = {}}), Ids{});
+}
+
+TEST_P(StoreTest, DesiredStateGenerationGrowsOnlyOnRealChange) {
+  add_device(device("cam-01"));
+  auto gen = store_->update_desired_state("cam-01", R"({"v":1})", "h1", R"({"s":1})");
+  ASSERT_OK(gen);
+  EXPECT_EQ(*gen, 1);
+
+  gen = store_->update_desired_state("cam-01", R"({"v":"ignored"})", "h1", R"({"s":2})");
+  ASSERT_OK(gen);
+  EXPECT_EQ(*gen, 1);
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->generation, 1);
+  EXPECT_EQ((*dev)->desired_json, R"({"v":1})");
+  EXPECT_EQ((*dev)->desired_hash, "h1");
+  EXPECT_EQ((*dev)->schedule_json, R"({"s":2})");  // updated even without a new generation
+
+  gen = store_->update_desired_state("cam-01", R"({"v":2})", "h2", R"({"s":3})");
+  ASSERT_OK(gen);
+  EXPECT_EQ(*gen, 2);
+  dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->desired_json, R"({"v":2})");
+
+  auto missing = store_->update_desired_state("ghost", "{}", "h", "{}");
+  ASSERT_FALSE(missing);
+  EXPECT_EQ(missing.error().code, Errc::kNotFound);
+  EXPECT_EQ(missing.error().message, "device ghost not found");
+}
+
+TEST_P(StoreTest, RecordsStatusLastSeenAndCordon) {
+  add_device(device("cam-01"));
+  ASSERT_OK(store_->record_device_status("cam-01", R"({"healthy":true})", 7000));
+  ASSERT_OK(store_->touch_device("cam-01", 8000));
+  ASSERT_OK(store_->touch_device("cam-01", 7500));  // late request: last_seen must not go back
+  ASSERT_OK(store_->set_device_cordoned("cam-01", true));
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->status_json, R"({"healthy":true})");
+  EXPECT_EQ((*dev)->status_at, 7000);
+  EXPECT_EQ((*dev)->last_seen, 8000);
+  EXPECT_TRUE((*dev)->cordoned);
+
+  ASSERT_OK(store_->set_device_cordoned("cam-01", false));
+  dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_FALSE((*dev)->cordoned);
+
+  for (const Status& status :
+       {store_->record_device_status("ghost", "{}", 1), store_->touch_device("ghost", 1),
+        store_->set_device_cordoned("ghost", true)}) {
+    ASSERT_FALSE(status);
+    EXPECT_EQ(status.error().code, Errc::kNotFound);
+    EXPECT_EQ(status.error().message, "device ghost not found");
+  }
+}
+
+TEST_P(StoreTest, GetUnknownDeviceIsEmpty) {
+  auto dev = store_->get_device("ghost");
+  ASSERT_OK(dev);
+  EXPECT_FALSE(dev->has_value());
+}
+
+// ---- Artifacts ----
+
+TEST_P(StoreTest, ArtifactsAreDeduplicatedByDigest) {
+  const Artifact blob{"sha256:aa", 1234, "application/onnx", 10};
+  auto inserted = store_->put_artifact(blob);
+  ASSERT_OK(inserted);
+  EXPECT_TRUE(*inserted);
+  auto again = store_->put_artifact(Artifact{"sha256:aa", 1234, "application/onnx", 99});
+  ASSERT_OK(again);
+  EXPECT_FALSE(*again);
+  ASSERT_OK(store_->put_artifact(Artifact{"sha256:bb", 1, "application/octet-stream", 20}));
+
+  auto got = store_->get_artifact("sha256:aa");
+  ASSERT_OK(got);
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->size, 1234);
+  EXPECT_EQ((*got)->media_type, "application/onnx");
+  EXPECT_EQ((*got)->created_at, 10);  // the first put wins
+
+  auto all = store_->list_artifacts();
+  ASSERT_OK(all);
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0].digest, "sha256:aa");
+  EXPECT_EQ((*all)[1].digest, "sha256:bb");
+
+  auto missing = store_->get_artifact("sha256:cc");
+  ASSERT_OK(missing);
+  EXPECT_FALSE(missing->has_value());
+}
+
+// ---- Models ----
+
+TEST_P(StoreTest, ModelVersionsAreImmutableAndKeepVariantOrder) {
+  const ModelVersion v1 = model_version("defect-net", "1.0.0", "c1", 100);
+  auto inserted = store_->put_model_version(v1);
+  ASSERT_OK(inserted);
+  EXPECT_TRUE(*inserted);
+
+  auto same = store_->put_model_version(model_version("defect-net", "1.0.0", "c1", 999));
+  ASSERT_OK(same);
+  EXPECT_FALSE(*same);
+
+  auto changed = store_->put_model_version(model_version("defect-net", "1.0.0", "c2", 999));
+  ASSERT_FALSE(changed);
+  EXPECT_EQ(changed.error().code, Errc::kConflict);
+  EXPECT_EQ(changed.error().message,
+            "model defect-net version 1.0.0 already exists with different content");
+
+  auto got = store_->get_model_version("defect-net", "1.0.0");
+  ASSERT_OK(got);
+  ASSERT_TRUE(got->has_value());
+  const ModelVersion& stored = **got;
+  EXPECT_EQ(stored.content_hash, "c1");
+  EXPECT_EQ(stored.created_at, 100);
+  ASSERT_EQ(stored.variants.size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(stored.variants[i].selector_json, v1.variants[i].selector_json);
+    EXPECT_EQ(stored.variants[i].needs_json, v1.variants[i].needs_json);
+    EXPECT_EQ(stored.variants[i].artifact_digest, v1.variants[i].artifact_digest);
+    EXPECT_EQ(stored.variants[i].format, "onnx");
+    EXPECT_EQ(stored.variants[i].metadata_json, R"({"opset":17})");
+  }
+
+  auto missing = store_->get_model_version("defect-net", "9.9.9");
+  ASSERT_OK(missing);
+  EXPECT_FALSE(missing->has_value());
+}
+
+TEST_P(StoreTest, ListsModelsAndVersions) {
+  ASSERT_OK(store_->put_model_version(model_version("zeta", "1.0.0", "z", 50)));
+  ASSERT_OK(store_->put_model_version(model_version("alpha", "2.0.0", "a2", 300)));
+  ASSERT_OK(store_->put_model_version(model_version("alpha", "1.10.0", "a1", 200)));
+
+  auto models = store_->list_models();
+  ASSERT_OK(models);
+  EXPECT_EQ(*models, (std::vector<std::string>{"alpha", "zeta"}));
+
+  auto versions = store_->list_model_versions("alpha");
+  ASSERT_OK(versions);
+  ASSERT_EQ(versions->size(), 2u);
+  EXPECT_EQ((*versions)[0].version, "1.10.0");  // by created_at
+  EXPECT_EQ((*versions)[1].version, "2.0.0");
+  EXPECT_EQ((*versions)[1].variants.size(), 3u);
+
+  auto none = store_->list_model_versions("nobody");
+  ASSERT_OK(none);
+  EXPECT_TRUE(none->empty());
+}
+
+// ---- Deployments ----
+
+TEST_P(StoreTest, DeploymentRevisionsGrowOnlyOnSpecChange) {
+  auto first = store_->apply_deployment("det", R"({"v":1})", "s1", "alice", 100);
+  ASSERT_OK(first);
+  EXPECT_TRUE(first->changed);
+  EXPECT_EQ(first->deployment.revision, 1);
+  EXPECT_EQ(first->deployment.created_at, 100);
+
+  auto same = store_->apply_deployment("det", R"({"v":1})", "s1", "bob", 200);
+  ASSERT_OK(same);
+  EXPECT_FALSE(same->changed);
+  EXPECT_EQ(same->deployment.revision, 1);
+  EXPECT_EQ(same->deployment.updated_at, 100);
+
+  auto second = store_->apply_deployment("det", R"({"v":2})", "s2", "bob", 300);
+  ASSERT_OK(second);
+  EXPECT_TRUE(second->changed);
+  EXPECT_EQ(second->deployment.revision, 2);
+  EXPECT_EQ(second->deployment.created_at, 100);
+  EXPECT_EQ(second->deployment.updated_at, 300);
+
+  auto got = store_->get_deployment("det");
+  ASSERT_OK(got);
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->revision, 2);
+  EXPECT_EQ((*got)->manifest_json, R"({"v":2})");
+  EXPECT_EQ((*got)->spec_hash, "s2");
+
+  auto revisions = store_->list_deployment_revisions("det");
+  ASSERT_OK(revisions);
+  ASSERT_EQ(revisions->size(), 2u);
+  EXPECT_EQ((*revisions)[0].revision, 1);
+  EXPECT_EQ((*revisions)[0].created_by, "alice");
+  EXPECT_EQ((*revisions)[0].manifest_json, R"({"v":1})");
+  EXPECT_EQ((*revisions)[1].revision, 2);
+  EXPECT_EQ((*revisions)[1].created_by, "bob");
+  EXPECT_EQ((*revisions)[1].created_at, 300);
+}
+
+TEST_P(StoreTest, DeletedDeploymentKeepsRevisionsAndNumberingContinues) {
+  ASSERT_OK(store_->apply_deployment("det", "{}", "s1", "alice", 100));
+  ASSERT_OK(store_->apply_deployment("det", "{}", "s2", "alice", 200));
+  ASSERT_OK(store_->apply_deployment("other", "{}", "o1", "alice", 200));
+  ASSERT_OK(store_->delete_deployment("det"));
+
+  auto gone = store_->get_deployment("det");
+  ASSERT_OK(gone);
+  EXPECT_FALSE(gone->has_value());
+  auto listed = store_->list_deployments();
+  ASSERT_OK(listed);
+  ASSERT_EQ(listed->size(), 1u);
+  EXPECT_EQ((*listed)[0].name, "other");
+  auto kept = store_->list_deployment_revisions("det");
+  ASSERT_OK(kept);
+  EXPECT_EQ(kept->size(), 2u);
+
+  auto again = store_->delete_deployment("det");
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::kNotFound);
+  EXPECT_EQ(again.error().message, "deployment det not found");
+
+  // Re-applying the old spec is still a new deployment, numbered after the old revisions.
+  auto recreated = store_->apply_deployment("det", "{}", "s2", "bob", 300);
+  ASSERT_OK(recreated);
+  EXPECT_TRUE(recreated->changed);
+  EXPECT_EQ(recreated->deployment.revision, 3);
+  EXPECT_EQ(recreated->deployment.created_at, 300);
+  kept = store_->list_deployment_revisions("det");
+  ASSERT_OK(kept);
+  EXPECT_EQ(kept->size(), 3u);
+}
+
+TEST_P(StoreTest, ListDeploymentsIsSortedByName) {
+  for (const char* name : {"charlie", "alpha", "bravo"}) {
+    ASSERT_OK(store_->apply_deployment(name, "{}", "s", "alice", 1));
+  }
+  auto listed = store_->list_deployments();
+  ASSERT_OK(listed);
+  ASSERT_EQ(listed->size(), 3u);
+  EXPECT_EQ((*listed)[0].name, "alpha");
+  EXPECT_EQ((*listed)[1].name, "bravo");
+  EXPECT_EQ((*listed)[2].name, "charlie");
+}
+
+// ---- Audit ----
+
+TEST_P(StoreTest, AuditEntriesFormAHashChain) {
+  auto first =
+      store_->append_audit("alice", "deployment.apply", "deployment/det", R"({"revision":1})", 100);
+  ASSERT_OK(first);
+  EXPECT_EQ(first->seq, 1);
+  EXPECT_EQ(first->prev_hash, "");
+  EXPECT_EQ(first->hash, audit_entry_hash(*first));
+  EXPECT_EQ(first->hash.size(), 64u);
+  ASSERT_OK(store_->append_audit("bob", "device.cordon", "device/cam-01", "{}", 200));
+  ASSERT_OK(store_->append_audit("carol", "token.create", "token/t9", "{}", 300));
+
+  auto entries = store_->list_audit(0, 100);
+  ASSERT_OK(entries);
+  ASSERT_EQ(entries->size(), 3u);
+  expect_valid_chain(*entries);
+  EXPECT_EQ((*entries)[0].details_json, R"({"revision":1})");
+  EXPECT_EQ((*entries)[1].actor, "bob");
+  EXPECT_EQ((*entries)[2].time, 300);
+
+  auto since = store_->list_audit(200, 100);
+  ASSERT_OK(since);
+  ASSERT_EQ(since->size(), 2u);
+  EXPECT_EQ((*since)[0].seq, 2);  // oldest first
+  auto limited = store_->list_audit(0, 1);
+  ASSERT_OK(limited);
+  ASSERT_EQ(limited->size(), 1u);
+  EXPECT_EQ((*limited)[0].seq, 1);
+  auto bad = store_->list_audit(0, -1);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.error().code, Errc::kInvalidArgument);
+}
+
+TEST(AuditEntryHashTest, CoversEveryFieldInTheDocumentedOrder) {
+  AuditEntry entry{1, 100, "alice", "a", "t", "{}", "", ""};
+  const std::string hash = audit_entry_hash(entry);
+  EXPECT_EQ(hash, sha256_of_joined(entry));
+  for (const auto& mutate : std::vector<std::function<void(AuditEntry&)>>{
+           [](AuditEntry& e) { e.seq = 2; }, [](AuditEntry& e) { e.time = 101; },
+           [](AuditEntry& e) { e.actor = "bob"; }, [](AuditEntry& e) { e.action = "b"; },
+           [](AuditEntry& e) { e.target = "u"; }, [](AuditEntry& e) { e.details_json = "[]"; },
+           [](AuditEntry& e) { e.prev_hash = "x"; }}) {
+    AuditEntry changed = entry;
+    mutate(changed);
+    EXPECT_NE(audit_entry_hash(changed), hash);
+  }
+}
+
+TEST_P(StoreTest, ConcurrentAuditAppendsKeepTheChainLinear) {
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 50;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  threads.reserve(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        auto appended = store_->append_audit("thread-" + std::to_string(t), "test.append",
+                                             "n/" + std::to_string(i), "{}", 1000 + i);
+        if (!appended) {
+          ++failures;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) {
+    thread.join();
+  }
+  EXPECT_EQ(failures.load(), 0);
+
+  auto entries = store_->list_audit(0, 1000);
+  ASSERT_OK(entries);
+  ASSERT_EQ(entries->size(), static_cast<size_t>(kThreads * kPerThread));
+  expect_valid_chain(*entries);
+}
+
+TEST_P(StoreTest, TwoStoresOnTheSameDataShareOneChain) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  // A second handle stands for a second process (e.g. a CLI run beside the server).
+  auto second = GetParam().open(dir_.path());
+  ASSERT_OK(second);
+  Store* stores[] = {store_.get(), second->get()};
+  constexpr int kPerStore = 50;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (Store* store : stores) {
+    threads.emplace_back([&, store] {
+      for (int i = 0; i < kPerStore; ++i) {
+        auto appended = store->append_audit("a", "test.append", "t", "{}", i);
+        if (!appended) {
+          ADD_FAILURE() << appended.error().describe();
+          ++failures;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) {
+    thread.join();
+  }
+  EXPECT_EQ(failures.load(), 0);
+  auto entries = store_->list_audit(0, 1000);
+  ASSERT_OK(entries);
+  ASSERT_EQ(entries->size(), 2u * kPerStore);
+  expect_valid_chain(*entries);
+}
+
+// ---- Opening by URL ----
+
+TEST(OpenStoreTest, RejectsUnsupportedSchemesNamingTheUrl) {
+  auto postgres = open_store("postgres://outpost:s3cret@db.local/outpost");
+  ASSERT_FALSE(postgres);
+  EXPECT_EQ(postgres.error().code, Errc::kInvalidArgument);
+  EXPECT_NE(postgres.error().message.find("postgres://"), std::string::npos);
+  EXPECT_NE(postgres.error().message.find("db.local/outpost"), std::string::npos);
+  EXPECT_NE(postgres.error().message.find("not supported yet"), std::string::npos);
+  EXPECT_EQ(postgres.error().message.find("s3cret"), std::string::npos)
+      << "credentials leaked: " << postgres.error().message;
+
+  for (const char* url : {"mysql://db/outpost", "/var/lib/outpost.db", "sqlite:", ""}) {
+    auto opened = open_store(url);
+    ASSERT_FALSE(opened) << url;
+    EXPECT_EQ(opened.error().code, Errc::kInvalidArgument) << url;
+    EXPECT_NE(opened.error().message.find(url), std::string::npos) << opened.error().message;
+  }
+}
+
+TEST(OpenStoreTest, CreatesTheFileInWalMode) {
+  TempDir dir;
+  const std::string path = dir.path() + "/new.db";
+  ASSERT_FALSE(std::filesystem::exists(path));
+  auto opened = open_store("sqlite://" + path);  // the "sqlite:///abs/path" form
+  ASSERT_OK(opened);
+  EXPECT_TRUE(std::filesystem::exists(path));
+
+  // Inspect the file with a connection of our own.
+  sqlite3* raw = nullptr;
+  ASSERT_EQ(sqlite3_open_v2(path.c_str(), &raw, SQLITE_OPEN_READONLY, nullptr), SQLITE_OK);
+  std::unique_ptr<sqlite3, decltype(&sqlite3_close)> db(raw, &sqlite3_close);
+  auto query = [&](const char* sql) {
+    std::vector<std::string> rows;
+    sqlite3_exec(
+        db.get(), sql,
+        [](void* out, int, char** values, char**) {
+          static_cast<std::vector<std::string>*>(out)->push_back(values[0] ? values[0] : "NULL");
+          return 0;
+        },
+        &rows, nullptr);
+    return rows;
+  };
+  EXPECT_EQ(query("PRAGMA journal_mode"), std::vector<std::string>{"wal"});
+  std::vector<std::string> versions;
+  for (const auto& migration : sqlite::embedded_migrations()) {
+    versions.push_back(std::to_string(migration.version));
+  }
+  EXPECT_EQ(query("SELECT version FROM schema_migrations ORDER BY version"), versions);
+}
+
+TEST(OpenStoreTest, ReportsUnopenableAndForeignFiles) {
+  TempDir dir;
+  auto missing_dir = open_store("sqlite:" + dir.path() + "/no/such/dir/x.db");
+  ASSERT_FALSE(missing_dir);
+  EXPECT_EQ(missing_dir.error().code, Errc::kIo);
+  EXPECT_NE(missing_dir.error().message.find("/no/such/dir/x.db"), std::string::npos);
+
+  const std::string junk = dir.path() + "/junk.db";
+  std::ofstream(junk) << "this is not an SQLite database, just some bytes that are long enough";
+  auto foreign = open_store("sqlite:" + junk);
+  ASSERT_FALSE(foreign);
+  EXPECT_EQ(foreign.error().code, Errc::kIo);
+  EXPECT_NE(foreign.error().message.find(junk), std::string::npos) << foreign.error().message;
+}
+
+// ---- SQLite migration runner ----
+
+TEST(SqliteMigrationsTest, FailedMigrationLeavesNoTraceAndLaterOnesResume) {
+  TempDir dir;
+  const std::string path = dir.path() + "/m.db";
+  const sqlite::Migration first{1, "0001_a.sql", "CREATE TABLE a (x INTEGER);"};
+  const sqlite::Migration broken{2, "0002_b.sql",
+                                 "CREATE TABLE b (x INTEGER); INSERT INTO missing VALUES (1);"};
+  const sqlite::Migration fixed{2, "0002_b.sql",
+                                "CREATE TABLE b (x INTEGER); INSERT INTO b VALUES (1);"};
+
+  const sqlite::Migration with_broken[] = {first, broken};
+  auto failed = sqlite::open_sqlite_store(path, with_broken);
+  ASSERT_FALSE(failed);
+  EXPECT_NE(failed.error().message.find("0002_b.sql"), std::string::npos) << failed.error().message;
+
+  const sqlite::Migration only_first[] = {first};
+  auto reopened = sqlite::open_sqlite_store(path, only_first);
+  ASSERT_OK(reopened);
+  auto version = (*reopened)->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, 1);
+  reopened->reset();
+
+  // Table b was rolled back with the failed migration, or creating it again would fail.
+  const sqlite::Migration with_fixed[] = {first, fixed};
+  auto upgraded = sqlite::open_sqlite_store(path, with_fixed);
+  ASSERT_OK(upgraded);
+  version = (*upgraded)->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, 2);
+  upgraded->reset();
+
+  // Each migration runs once: opening again does not re-create the tables.
+  auto again = sqlite::open_sqlite_store(path, with_fixed);
+  ASSERT_OK(again);
+  again->reset();
+
+  // An older build refuses a newer schema instead of running against it.
+  auto older = sqlite::open_sqlite_store(path, only_first);
+  ASSERT_FALSE(older);
+  EXPECT_EQ(older.error().code, Errc::kFailedPrecondition);
+  EXPECT_NE(older.error().message.find("schema version 2"), std::string::npos)
+      << older.error().message;
+}
+
+TEST(SqliteMigrationsTest, RefusesMisnumberedMigrations) {
+  const sqlite::Migration gap[] = {{1, "0001_a.sql", "CREATE TABLE a (x INTEGER);"},
+                                   {3, "0003_c.sql", "CREATE TABLE c (x INTEGER);"}};
+  auto opened = sqlite::open_sqlite_store(":memory:", gap);
+  ASSERT_FALSE(opened);
+  EXPECT_NE(opened.error().message.find("0003_c.sql"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace outpost::store
