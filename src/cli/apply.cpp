@@ -27,7 +27,7 @@ void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
     }
     auto result = session.call("POST", "/api/v1/deployments", text, "application/yaml");
     if (!result) {
-      exit_code = session.fail(result.error().with_context(*file));
+      exit_code = session.fail(result.error().with_context(*file == "-" ? "<stdin>" : *file));
       return;
     }
     if (session.json_output()) {

@@ -55,7 +55,9 @@ Error Error::with_context(std::string_view context) const {
 }
 
 std::string Error::describe() const {
-  if (field.empty() || message.rfind(field, 0) == 0) return message;
+  // Context added on the way up may precede the field ("pushing model m 1.0.0: variants[0]:
+  // ..."): name the field once.
+  if (field.empty() || message.find(field + ":") != std::string::npos) return message;
   return field + ": " + message;
 }
 

@@ -89,7 +89,9 @@ Result<int64_t> parse_size_bytes(std::string_view text) {
   while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) {
     ++i;
   }
-  if (i == 0) return fail();
+  if (i == 0 || std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(i), '.') > 1) {
+    return fail();
+  }
   double number = 0;
   try {
     number = std::stod(std::string(text.substr(0, i)));

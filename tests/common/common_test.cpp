@@ -1,0 +1,120 @@
+// Units for the common library: errors, units, digests, crypto, durable files.
+#include <sys/stat.h>
+
+#include <filesystem>
+#include <string>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "common/crypto.h"
+#include "common/digest.h"
+#include "common/durable_file.h"
+#include "common/error.h"
+#include "common/units.h"
+
+namespace outpost {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(ErrorTest, DescribeNamesTheFieldOnce) {
+  Error plain{Errc::kInvalidArgument, "is not a semantic version", "version"};
+  EXPECT_EQ(plain.describe(), "version: is not a semantic version");
+  Error already{Errc::kInvalidArgument, "version: is not a semantic version", "version"};
+  EXPECT_EQ(already.describe(), "version: is not a semantic version");
+  Error wrapped = already.with_context("pushing model m 1.0");
+  EXPECT_EQ(wrapped.describe(), "pushing model m 1.0: version: is not a semantic version");
+  Error no_field{Errc::kNotFound, "device d-1 does not exist", ""};
+  EXPECT_EQ(no_field.describe(), "device d-1 does not exist");
+}
+
+TEST(ErrorTest, CodesRoundTripThroughTheirNames) {
+  for (Errc code : {Errc::kInvalidArgument, Errc::kNotFound, Errc::kUnavailable, Errc::kInternal,
+                    Errc::kFailedPrecondition}) {
+    EXPECT_EQ(errc_from_name(errc_name(code)), code) << errc_name(code);
+  }
+  EXPECT_EQ(errc_from_name("no_such_code"), Errc::kInternal);
+  EXPECT_EQ(errc_http_status(Errc::kNotFound), 404);
+  EXPECT_EQ(errc_http_status(Errc::kInvalidArgument), 400);
+}
+
+TEST(UnitsTest, Durations) {
+  EXPECT_EQ(parse_duration_ms("250ms").value(), 250);
+  EXPECT_EQ(parse_duration_ms("1h30m").value(), 5'400'000);
+  EXPECT_EQ(parse_duration_ms("7d").value(), 7 * 86'400'000LL);
+  for (const char* bad : {"", "ten", "10", "1m1h", "-1s", "1.5h", "3651d"}) {
+    auto r = parse_duration_ms(bad);
+    ASSERT_FALSE(r.has_value()) << bad;
+    EXPECT_THAT(r.error().message, HasSubstr("expected a duration like 10m"));
+  }
+  EXPECT_EQ(format_duration_ms(0), "0s");
+  EXPECT_EQ(format_duration_ms(90'061'001), "1d1h1m1s1ms");
+  EXPECT_EQ(parse_duration_ms(format_duration_ms(3'723'000)).value(), 3'723'000);
+}
+
+TEST(UnitsTest, Sizes) {
+  EXPECT_EQ(parse_size_bytes("512").value(), 512);
+  EXPECT_EQ(parse_size_bytes("64M").value(), 64LL << 20);
+  EXPECT_EQ(parse_size_bytes("1.5G").value(), 3LL << 29);
+  EXPECT_EQ(parse_size_bytes("2KiB").value(), 2048);
+  for (const char* bad : {"", "M", "-5M", "1.2.3M", "5Q", "1e30T"}) {
+    EXPECT_FALSE(parse_size_bytes(bad).has_value()) << bad;
+  }
+  EXPECT_EQ(format_size(532), "532 B");
+  EXPECT_EQ(format_size(3LL << 19), "1.5 MiB");
+}
+
+TEST(DigestTest, KnownVectorsAndStreaming) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  Sha256 streamed;
+  streamed.update("a");
+  streamed.update("bc");
+  EXPECT_EQ(streamed.finish_hex(), sha256_hex("abc"));
+  EXPECT_TRUE(is_digest_ref("sha256:" + sha256_hex("x")));
+  EXPECT_FALSE(is_digest_ref("sha256:abc"));
+  EXPECT_FALSE(is_digest_ref("md5:" + sha256_hex("x")));
+}
+
+TEST(CryptoTest, SignaturesVerifyOnlyForTheirMessageAndKey) {
+  crypto::init();
+  auto keys = crypto::ed25519_generate();
+  auto other = crypto::ed25519_generate();
+  std::string sig = crypto::ed25519_sign("generation 7", keys.secret_key);
+  EXPECT_EQ(sig.size(), 64u);
+  EXPECT_TRUE(crypto::ed25519_verify("generation 7", sig, keys.public_key));
+  EXPECT_FALSE(crypto::ed25519_verify("generation 8", sig, keys.public_key));
+  EXPECT_FALSE(crypto::ed25519_verify("generation 7", sig, other.public_key));
+  EXPECT_FALSE(crypto::ed25519_verify("generation 7", sig.substr(1), keys.public_key));
+  std::string encoded = crypto::base64_encode(keys.public_key);
+  EXPECT_EQ(crypto::base64_decode(encoded).value(), keys.public_key);
+  EXPECT_FALSE(crypto::base64_decode("not base64!").has_value());
+  EXPECT_TRUE(crypto::constant_time_equal("abc", "abc"));
+  EXPECT_FALSE(crypto::constant_time_equal("abc", "abd"));
+  EXPECT_FALSE(crypto::constant_time_equal("abc", "abcd"));
+}
+
+TEST(DurableFileTest, ReplacesAtomicallyWithMode) {
+  namespace fs = std::filesystem;
+  fs::path dir = fs::temp_directory_path() / ("outpost-common-" + crypto::random_hex(6));
+  ASSERT_TRUE(make_dirs((dir / "a" / "b").string()).has_value());
+  std::string path = (dir / "a" / "b" / "secret").string();
+  ASSERT_TRUE(write_file_durably(path, "one", 0600).has_value());
+  ASSERT_TRUE(write_file_durably(path, "two", 0600).has_value());
+  EXPECT_EQ(read_file(path).value(), "two");
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  // No temporary files are left beside it.
+  size_t entries = 0;
+  for ([[maybe_unused]] const auto& e : fs::directory_iterator(dir / "a" / "b")) ++entries;
+  EXPECT_EQ(entries, 1u);
+  auto missing = read_file((dir / "nope").string());
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error().code, Errc::kNotFound);
+  fs::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace outpost
