@@ -8,10 +8,12 @@ namespace outpost::cli {
 
 void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
   auto file = std::make_shared<std::string>();
-  auto* apply = app.add_subcommand("apply", "Create or update a deployment from a manifest (YAML or JSON)");
+  auto* apply =
+      app.add_subcommand("apply", "Create or update a deployment from a manifest (YAML or JSON)");
   apply->add_option("-f,--file", *file, "Manifest file ('-' reads standard input)")->required();
-  apply->footer("Example: outpost apply -f examples/defect-detector.yaml\n"
-                "Re-applying an unchanged manifest keeps the revision; any real change makes a new one.");
+  apply->footer(
+      "Example: outpost apply -f examples/defect-detector.yaml\n"
+      "Re-applying an unchanged manifest keeps the revision; any real change makes a new one.");
   apply->callback([&options, &exit_code, file] {
     Session session(options);
     std::string text;
@@ -35,13 +37,16 @@ void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
     } else {
       const auto& r = *result;
       std::cout << "deployment " << r["name"].get<std::string>() << " "
-                << (r["changed"].get<bool>() ? (r["revision"].get<int64_t>() == 1 ? "created" : "updated")
-                                             : "unchanged")
+                << (r["changed"].get<bool>()
+                        ? (r["revision"].get<int64_t>() == 1 ? "created" : "updated")
+                        : "unchanged")
                 << " (revision " << r["revision"].get<int64_t>() << ")\n";
       if (r.contains("devices")) {
-        std::cout << "  devices: " << r["devices"]["changed"] << " updated of " << r["devices"]["total"];
+        std::cout << "  devices: " << r["devices"]["changed"] << " updated of "
+                  << r["devices"]["total"];
         if (r["devices"]["unschedulable"].get<int64_t>() > 0) {
-          std::cout << ", " << r["devices"]["unschedulable"] << " unschedulable (see 'outpost deployment show "
+          std::cout << ", " << r["devices"]["unschedulable"]
+                    << " unschedulable (see 'outpost deployment show "
                     << r["name"].get<std::string>() << "')";
         }
         std::cout << "\n";

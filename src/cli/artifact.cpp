@@ -11,7 +11,8 @@ void add_artifact_commands(CLI::App& app, GlobalOptions& options, int& exit_code
   artifact->require_subcommand(1);
 
   auto files = std::make_shared<std::vector<std::string>>();
-  auto* push = artifact->add_subcommand("push", "Upload files; prints each one's sha256:<hex> digest");
+  auto* push =
+      artifact->add_subcommand("push", "Upload files; prints each one's sha256:<hex> digest");
   push->add_option("FILE", *files, "Files to upload")->required()->check(CLI::ExistingFile);
   push->callback([&options, &exit_code, files] {
     Session session(options);
@@ -33,21 +34,14 @@ void add_artifact_commands(CLI::App& app, GlobalOptions& options, int& exit_code
   auto* list = artifact->add_subcommand("list", "List stored artifacts");
   list->callback([&options, &exit_code] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/artifacts");
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
+    auto result = session.fetch("/api/v1/artifacts", exit_code, "artifacts");
+    if (!result) return;
+    Table table({"DIGEST", "SIZE", "TYPE", "PUSHED"});
+    for (const auto& a : (*result)["artifacts"]) {
+      table.add({a["digest"], format_size(a["size"].get<int64_t>()), a["media_type"],
+                 ago(a["created_at"].get<int64_t>(), now_ms())});
     }
-    if (session.json_output()) {
-      session.print_json((*result)["artifacts"]);
-    } else {
-      Table table({"DIGEST", "SIZE", "TYPE", "PUSHED"});
-      for (const auto& a : (*result)["artifacts"]) {
-        table.add({a["digest"], format_size(a["size"].get<int64_t>()), a["media_type"],
-                   ago(a["created_at"].get<int64_t>(), now_ms())});
-      }
-      std::cout << table.render();
-    }
+    std::cout << table.render();
     exit_code = kExitOk;
   });
 }

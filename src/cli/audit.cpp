@@ -15,21 +15,14 @@ void add_audit_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   list->add_option("--since", *since, "How far back (default 24h; e.g. 30m, 7d)");
   list->callback([&options, &exit_code, since] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/audit?since=" + url_encode(*since));
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
+    auto result = session.fetch("/api/v1/audit?since=" + url_encode(*since), exit_code, "entries");
+    if (!result) return;
+    Table table({"SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "HASH"});
+    for (const auto& e : (*result)["entries"]) {
+      table.add({std::to_string(e["seq"].get<int64_t>()), format_iso8601(e["time"].get<int64_t>()),
+                 e["actor"], e["action"], e["target"], e["hash"].get<std::string>().substr(0, 12)});
     }
-    if (session.json_output()) {
-      session.print_json((*result)["entries"]);
-    } else {
-      Table table({"SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "HASH"});
-      for (const auto& e : (*result)["entries"]) {
-        table.add({std::to_string(e["seq"].get<int64_t>()), format_iso8601(e["time"].get<int64_t>()),
-                   e["actor"], e["action"], e["target"], e["hash"].get<std::string>().substr(0, 12)});
-      }
-      std::cout << table.render();
-    }
+    std::cout << table.render();
     exit_code = kExitOk;
   });
 

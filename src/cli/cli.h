@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <CLI/CLI.hpp>
@@ -34,6 +35,13 @@ class Session {
                                             const std::string& body = {},
                                             const std::string& content_type = "application/json");
   [[nodiscard]] Result<nlohmann::json> upload(const std::string& path, const std::string& file);
+
+  // GET for the read verbs. On error prints it, sets `exit_code` and returns nullopt. With
+  // -o json prints the answer's `json_key` (the whole answer when empty), sets `exit_code`
+  // to 0 and returns nullopt. Otherwise sets `exit_code` to 0 and returns the answer for the
+  // caller to print as text.
+  [[nodiscard]] std::optional<nlohmann::json> fetch(const std::string& path, int& exit_code,
+                                                    const std::string& json_key = {});
 
   // Prints an error to stderr (JSON with -o json) and returns the exit code for it.
   int fail(const Error& error) const;

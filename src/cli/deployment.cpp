@@ -12,24 +12,17 @@ void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_co
   auto* list = deployment->add_subcommand("list", "List deployments");
   list->callback([&options, &exit_code] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/deployments");
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
+    auto result = session.fetch("/api/v1/deployments", exit_code, "deployments");
+    if (!result) return;
+    Table table({"NAME", "REVISION", "MODEL", "UPDATED"});
+    for (const auto& d : (*result)["deployments"]) {
+      std::string model = d["model"].is_object()
+                              ? d["model"].value("name", "") + " " + d["model"].value("version", "")
+                              : "-";
+      table.add({d["name"], std::to_string(d["revision"].get<int64_t>()), model,
+                 ago(d["updated_at"].get<int64_t>(), now_ms())});
     }
-    if (session.json_output()) {
-      session.print_json((*result)["deployments"]);
-    } else {
-      Table table({"NAME", "REVISION", "MODEL", "UPDATED"});
-      for (const auto& d : (*result)["deployments"]) {
-        std::string model = d["model"].is_object()
-                                ? d["model"].value("name", "") + " " + d["model"].value("version", "")
-                                : "-";
-        table.add({d["name"], std::to_string(d["revision"].get<int64_t>()), model,
-                   ago(d["updated_at"].get<int64_t>(), now_ms())});
-      }
-      std::cout << table.render();
-    }
+    std::cout << table.render();
     exit_code = kExitOk;
   });
 
@@ -38,22 +31,15 @@ void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_co
   show->add_option("NAME", *name, "Deployment name")->required();
   show->callback([&options, &exit_code, name] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/deployments/" + url_encode(*name));
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
-    }
-    if (session.json_output()) {
-      session.print_json(*result);
-      exit_code = kExitOk;
-      return;
-    }
+    auto result = session.fetch("/api/v1/deployments/" + url_encode(*name), exit_code);
+    if (!result) return;
     const auto& d = *result;
     std::cout << "Deployment: " << d["name"].get<std::string>() << "\n"
               << "Revision:   " << d["revision"].get<int64_t>() << " (of " << d["revisions"].size()
               << " revisions)\n";
     if (d["model"].is_object()) {
-      std::cout << "Model:      " << d["model"].value("name", "") << " " << d["model"].value("version", "") << "\n";
+      std::cout << "Model:      " << d["model"].value("name", "") << " "
+                << d["model"].value("version", "") << "\n";
     }
     const auto& s = d["summary"];
     std::cout << "Devices:    " << s["scheduled"] << " scheduled, " << s["unschedulable"]

@@ -9,17 +9,22 @@
 namespace outpost::cli {
 
 void add_login_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
-  auto* cmd = app.add_subcommand("login", "Check a server URL and token, and save them as defaults");
-  cmd->footer("Example: outpost login --server http://127.0.0.1:7400 --token $(cat outpost-data/admin.token)");
+  auto* cmd =
+      app.add_subcommand("login", "Check a server URL and token, and save them as defaults");
+  cmd->footer(
+      "Example: outpost login --server http://127.0.0.1:7400 --token $(cat "
+      "outpost-data/admin.token)");
   cmd->callback([&options, &exit_code] {
     Session session(options);
     if (session.server().empty() || session.token().empty()) {
-      exit_code = session.fail(Error{Errc::kInvalidArgument, "login needs --server and --token", {}});
+      exit_code =
+          session.fail(Error{Errc::kInvalidArgument, "login needs --server and --token", {}});
       return;
     }
     auto check = session.call("GET", "/api/v1/deployments");
     if (!check) {
-      exit_code = session.fail(check.error().with_context("checking the token with " + session.server()));
+      exit_code =
+          session.fail(check.error().with_context("checking the token with " + session.server()));
       return;
     }
     std::string path = config_path();

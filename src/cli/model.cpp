@@ -23,12 +23,14 @@ Result<VariantArg> parse_variant(const std::string& text) {
   std::string selector = last == std::string::npos ? "" : text.substr(0, last);
   arg.file = last == std::string::npos ? text : text.substr(last + 1);
   if (arg.file.empty()) {
-    return make_error(Errc::kInvalidArgument, "--variant " + text + ": expected SELECTOR=FILE", "variant");
+    return make_error(Errc::kInvalidArgument, "--variant " + text + ": expected SELECTOR=FILE",
+                      "variant");
   }
   size_t start = 0;
   while (start < selector.size()) {
     size_t comma = selector.find(',', start);
-    std::string pair = selector.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    std::string pair =
+        selector.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     auto eq = pair.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 >= pair.size()) {
       return make_error(Errc::kInvalidArgument,
@@ -38,13 +40,17 @@ Result<VariantArg> parse_variant(const std::string& text) {
     std::string key = pair.substr(0, eq), value = pair.substr(eq + 1);
     if (key == "min_memory") {
       auto bytes = parse_size_bytes(value);
-      if (!bytes) return make_error(Errc::kInvalidArgument, "--variant " + text + ": min_memory: " + bytes.error().message, "variant");
+      if (!bytes)
+        return make_error(Errc::kInvalidArgument,
+                          "--variant " + text + ": min_memory: " + bytes.error().message,
+                          "variant");
       arg.needs["min_memory_mb"] = *bytes / (1024 * 1024);
     } else if (key == "min_memory_mb") {
       try {
         arg.needs["min_memory_mb"] = std::stoll(value);
       } catch (...) {
-        return make_error(Errc::kInvalidArgument, "--variant " + text + ": min_memory_mb must be a number", "variant");
+        return make_error(Errc::kInvalidArgument,
+                          "--variant " + text + ": min_memory_mb must be a number", "variant");
       }
     } else if (key == "precision") {
       arg.needs["precision"] = value;
@@ -71,14 +77,16 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   auto* push = model->add_subcommand("push", "Upload a model version with one or more variants");
   push->add_option("NAME", args->name, "Model name, e.g. defect-net")->required();
   push->add_option("VERSION", args->version, "Semantic version, e.g. 1.4.0")->required();
-  push->add_option("--variant", args->variants,
-                   "SELECTOR=FILE; selector keys match device facts/labels (accelerator, arch, ...); "
-                   "min_memory=2G and precision=fp16 state needs. Repeatable.")
+  push->add_option(
+          "--variant", args->variants,
+          "SELECTOR=FILE; selector keys match device facts/labels (accelerator, arch, ...); "
+          "min_memory=2G and precision=fp16 state needs. Repeatable.")
       ->required();
   push->footer(
       "Examples:\n"
       "  outpost model push defect-net 1.4.0 --variant accelerator=cpu=net.onnx\n"
-      "  outpost model push defect-net 1.4.0 --variant accelerator=gpu,min_memory=2G=net-fp16.onnx \\\n"
+      "  outpost model push defect-net 1.4.0 --variant accelerator=gpu,min_memory=2G=net-fp16.onnx "
+      "\\\n"
       "                                      --variant accelerator=cpu=net-int8.onnx\n"
       "A version is immutable: pushing it again with other files is refused.");
   push->callback([&options, &exit_code, args] {
@@ -101,23 +109,27 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
                           {"format", "onnx"}});
     }
     nlohmann::json body = {{"version", args->version}, {"variants", variants}};
-    auto result = session.call("POST", "/api/v1/models/" + url_encode(args->name) + "/versions", body.dump());
+    auto result =
+        session.call("POST", "/api/v1/models/" + url_encode(args->name) + "/versions", body.dump());
     if (!result) {
-      exit_code = session.fail(result.error().with_context("pushing model " + args->name + " " + args->version));
+      exit_code = session.fail(
+          result.error().with_context("pushing model " + args->name + " " + args->version));
       return;
     }
     if (session.json_output()) {
       session.print_json(*result);
     } else {
       std::cout << "model " << args->name << " " << args->version
-                << ((*result)["created"].get<bool>() ? " pushed" : " unchanged (already pushed with the same content)")
+                << ((*result)["created"].get<bool>()
+                        ? " pushed"
+                        : " unchanged (already pushed with the same content)")
                 << "\n";
       for (const auto& v : (*result)["variants"]) {
         const auto& md = v["metadata"];
-        std::cout << "  variant " << v["selector"].dump() << "  " << v["artifact"].get<std::string>()
-                  << "  onnx opset " << md.value("opset", 0) << ", inputs "
-                  << md.value("inputs", nlohmann::json::array()).size() << ", outputs "
-                  << md.value("outputs", nlohmann::json::array()).size() << "\n";
+        std::cout << "  variant " << v["selector"].dump() << "  "
+                  << v["artifact"].get<std::string>() << "  onnx opset " << md.value("opset", 0)
+                  << ", inputs " << md.value("inputs", nlohmann::json::array()).size()
+                  << ", outputs " << md.value("outputs", nlohmann::json::array()).size() << "\n";
       }
     }
     exit_code = kExitOk;
@@ -128,11 +140,20 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   auto* generate = model->add_subcommand(
       "gen", "Write a tiny ONNX classifier (Gemm-Relu-Gemm-Softmax) with seeded weights");
   generate->add_option("--out", *gen_out, "Output file")->required();
-  generate->add_option("--inputs", gen->inputs, "Input features")->capture_default_str()->check(CLI::Range(1, 100000));
-  generate->add_option("--hidden", gen->hidden, "Hidden units")->capture_default_str()->check(CLI::Range(1, 100000));
-  generate->add_option("--classes", gen->classes, "Output classes")->capture_default_str()->check(CLI::Range(1, 100000));
-  generate->add_option("--seed", gen->seed, "Weight seed: same seed, same model")->capture_default_str();
-  generate->footer("Example: outpost model gen --out m-1.0.0.onnx --seed 1 && outpost model gen --out m-1.1.0.onnx --seed 2");
+  generate->add_option("--inputs", gen->inputs, "Input features")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  generate->add_option("--hidden", gen->hidden, "Hidden units")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  generate->add_option("--classes", gen->classes, "Output classes")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100000));
+  generate->add_option("--seed", gen->seed, "Weight seed: same seed, same model")
+      ->capture_default_str();
+  generate->footer(
+      "Example: outpost model gen --out m-1.0.0.onnx --seed 1 && outpost model gen --out "
+      "m-1.1.0.onnx --seed 2");
   generate->callback([&options, &exit_code, gen, gen_out] {
     Session session(options);
     std::string bytes = onnx::build_classifier_onnx(*gen);
@@ -141,11 +162,16 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
       return;
     }
     if (session.json_output()) {
-      session.print_json({{"file", *gen_out}, {"bytes", bytes.size()}, {"inputs", gen->inputs},
-                          {"hidden", gen->hidden}, {"classes", gen->classes}, {"seed", gen->seed}});
+      session.print_json({{"file", *gen_out},
+                          {"bytes", bytes.size()},
+                          {"inputs", gen->inputs},
+                          {"hidden", gen->hidden},
+                          {"classes", gen->classes},
+                          {"seed", gen->seed}});
     } else {
-      std::cout << "wrote " << *gen_out << " (" << bytes.size() << " bytes): input [batch, " << gen->inputs
-                << "] FLOAT -> probabilities [batch, " << gen->classes << "], seed " << gen->seed << "\n";
+      std::cout << "wrote " << *gen_out << " (" << bytes.size() << " bytes): input [batch, "
+                << gen->inputs << "] FLOAT -> probabilities [batch, " << gen->classes << "], seed "
+                << gen->seed << "\n";
     }
     exit_code = kExitOk;
   });
@@ -153,47 +179,35 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   auto* list = model->add_subcommand("list", "List models and their versions");
   list->callback([&options, &exit_code] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/models");
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
+    auto result = session.fetch("/api/v1/models", exit_code, "models");
+    if (!result) return;
+    Table table({"NAME", "LATEST", "VERSIONS"});
+    for (const auto& m : (*result)["models"]) {
+      std::string versions;
+      for (const auto& v : m["versions"])
+        versions += (versions.empty() ? "" : ", ") + v.get<std::string>();
+      table.add({m["name"], m["latest"], versions});
     }
-    if (session.json_output()) {
-      session.print_json((*result)["models"]);
-    } else {
-      Table table({"NAME", "LATEST", "VERSIONS"});
-      for (const auto& m : (*result)["models"]) {
-        std::string versions;
-        for (const auto& v : m["versions"]) versions += (versions.empty() ? "" : ", ") + v.get<std::string>();
-        table.add({m["name"], m["latest"], versions});
-      }
-      std::cout << table.render();
-    }
+    std::cout << table.render();
     exit_code = kExitOk;
   });
 
   auto name = std::make_shared<std::string>();
-  auto* show = model->add_subcommand("show", "Show a model's versions, variants and their inputs/outputs");
+  auto* show =
+      model->add_subcommand("show", "Show a model's versions, variants and their inputs/outputs");
   show->add_option("NAME", *name, "Model name")->required();
   show->callback([&options, &exit_code, name] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/models/" + url_encode(*name));
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
-    }
-    if (session.json_output()) {
-      session.print_json(*result);
-      exit_code = kExitOk;
-      return;
-    }
+    auto result = session.fetch("/api/v1/models/" + url_encode(*name), exit_code);
+    if (!result) return;
     std::cout << "Model: " << *name << "\n";
     for (const auto& v : (*result)["versions"]) {
       std::cout << "  " << v["version"].get<std::string>() << "\n";
       for (const auto& variant : v["variants"]) {
         const auto& md = variant["metadata"];
-        std::cout << "    variant " << variant["selector"].dump() << " needs " << variant["needs"].dump()
-                  << "\n      artifact " << variant["artifact"].get<std::string>() << "  onnx opset "
+        std::cout << "    variant " << variant["selector"].dump() << " needs "
+                  << variant["needs"].dump() << "\n      artifact "
+                  << variant["artifact"].get<std::string>() << "  onnx opset "
                   << md.value("opset", 0) << "\n";
         for (const char* side : {"inputs", "outputs"}) {
           for (const auto& t : md.value(side, nlohmann::json::array())) {

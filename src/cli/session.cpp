@@ -80,8 +80,9 @@ Result<nlohmann::json> Session::upload(const std::string& path, const std::strin
       auto now = std::chrono::steady_clock::now();
       if (total == 0 || now - last < std::chrono::milliseconds(200)) return;
       last = now;
-      std::fprintf(stderr, "\r  uploading %s: %3d%%", file.c_str(),
-                   static_cast<int>(100.0 * static_cast<double>(sent) / static_cast<double>(total)));
+      std::fprintf(
+          stderr, "\r  uploading %s: %3d%%", file.c_str(),
+          static_cast<int>(100.0 * static_cast<double>(sent) / static_cast<double>(total)));
     };
   }
   auto response = client.request("POST", path, {}, "application/octet-stream", options);
@@ -89,17 +90,32 @@ Result<nlohmann::json> Session::upload(const std::string& path, const std::strin
   return decode(response);
 }
 
+std::optional<nlohmann::json> Session::fetch(const std::string& path, int& exit_code,
+                                             const std::string& json_key) {
+  auto result = call("GET", path);
+  if (!result) {
+    exit_code = fail(result.error());
+    return std::nullopt;
+  }
+  exit_code = kExitOk;
+  if (json_output()) {
+    print_json(json_key.empty() ? *result : (*result)[json_key]);
+    return std::nullopt;
+  }
+  return std::move(*result);
+}
+
 int Session::fail(const Error& error) const {
   if (json_output()) {
-    nlohmann::json doc = {{"error",
-                           {{"code", errc_name(error.code)},
-                            {"message", error.describe()},
-                            {"field", error.field}}}};
+    nlohmann::json doc = {
+        {"error",
+         {{"code", errc_name(error.code)}, {"message", error.describe()}, {"field", error.field}}}};
     std::cerr << doc.dump() << "\n";
   } else {
     std::cerr << "error: " << error.describe() << "\n";
   }
-  if (error.code == Errc::kUnavailable || error.code == Errc::kDeadlineExceeded) return kExitUnreachable;
+  if (error.code == Errc::kUnavailable || error.code == Errc::kDeadlineExceeded)
+    return kExitUnreachable;
   return kExitError;
 }
 
@@ -109,7 +125,8 @@ std::string Table::render() const {
   std::vector<size_t> widths(headers_.size(), 0);
   for (size_t i = 0; i < headers_.size(); ++i) widths[i] = headers_[i].size();
   for (const auto& row : rows_) {
-    for (size_t i = 0; i < row.size() && i < widths.size(); ++i) widths[i] = std::max(widths[i], row[i].size());
+    for (size_t i = 0; i < row.size() && i < widths.size(); ++i)
+      widths[i] = std::max(widths[i], row[i].size());
   }
   auto line = [&](const std::vector<std::string>& cells) {
     std::string out;

@@ -19,7 +19,8 @@ Result<nlohmann::json> labels_json(const std::vector<std::string>& labels) {
   for (const auto& l : labels) {
     auto eq = l.find('=');
     if (eq == std::string::npos || eq == 0) {
-      return make_error(Errc::kInvalidArgument, "--label: expected k=v, got \"" + l + "\"", "label");
+      return make_error(Errc::kInvalidArgument, "--label: expected k=v, got \"" + l + "\"",
+                        "label");
     }
     out[l.substr(0, eq)] = l.substr(eq + 1);
   }
@@ -33,12 +34,14 @@ void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   token->require_subcommand(1);
 
   auto args = std::make_shared<TokenArgs>();
-  auto* create = token->add_subcommand("create", "Mint a token a device uses once to enroll into a site");
+  auto* create =
+      token->add_subcommand("create", "Mint a token a device uses once to enroll into a site");
   create->add_option("--site", args->site, "Site the devices join (e.g. plant-7)")->required();
   create->add_option("--label", args->labels, "Label given to enrolled devices, k=v (repeatable)");
   create->add_option("--uses", args->uses, "How many devices may use it (default: unlimited)");
   create->add_option("--ttl", args->ttl, "How long it stays valid (default 24h)");
-  create->footer("Example: outpost token create --site plant-7 --label line=assembly --uses 10 --ttl 48h");
+  create->footer(
+      "Example: outpost token create --site plant-7 --label line=assembly --uses 10 --ttl 48h");
   create->callback([&options, &exit_code, args] {
     Session session(options);
     auto labels = labels_json(args->labels);
@@ -70,27 +73,23 @@ void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
     exit_code = kExitOk;
   });
 
-  auto* list = token->add_subcommand("list", "List enrollment tokens (secrets are never shown again)");
+  auto* list =
+      token->add_subcommand("list", "List enrollment tokens (secrets are never shown again)");
   list->callback([&options, &exit_code] {
     Session session(options);
-    auto result = session.call("GET", "/api/v1/enrollment-tokens");
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
+    auto result = session.fetch("/api/v1/enrollment-tokens", exit_code, "tokens");
+    if (!result) return;
+    Table table({"ID", "SITE", "LABELS", "USES LEFT", "EXPIRES"});
+    for (const auto& t : (*result)["tokens"]) {
+      std::string labels;
+      for (const auto& [k, v] : t["labels"].items())
+        labels += (labels.empty() ? "" : ",") + k + "=" + v.get<std::string>();
+      table.add(
+          {t["id"], t["site"], labels,
+           t["uses_left"].is_null() ? "unlimited" : std::to_string(t["uses_left"].get<int64_t>()),
+           t["expires_at"].is_null() ? "never" : format_iso8601(t["expires_at"].get<int64_t>())});
     }
-    if (session.json_output()) {
-      session.print_json((*result)["tokens"]);
-    } else {
-      Table table({"ID", "SITE", "LABELS", "USES LEFT", "EXPIRES"});
-      for (const auto& t : (*result)["tokens"]) {
-        std::string labels;
-        for (const auto& [k, v] : t["labels"].items()) labels += (labels.empty() ? "" : ",") + k + "=" + v.get<std::string>();
-        table.add({t["id"], t["site"], labels,
-                   t["uses_left"].is_null() ? "unlimited" : std::to_string(t["uses_left"].get<int64_t>()),
-                   t["expires_at"].is_null() ? "never" : format_iso8601(t["expires_at"].get<int64_t>())});
-      }
-      std::cout << table.render();
-    }
+    std::cout << table.render();
     exit_code = kExitOk;
   });
 }
