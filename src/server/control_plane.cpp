@@ -58,6 +58,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<http::HttpServer> http;
   std::unique_ptr<sync::SyncHub> hub;
   std::unique_ptr<DesiredStateUpdater> desired;
+  std::unique_ptr<DeviceSessions> sessions;
   std::unique_ptr<api::ApiContext> ctx;
   std::string admin_token_path;
   std::atomic<bool> ready{false};
@@ -97,8 +98,9 @@ Status ControlPlane::start() {
   d.http = std::make_unique<http::HttpServer>(http_options, d.router);
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
+  d.sessions = std::make_unique<DeviceSessions>(*d.store, d.options.touch_interval_ms);
   d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
-      *d.store, *d.blobs, *d.hub, *d.desired, *d.auth, d.clock, d.workers,
+      *d.store, *d.blobs, *d.hub, *d.desired, *d.sessions, *d.auth, d.clock, d.workers,
       crypto::base64_encode(key->public_key), d.options.long_poll_ms});
 
   api::register_enrollment_token_routes(d.router, *d.ctx);

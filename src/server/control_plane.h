@@ -17,6 +17,9 @@ struct ControlPlaneOptions {
   int io_threads = 2;
   int worker_threads = 4;
   int64_t long_poll_ms = 55'000;
+  // A device's last_seen is written to the store at most this often (syncs in between cost
+  // no store write).
+  int64_t touch_interval_ms = 15'000;
 };
 
 class ControlPlane {

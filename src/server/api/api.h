@@ -13,6 +13,7 @@
 
 #include "common/clock.h"
 #include "common/error.h"
+#include "server/device_sessions.h"
 #include "server/http/http_server.h"
 #include "store/store.h"
 
@@ -42,6 +43,7 @@ struct ApiContext {
   registry::BlobStore& blobs;
   sync::SyncHub& hub;
   DesiredStateUpdater& desired;
+  DeviceSessions& sessions;
   OperatorAuth& auth;
   const Clock& clock;
   boost::asio::thread_pool& workers;

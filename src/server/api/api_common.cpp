@@ -1,7 +1,7 @@
 #include <unistd.h>
 
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include "common/crypto.h"
 #include "common/digest.h"
@@ -58,8 +58,8 @@ Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req, 
   auto record = ctx.auth.authenticate(*token);
   if (!record) return make_error(record.error());
   if (role_rank(record->role) < static_cast<int>(needed)) {
-    return make_error(Errc::kPermissionDenied,
-                      "token " + record->id + " has role " + record->role + ", which may not do this");
+    return make_error(Errc::kPermissionDenied, "token " + record->id + " has role " + record->role +
+                                                   ", which may not do this");
   }
   Caller caller;
   caller.kind = Caller::Kind::kOperator;
@@ -75,12 +75,7 @@ Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req) {
     return make_error(Errc::kUnauthenticated, "missing device credential (Bearer <id>.<secret>)");
   }
   std::string id = token->substr(0, dot);
-  auto device = ctx.store.get_device(id);
-  if (!device) return make_error(device.error());
-  if (!*device || !crypto::constant_time_equal((*device)->credential_hash,
-                                               sha256_hex(token->substr(dot + 1)))) {
-    return make_error(Errc::kUnauthenticated, "device credential is not valid");
-  }
+  OUTPOST_TRY(ctx.sessions.verify(id, token->substr(dot + 1)));
   Caller caller;
   caller.kind = Caller::Kind::kDevice;
   caller.name = "device:" + id;
@@ -90,8 +85,10 @@ Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req) {
 
 void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
            const std::string& target, const nlohmann::json& details) {
-  auto entry = ctx.store.append_audit(caller.name, action, target, details.dump(), ctx.clock.now_ms());
-  if (!entry) spdlog::error("audit append failed for {} {}: {}", action, target, entry.error().message);
+  auto entry =
+      ctx.store.append_audit(caller.name, action, target, details.dump(), ctx.clock.now_ms());
+  if (!entry)
+    spdlog::error("audit append failed for {} {}: {}", action, target, entry.error().message);
 }
 
 void add_operator_route(http::Router& router, ApiContext& ctx, std::string method,
@@ -133,7 +130,8 @@ Result<nlohmann::json> parse_json_body(const std::string& body) {
     if (body.empty()) return nlohmann::json::object();
     return nlohmann::json::parse(body);
   } catch (const nlohmann::json::parse_error& e) {
-    return make_error(Errc::kInvalidArgument, std::string("request body is not valid JSON: ") + e.what());
+    return make_error(Errc::kInvalidArgument,
+                      std::string("request body is not valid JSON: ") + e.what());
   }
 }
 

@@ -1,6 +1,6 @@
 // The device side of the API: enroll, long-poll the desired state, report status.
-#include <boost/asio/post.hpp>
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include "common/crypto.h"
 #include "common/digest.h"
@@ -88,40 +88,43 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
     int64_t wait_ms = ctx.long_poll_ms;
     try {
       if (auto g = req.query_param("generation")) known = std::stoll(*g);
-      if (auto w = req.query_param("wait")) wait_ms = std::min<int64_t>(std::stoll(*w) * 1000, wait_ms);
+      if (auto w = req.query_param("wait"))
+        wait_ms = std::min<int64_t>(std::stoll(*w) * 1000, wait_ms);
     } catch (...) {
       return respond(http::Response::error(
           Error{Errc::kInvalidArgument, "generation and wait must be integers", "generation"}));
     }
-    auto touched = ctx.store.touch_device(caller->device_id, ctx.clock.now_ms());
+    auto touched = ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
     if (!touched) spdlog::warn("touch {}: {}", caller->device_id, touched.error().message);
     if (!ctx.hub.current(caller->device_id)) {
       auto loaded = ctx.desired.signed_desired(caller->device_id);
       if (!loaded) return respond(http::Response::error(loaded.error()));
       ctx.hub.publish(caller->device_id, *loaded);
     }
-    ctx.hub.wait(caller->device_id, known, wait_ms,
-                 [respond](std::optional<sync::SignedDesired> desired) {
-                   if (!desired) {
-                     http::Response resp;
-                     resp.status = 304;
-                     resp.content_type = "application/json";
-                     return respond(std::move(resp));
-                   }
-                   http::Response resp = http::Response::json(200, *desired->body);
-                   resp.headers.emplace_back("X-Outpost-Generation",
-                                             std::to_string(desired->generation));
-                   resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
-                   respond(std::move(resp));
-                 });
+    ctx.hub.wait(
+        caller->device_id, known, wait_ms, [respond](std::optional<sync::SignedDesired> desired) {
+          if (!desired) {
+            http::Response resp;
+            resp.status = 304;
+            resp.content_type = "application/json";
+            return respond(std::move(resp));
+          }
+          http::Response resp = http::Response::json(200, *desired->body);
+          resp.headers.emplace_back("X-Outpost-Generation", std::to_string(desired->generation));
+          resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
+          respond(std::move(resp));
+        });
   });
 }
 
-Result<http::Response> post_status(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+Result<http::Response> post_status(ApiContext& ctx, const http::Request& req,
+                                   const Caller& caller) {
   auto doc = parse_json_body(req.body);
   if (!doc) return make_error(doc.error());
   if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "status: expected an object");
   (*doc)["received_at"] = ctx.clock.now_ms();
+  auto touched = ctx.sessions.seen(caller.device_id, ctx.clock.now_ms());
+  if (!touched) spdlog::warn("touch {}: {}", caller.device_id, touched.error().message);
   OUTPOST_TRY(ctx.store.record_device_status(caller.device_id, doc->dump(), ctx.clock.now_ms()));
   return json_response(200, {{"ok", true}});
 }
