@@ -3,9 +3,9 @@
 #include <csignal>
 #include <cstdio>
 
+#include <spdlog/spdlog.h>
 #include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <spdlog/spdlog.h>
 
 #include "common/crypto.h"
 #include "common/durable_file.h"
@@ -77,8 +77,8 @@ Status ControlPlane::start() {
   auto& d = *impl_;
   crypto::init();
   OUTPOST_TRY(make_dirs(d.options.data_dir, 0750));
-  std::string db_url = d.options.db_url.empty() ? "sqlite:" + d.options.data_dir + "/outpost.db"
-                                                : d.options.db_url;
+  std::string db_url =
+      d.options.db_url.empty() ? "sqlite:" + d.options.data_dir + "/outpost.db" : d.options.db_url;
   auto store = store::open_store(db_url);
   if (!store) return make_error(store.error().with_context("opening the store " + db_url));
   d.store = std::move(*store);
@@ -99,9 +99,9 @@ Status ControlPlane::start() {
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
   d.sessions = std::make_unique<DeviceSessions>(*d.store, d.options.touch_interval_ms);
-  d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
-      *d.store, *d.blobs, *d.hub, *d.desired, *d.sessions, *d.auth, d.clock, d.workers,
-      crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+  d.ctx = std::make_unique<api::ApiContext>(
+      api::ApiContext{*d.store, *d.blobs, *d.hub, *d.desired, *d.sessions, *d.auth, d.clock,
+                      d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
 
   api::register_enrollment_token_routes(d.router, *d.ctx);
   api::register_device_routes(d.router, *d.ctx);
@@ -119,6 +119,18 @@ Status ControlPlane::start() {
     text += "# HELP outpost_sync_waiting Device long-polls currently held.\n";
     text += "# TYPE outpost_sync_waiting gauge\n";
     text += "outpost_sync_waiting " + std::to_string(d.hub->waiting()) + "\n";
+    auto counts = d.hub->counts();
+    text += "# HELP outpost_sync_answers_total Device long-polls answered, by how.\n";
+    text += "# TYPE outpost_sync_answers_total counter\n";
+    text += "outpost_sync_answers_total{how=\"at_once\"} " + std::to_string(counts.at_once) + "\n";
+    text += "outpost_sync_answers_total{how=\"woken\"} " + std::to_string(counts.woken) + "\n";
+    text +=
+        "outpost_sync_answers_total{how=\"timed_out\"} " + std::to_string(counts.timed_out) + "\n";
+    text +=
+        "# HELP outpost_last_seen_writes_skipped_total Device syncs that needed no store write.\n";
+    text += "# TYPE outpost_last_seen_writes_skipped_total counter\n";
+    text += "outpost_last_seen_writes_skipped_total " +
+            std::to_string(d.sessions->touches_skipped()) + "\n";
     respond(http::Response::text(200, text, "text/plain; version=0.0.4"));
   });
 

@@ -11,6 +11,7 @@
 
 #include "common/crypto.h"
 #include "common/digest.h"
+#include "common/http_client.h"
 #include "common/onnx/onnx_builder.h"
 #include "harness.h"
 
@@ -75,7 +76,8 @@ TEST_F(ControlPlaneE2E, FirstStartCreatesDataDirAndHealthz) {
   struct stat st {};
   ASSERT_EQ(::stat((data + "/admin.token").c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0600);
-  EXPECT_NE(server_->log().find("admin.token"), std::string::npos) << "server must say where the token is";
+  EXPECT_NE(server_->log().find("admin.token"), std::string::npos)
+      << "server must say where the token is";
 }
 
 TEST_F(ControlPlaneE2E, OperatorCallsNeedTheToken) {
@@ -195,14 +197,16 @@ TEST_F(ControlPlaneE2E, ModelPushValidatesAndIsImmutable) {
                             "accelerator=cpu=" + cpu, "-o", "json"});
   ASSERT_EQ(same.exit_code, 0) << same.err;
   EXPECT_FALSE(same.json()["created"].get<bool>());
-  auto changed = server_->cli({"model", "push", "defect-net", "1.0.0", "--variant",
-                               "accelerator=cpu=" + gpu});
+  auto changed =
+      server_->cli({"model", "push", "defect-net", "1.0.0", "--variant", "accelerator=cpu=" + gpu});
   EXPECT_NE(changed.exit_code, 0);
-  EXPECT_NE(changed.err.find("already exists with different content"), std::string::npos) << changed.err;
+  EXPECT_NE(changed.err.find("already exists with different content"), std::string::npos)
+      << changed.err;
 
   // Not a model: refused with a clear message.
   std::string text = write("notes.onnx", "this is not a model\n");
-  auto refused = server_->cli({"model", "push", "notes", "1.0.0", "--variant", "accelerator=cpu=" + text});
+  auto refused =
+      server_->cli({"model", "push", "notes", "1.0.0", "--variant", "accelerator=cpu=" + text});
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.err.find("not a usable ONNX model"), std::string::npos) << refused.err;
   auto bad_version = server_->cli({"model", "push", "defect-net", "one", "--variant", cpu});
@@ -239,7 +243,8 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   missing.replace(missing.find("1.0.0"), 5, "9.9.9");
   auto unknown_version = server_->cli({"apply", "-f", write("missing.yaml", missing)});
   EXPECT_NE(unknown_version.exit_code, 0);
-  EXPECT_NE(unknown_version.err.find("spec.model.version"), std::string::npos) << unknown_version.err;
+  EXPECT_NE(unknown_version.err.find("spec.model.version"), std::string::npos)
+      << unknown_version.err;
 
   // The device's first poll answers at once with generation 0 (nothing to run yet).
   auto first = device.desired(server_->url(), -1, 5);
@@ -247,7 +252,8 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   int64_t known = std::stoll(first.headers["x-outpost-generation"]);
 
   // Park a long-poll, then apply: the poll must return with the new state.
-  auto poll = std::async(std::launch::async, [&] { return device.desired(server_->url(), known, 30); });
+  auto poll =
+      std::async(std::launch::async, [&] { return device.desired(server_->url(), known, 30); });
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   auto start = std::chrono::steady_clock::now();
   auto applied = server_->cli({"apply", "-f", write("m.yaml", kManifest), "-o", "json"});
@@ -269,6 +275,14 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   ASSERT_TRUE(sig && pub);
   EXPECT_TRUE(crypto::ed25519_verify(woke.body, *sig, *pub));
   EXPECT_FALSE(crypto::ed25519_verify(woke.body + " ", *sig, *pub));
+  // /metrics counts the poll answered at once and the one a publish woke.
+  auto metrics = HttpClient(server_->url(), "").request("GET", "/metrics");
+  ASSERT_TRUE(metrics.has_value());
+  EXPECT_NE(metrics->body.find("outpost_sync_answers_total{how=\"woken\"} 1\n"), std::string::npos)
+      << metrics->body;
+  EXPECT_NE(metrics->body.find("outpost_sync_answers_total{how=\"at_once\"} 1\n"),
+            std::string::npos)
+      << metrics->body;
 
   // Changed manifest: revision 2. Same again: still 2.
   std::string v2 = kManifest;
@@ -313,12 +327,14 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   std::vector<std::string> actions;
   for (const auto& e : entries) {
     actions.push_back(e["action"]);
-    EXPECT_TRUE(e.contains("actor") && e.contains("target") && e.contains("time") && e.contains("hash"));
+    EXPECT_TRUE(e.contains("actor") && e.contains("target") && e.contains("time") &&
+                e.contains("hash"));
   }
   EXPECT_EQ(std::count(actions.begin(), actions.end(), "deployment.apply"), 2);
   EXPECT_EQ(std::count(actions.begin(), actions.end(), "model.push"), 2);
   EXPECT_EQ(std::count(actions.begin(), actions.end(), "device.enroll"), 1);
-  for (size_t i = 1; i < entries.size(); ++i) EXPECT_EQ(entries[i]["prev_hash"], entries[i - 1]["hash"]);
+  for (size_t i = 1; i < entries.size(); ++i)
+    EXPECT_EQ(entries[i]["prev_hash"], entries[i - 1]["hash"]);
   auto verify = server_->cli({"audit", "verify"});
   EXPECT_EQ(verify.exit_code, 0) << verify.out << verify.err;
 
@@ -331,9 +347,10 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
 }
 
 TEST_F(ControlPlaneE2E, VariantsPerHardwareAndUnschedulable) {
-  auto pushed = server_->cli({"model", "push", "defect-net", "1.0.0", "--variant",
-                              "accelerator=gpu=" + model_file("gpu.onnx", 3), "--variant",
-                              "accelerator=cpu,min_memory=1G=" + model_file("cpu.onnx", 4), "-o", "json"});
+  auto pushed =
+      server_->cli({"model", "push", "defect-net", "1.0.0", "--variant",
+                    "accelerator=gpu=" + model_file("gpu.onnx", 3), "--variant",
+                    "accelerator=cpu,min_memory=1G=" + model_file("cpu.onnx", 4), "-o", "json"});
   ASSERT_EQ(pushed.exit_code, 0) << pushed.err;
   std::string gpu_digest = pushed.json()["variants"][0]["artifact"];
   std::string cpu_digest = pushed.json()["variants"][1]["artifact"];

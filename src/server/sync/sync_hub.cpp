@@ -35,6 +35,7 @@ void SyncHub::publish(const std::string& device_id, SignedDesired desired) {
   for (auto& waiter : wake) {
     if (waiter->answered.exchange(true)) continue;
     waiter->timer.cancel();
+    woken_.fetch_add(1, std::memory_order_relaxed);
     waiter->callback(desired);
   }
 }
@@ -73,7 +74,10 @@ void SyncHub::wait(const std::string& device_id, int64_t known, int64_t wait_ms,
       ++waiting_;
     }
   }
-  if (!waiter) callback(ready);
+  if (!waiter) {
+    (ready ? at_once_ : timed_out_).fetch_add(1, std::memory_order_relaxed);
+    callback(ready);
+  }
 }
 
 void SyncHub::expire(const std::string& device_id, uint64_t waiter_id) {
@@ -88,7 +92,10 @@ void SyncHub::expire(const std::string& device_id, uint64_t waiter_id) {
     it->second.waiters.erase(w);
     --waiting_;
   }
-  if (!waiter->answered.exchange(true)) waiter->callback(std::nullopt);
+  if (!waiter->answered.exchange(true)) {
+    timed_out_.fetch_add(1, std::memory_order_relaxed);
+    waiter->callback(std::nullopt);
+  }
 }
 
 void SyncHub::shutdown() {
@@ -105,6 +112,7 @@ void SyncHub::shutdown() {
   for (auto& waiter : all) {
     if (waiter->answered.exchange(true)) continue;
     waiter->timer.cancel();
+    timed_out_.fetch_add(1, std::memory_order_relaxed);
     waiter->callback(std::nullopt);
   }
 }
@@ -112,6 +120,11 @@ void SyncHub::shutdown() {
 size_t SyncHub::waiting() const {
   std::lock_guard lock(mu_);
   return waiting_;
+}
+
+SyncHub::Counts SyncHub::counts() const {
+  return {at_once_.load(std::memory_order_relaxed), woken_.load(std::memory_order_relaxed),
+          timed_out_.load(std::memory_order_relaxed)};
 }
 
 }  // namespace outpost::server::sync

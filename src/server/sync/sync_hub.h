@@ -3,6 +3,7 @@
 // entry, not a thread; publishing a new generation wakes exactly the waiters behind it.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -45,6 +46,14 @@ class SyncHub {
 
   size_t waiting() const;
 
+  // Answers given since start, by kind (for /metrics).
+  struct Counts {
+    int64_t at_once = 0;    // newer state already there
+    int64_t woken = 0;      // parked, then a publish answered it
+    int64_t timed_out = 0;  // parked until wait_ms passed (or shutdown)
+  };
+  Counts counts() const;
+
  private:
   struct Waiter;
   struct DeviceSlot {
@@ -56,9 +65,10 @@ class SyncHub {
   boost::asio::io_context& io_;
   mutable std::mutex mu_;
   std::unordered_map<std::string, DeviceSlot> slots_;  // GUARDED_BY(mu_)
-  uint64_t next_waiter_id_ = 1;                          // GUARDED_BY(mu_)
-  size_t waiting_ = 0;                                   // GUARDED_BY(mu_)
-  bool shut_down_ = false;                               // GUARDED_BY(mu_)
+  uint64_t next_waiter_id_ = 1;                        // GUARDED_BY(mu_)
+  size_t waiting_ = 0;                                 // GUARDED_BY(mu_)
+  bool shut_down_ = false;                             // GUARDED_BY(mu_)
+  std::atomic<int64_t> at_once_{0}, woken_{0}, timed_out_{0};
 };
 
 }  // namespace outpost::server::sync
