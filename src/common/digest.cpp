@@ -25,9 +25,7 @@ Sha256& Sha256::operator=(Sha256&&) noexcept = default;
 
 void Sha256::update(std::string_view bytes) { update(bytes.data(), bytes.size()); }
 
-void Sha256::update(const void* data, size_t size) {
-  EVP_DigestUpdate(impl_->ctx, data, size);
-}
+void Sha256::update(const void* data, size_t size) { EVP_DigestUpdate(impl_->ctx, data, size); }
 
 std::string Sha256::finish_hex() {
   unsigned char out[EVP_MAX_MD_SIZE];

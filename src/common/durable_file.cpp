@@ -13,8 +13,10 @@ namespace outpost {
 namespace {
 
 Error io_error(const std::string& what, const std::string& path, int err) {
-  return Error{err == ENOENT ? Errc::kNotFound : (err == ENOSPC ? Errc::kResourceExhausted : Errc::kIo),
-               what + " " + path + ": " + std::strerror(err), {}};
+  return Error{
+      err == ENOENT ? Errc::kNotFound : (err == ENOSPC ? Errc::kResourceExhausted : Errc::kIo),
+      what + " " + path + ": " + std::strerror(err),
+      {}};
 }
 
 std::string parent_dir(const std::string& path) {

@@ -11,7 +11,7 @@ namespace outpost {
 
 // Atomically replaces `path` with `contents` (mode applied before the rename).
 [[nodiscard]] Status write_file_durably(const std::string& path, std::string_view contents,
-                                       unsigned mode = 0644);
+                                        unsigned mode = 0644);
 
 // Renames a fully written (and already fsynced) file into place and fsyncs the target dir.
 [[nodiscard]] Status rename_durably(const std::string& from, const std::string& to);

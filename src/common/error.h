@@ -12,20 +12,20 @@
 namespace outpost {
 
 enum class Errc {
-  kInvalidArgument,     // bad input from the caller (400)
-  kUnauthenticated,     // missing or wrong credential (401)
-  kPermissionDenied,    // credential fine, action not allowed (403)
-  kNotFound,            // (404)
-  kAlreadyExists,       // (409)
-  kConflict,            // state does not allow it, e.g. immutable version changed (409)
-  kFailedPrecondition,  // e.g. token used up or expired (412 mapped to 403 for tokens)
-  kPayloadTooLarge,     // (413)
-  kRangeNotSatisfiable, // (416)
-  kResourceExhausted,   // disk full, quota (507)
-  kUnavailable,         // network down, server stopping (503)
-  kDeadlineExceeded,    // (504)
-  kIo,                  // local file system error (500)
-  kInternal,            // a bug or a broken invariant we could not assert (500)
+  kInvalidArgument,      // bad input from the caller (400)
+  kUnauthenticated,      // missing or wrong credential (401)
+  kPermissionDenied,     // credential fine, action not allowed (403)
+  kNotFound,             // (404)
+  kAlreadyExists,        // (409)
+  kConflict,             // state does not allow it, e.g. immutable version changed (409)
+  kFailedPrecondition,   // e.g. token used up or expired (412 mapped to 403 for tokens)
+  kPayloadTooLarge,      // (413)
+  kRangeNotSatisfiable,  // (416)
+  kResourceExhausted,    // disk full, quota (507)
+  kUnavailable,          // network down, server stopping (503)
+  kDeadlineExceeded,     // (504)
+  kIo,                   // local file system error (500)
+  kInternal,             // a bug or a broken invariant we could not assert (500)
 };
 
 // Stable snake_case name used on the wire ("invalid_argument").
@@ -67,8 +67,9 @@ using Status = tl::expected<void, Error>;
 }  // namespace outpost
 
 // Propagates an error from an expression returning Result/Status; evaluates to nothing.
-#define OUTPOST_TRY(expr)                                                  \
-  do {                                                                     \
-    auto outpost_try_result_ = (expr);                                     \
-    if (!outpost_try_result_) return ::outpost::make_error(std::move(outpost_try_result_).error()); \
+#define OUTPOST_TRY(expr)                                                   \
+  do {                                                                      \
+    auto outpost_try_result_ = (expr);                                      \
+    if (!outpost_try_result_)                                               \
+      return ::outpost::make_error(std::move(outpost_try_result_).error()); \
   } while (0)

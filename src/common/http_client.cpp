@@ -79,10 +79,13 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   if (method == "HEAD") curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
 
   curl_slist* headers = nullptr;
-  if (!token_.empty()) headers = curl_slist_append(headers, ("Authorization: Bearer " + token_).c_str());
-  if (!content_type.empty()) headers = curl_slist_append(headers, ("Content-Type: " + content_type).c_str());
+  if (!token_.empty())
+    headers = curl_slist_append(headers, ("Authorization: Bearer " + token_).c_str());
+  if (!content_type.empty())
+    headers = curl_slist_append(headers, ("Content-Type: " + content_type).c_str());
   headers = curl_slist_append(headers, "Expect:");  // no 1 s wait for 100-continue
-  for (const auto& [k, v] : options.headers) headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  for (const auto& [k, v] : options.headers)
+    headers = curl_slist_append(headers, (k + ": " + v).c_str());
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
 
   FILE* upload = nullptr;
@@ -133,8 +136,10 @@ Error error_from_response(const HttpResponse& response) {
   auto doc = nlohmann::json::parse(response.body, nullptr, false);
   if (!doc.is_discarded() && doc.is_object() && doc.contains("error") && doc["error"].is_object()) {
     const auto& e = doc["error"];
-    if (e.contains("code") && e["code"].is_string()) error.code = errc_from_name(e["code"].get<std::string>());
-    if (e.contains("message") && e["message"].is_string()) error.message = e["message"].get<std::string>();
+    if (e.contains("code") && e["code"].is_string())
+      error.code = errc_from_name(e["code"].get<std::string>());
+    if (e.contains("message") && e["message"].is_string())
+      error.message = e["message"].get<std::string>();
     if (e.contains("field") && e["field"].is_string()) error.field = e["field"].get<std::string>();
   }
   return error;

@@ -4,15 +4,22 @@ namespace outpost::json_fields {
 
 std::string type_name(const nlohmann::json& value) {
   switch (value.type()) {
-    case nlohmann::json::value_t::null: return "null";
-    case nlohmann::json::value_t::object: return "an object";
-    case nlohmann::json::value_t::array: return "a list";
-    case nlohmann::json::value_t::string: return "a string";
-    case nlohmann::json::value_t::boolean: return "a boolean";
+    case nlohmann::json::value_t::null:
+      return "null";
+    case nlohmann::json::value_t::object:
+      return "an object";
+    case nlohmann::json::value_t::array:
+      return "a list";
+    case nlohmann::json::value_t::string:
+      return "a string";
+    case nlohmann::json::value_t::boolean:
+      return "a boolean";
     case nlohmann::json::value_t::number_integer:
     case nlohmann::json::value_t::number_unsigned:
-    case nlohmann::json::value_t::number_float: return "a number";
-    default: return "an unsupported value";
+    case nlohmann::json::value_t::number_float:
+      return "a number";
+    default:
+      return "an unsupported value";
   }
 }
 
@@ -25,7 +32,8 @@ const nlohmann::json* find(const nlohmann::json& obj, const std::string& key) {
 }
 }  // namespace
 
-Result<std::optional<std::string>> optional_string(const nlohmann::json& obj, const std::string& key,
+Result<std::optional<std::string>> optional_string(const nlohmann::json& obj,
+                                                   const std::string& key,
                                                    const std::string& path) {
   const auto* value = find(obj, key);
   if (!value) return std::optional<std::string>();
@@ -70,7 +78,8 @@ Result<std::map<std::string, std::string>> string_map(const nlohmann::json& obj,
   for (const auto& [k, v] : value->items()) {
     if (!v.is_string()) {
       return make_error(Errc::kInvalidArgument,
-                        path + "." + k + ": expected a string, got " + type_name(v), path + "." + k);
+                        path + "." + k + ": expected a string, got " + type_name(v),
+                        path + "." + k);
     }
     out[k] = v.get<std::string>();
   }

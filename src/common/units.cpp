@@ -27,7 +27,8 @@ bool is_alpha(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
 
 Result<int64_t> parse_duration_ms(std::string_view text) {
   auto fail = [&](std::string_view why = {}) {
-    std::string message = "expected a duration like 10m or 1h30m, got \"" + std::string(text) + "\"";
+    std::string message =
+        "expected a duration like 10m or 1h30m, got \"" + std::string(text) + "\"";
     if (!why.empty()) message += " (" + std::string(why) + ")";
     return make_error(Errc::kInvalidArgument, std::move(message));
   };

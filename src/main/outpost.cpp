@@ -2,14 +2,15 @@
 #include <cstdlib>
 #include <iostream>
 
-#include <CLI/CLI.hpp>
 #include <spdlog/spdlog.h>
+#include <CLI/CLI.hpp>
 
 #include "cli/cli.h"
 #include "server/control_plane.h"
 
 int main(int argc, char** argv) {
-  CLI::App app{"Outpost: deploy, serve, watch and roll back AI models across edge fleets.", "outpost"};
+  CLI::App app{"Outpost: deploy, serve, watch and roll back AI models across edge fleets.",
+               "outpost"};
   app.require_subcommand(1);
   // Global options (-o, --server, --token) may also follow the verb: `outpost device list -o json`.
   app.fallthrough();
@@ -20,7 +21,8 @@ int main(int argc, char** argv) {
       "  export OUTPOST_TOKEN=$(cat outpost-data/admin.token)\n"
       "  outpost model push defect-net 1.0.0 --variant accelerator=cpu=model.onnx\n"
       "  outpost apply -f examples/defect-detector.yaml\n"
-      "Server and token come from --server/--token, OUTPOST_SERVER/OUTPOST_TOKEN, or 'outpost login'.");
+      "Server and token come from --server/--token, OUTPOST_SERVER/OUTPOST_TOKEN, or 'outpost "
+      "login'.");
 
   outpost::cli::GlobalOptions globals;
   app.add_option("--server", globals.server, "Control plane URL (default http://127.0.0.1:7400)")
@@ -35,14 +37,19 @@ int main(int argc, char** argv) {
   auto* server = app.add_subcommand("server", "Run the control plane");
   server->add_option("--listen", server_options.listen, "Address to listen on (host:port)")
       ->capture_default_str();
-  server->add_option("--data", server_options.data_dir,
-                     "Data directory: database, blobs, admin.token, signing key")
+  server
+      ->add_option("--data", server_options.data_dir,
+                   "Data directory: database, blobs, admin.token, signing key")
       ->capture_default_str();
   server->add_option("--db", server_options.db_url, "Store URL (default sqlite:DATA/outpost.db)");
-  server->add_option("--io-threads", server_options.io_threads, "HTTP I/O threads")->capture_default_str();
-  server->add_option("--workers", server_options.worker_threads, "Worker threads for store and disk work")
+  server->add_option("--io-threads", server_options.io_threads, "HTTP I/O threads")
       ->capture_default_str();
-  server->add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
+  server
+      ->add_option("--workers", server_options.worker_threads,
+                   "Worker threads for store and disk work")
+      ->capture_default_str();
+  server->add_option("--log-level", log_level, "trace|debug|info|warn|error")
+      ->capture_default_str();
   server->callback([&] {
     spdlog::set_level(spdlog::level::from_str(log_level));
     exit_code = outpost::server::run_server(server_options);

@@ -4,7 +4,10 @@
 #include <cstdio>
 
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include "common/crypto.h"
@@ -59,6 +62,22 @@ struct ControlPlane::Impl {
   std::unique_ptr<sync::SyncHub> hub;
   std::unique_ptr<DesiredStateUpdater> desired;
   std::unique_ptr<DeviceSessions> sessions;
+  // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
+  std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
+  std::unique_ptr<boost::asio::steady_timer> flush_timer;
+
+  void schedule_flush() {
+    flush_timer->expires_after(std::chrono::milliseconds(options.last_seen_flush_ms));
+    flush_timer->async_wait([this](const boost::system::error_code& ec) {
+      if (ec || stopped) return;
+      flush_last_seen();
+      schedule_flush();
+    });
+  }
+  void flush_last_seen() {
+    auto written = sessions->flush();
+    if (!written) spdlog::warn("{}", written.error().message);
+  }
   std::unique_ptr<api::ApiContext> ctx;
   std::string admin_token_path;
   std::atomic<bool> ready{false};
@@ -98,7 +117,7 @@ Status ControlPlane::start() {
   d.http = std::make_unique<http::HttpServer>(http_options, d.router);
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
-  d.sessions = std::make_unique<DeviceSessions>(*d.store, d.options.touch_interval_ms);
+  d.sessions = std::make_unique<DeviceSessions>(*d.store);
   d.ctx = std::make_unique<api::ApiContext>(
       api::ApiContext{*d.store, *d.blobs, *d.hub, *d.desired, *d.sessions, *d.auth, d.clock,
                       d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
@@ -129,8 +148,8 @@ Status ControlPlane::start() {
     text +=
         "# HELP outpost_last_seen_writes_skipped_total Device syncs that needed no store write.\n";
     text += "# TYPE outpost_last_seen_writes_skipped_total counter\n";
-    text += "outpost_last_seen_writes_skipped_total " +
-            std::to_string(d.sessions->touches_skipped()) + "\n";
+    text += "outpost_last_seen_writes_skipped_total " + std::to_string(d.sessions->writes_saved()) +
+            "\n";
     respond(http::Response::text(200, text, "text/plain; version=0.0.4"));
   });
 
@@ -139,6 +158,10 @@ Status ControlPlane::start() {
   auto summary = d.desired->reconcile_all();
   if (!summary) return make_error(summary.error().with_context("scheduling devices at start"));
   OUTPOST_TRY(d.http->start());
+  d.flush_strand = std::make_unique<boost::asio::strand<boost::asio::thread_pool::executor_type>>(
+      d.workers.get_executor());
+  d.flush_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
+  d.schedule_flush();
   d.ready = true;
   return ok();
 }
@@ -148,7 +171,9 @@ void ControlPlane::stop() {
   if (d.stopped.exchange(true)) return;
   d.ready = false;
   if (d.hub) d.hub->shutdown();  // held long-polls get 304 and come back to the next server
+  if (d.flush_timer) boost::asio::post(*d.flush_strand, [&d] { d.flush_timer->cancel(); });
   d.workers.join();
+  if (d.sessions) d.flush_last_seen();
   if (d.http) d.http->stop();
 }
 

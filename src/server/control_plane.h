@@ -13,13 +13,13 @@ namespace outpost::server {
 struct ControlPlaneOptions {
   std::string listen = "127.0.0.1:7400";
   std::string data_dir = "./outpost-data";
-  std::string db_url;           // default: sqlite:DATA/outpost.db
+  std::string db_url;  // default: sqlite:DATA/outpost.db
   int io_threads = 2;
   int worker_threads = 4;
   int64_t long_poll_ms = 55'000;
-  // A device's last_seen is written to the store at most this often (syncs in between cost
-  // no store write).
-  int64_t touch_interval_ms = 15'000;
+  // Devices' last_seen times are written to the store in one batch this often (a sync itself
+  // costs no store write); `device list` may lag by this much.
+  int64_t last_seen_flush_ms = 2'000;
 };
 
 class ControlPlane {

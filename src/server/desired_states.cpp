@@ -2,8 +2,8 @@
 
 #include <map>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "common/crypto.h"
 #include "server/deployments/manifest.h"
@@ -15,16 +15,20 @@ DesiredStateUpdater::DesiredStateUpdater(store::Store& store, sync::SyncHub& hub
                                          std::string signing_secret_key)
     : store_(store), hub_(hub), signing_secret_key_(std::move(signing_secret_key)) {}
 
-std::string DesiredStateUpdater::document_body(int64_t generation, const std::string& desired_json) {
+std::string DesiredStateUpdater::document_body(int64_t generation,
+                                               const std::string& desired_json) {
   // The generation is part of the signed bytes, so a replayed old document cannot pass for a
   // newer one. desired_json is an object ("{...}").
   std::string body = "{\"generation\":" + std::to_string(generation);
-  if (desired_json.size() > 2) body += "," + desired_json.substr(1);
-  else body += "}";
+  if (desired_json.size() > 2)
+    body += "," + desired_json.substr(1);
+  else
+    body += "}";
   return body;
 }
 
-sync::SignedDesired DesiredStateUpdater::sign(int64_t generation, const std::string& desired_json) const {
+sync::SignedDesired DesiredStateUpdater::sign(int64_t generation,
+                                              const std::string& desired_json) const {
   sync::SignedDesired out;
   out.generation = generation;
   auto body = std::make_shared<std::string>(document_body(generation, desired_json));
@@ -47,7 +51,8 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_all() {
   return reconcile(*devices);
 }
 
-Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_device(const std::string& device_id) {
+Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_device(
+    const std::string& device_id) {
   auto device = store_.get_device(device_id);
   if (!device) return make_error(device.error());
   if (!*device) return make_error(Errc::kNotFound, "device " + device_id + " does not exist");
@@ -77,8 +82,9 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
   }
   // One lookup per model version for the whole pass, not one per device.
   std::map<std::pair<std::string, std::string>, std::optional<store::ModelVersion>> cache;
-  scheduler::ModelLookup lookup = [&](const std::string& model, const std::string& version)
-      -> Result<std::optional<store::ModelVersion>> {
+  scheduler::ModelLookup lookup =
+      [&](const std::string& model,
+          const std::string& version) -> Result<std::optional<store::ModelVersion>> {
     auto key = std::make_pair(model, version);
     if (auto it = cache.find(key); it != cache.end()) return it->second;
     auto found = store_.get_model_version(model, version);
@@ -100,8 +106,8 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
         spdlog::info("device {} cannot run {}: {}", device.id, name, entry.value("reason", ""));
       }
     }
-    auto generation = store_.update_desired_state(device.id, computed->desired_json,
-                                                  computed->desired_hash, computed->schedule.dump());
+    auto generation = store_.update_desired_state(
+        device.id, computed->desired_json, computed->desired_hash, computed->schedule.dump());
     if (!generation) return make_error(generation.error().with_context("device " + device.id));
     if (*generation != device.generation) {
       ++summary.changed;

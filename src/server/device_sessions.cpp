@@ -1,5 +1,7 @@
 #include "server/device_sessions.h"
 
+#include <algorithm>
+
 #include "common/crypto.h"
 #include "common/digest.h"
 
@@ -22,7 +24,7 @@ Status DeviceSessions::verify(const std::string& device_id, const std::string& s
     std::lock_guard lock(mutex_);
     auto& entry = entries_[device_id];
     entry.credential_hash = expected;
-    entry.written_ms = std::max(entry.written_ms, (*device)->last_seen);
+    entry.last_seen = std::max(entry.last_seen, (*device)->last_seen);
   }
   if (!crypto::constant_time_equal(expected, presented)) {
     return make_error(Errc::kUnauthenticated, "device credential is not valid");
@@ -30,22 +32,50 @@ Status DeviceSessions::verify(const std::string& device_id, const std::string& s
   return ok();
 }
 
-Status DeviceSessions::seen(const std::string& device_id, int64_t now_ms) {
-  {
-    std::lock_guard lock(mutex_);
-    auto& entry = entries_[device_id];
-    if (now_ms - entry.written_ms < touch_interval_ms_) {
-      ++skipped_;
-      return ok();
-    }
-    entry.written_ms = now_ms;
+void DeviceSessions::seen(const std::string& device_id, int64_t now_ms) {
+  std::lock_guard lock(mutex_);
+  ++seen_count_;
+  auto& entry = entries_[device_id];
+  entry.last_seen = std::max(entry.last_seen, now_ms);
+  if (!entry.dirty) {
+    entry.dirty = true;
+    dirty_.push_back(device_id);
   }
-  return store_.touch_device(device_id, now_ms);
 }
 
-int64_t DeviceSessions::touches_skipped() const {
+Result<int64_t> DeviceSessions::flush() {
+  std::lock_guard flushing(flush_mutex_);
+  std::vector<std::pair<std::string, int64_t>> batch;
+  {
+    std::lock_guard lock(mutex_);
+    batch.reserve(dirty_.size());
+    for (auto& id : dirty_) {
+      auto& entry = entries_[id];
+      entry.dirty = false;
+      batch.emplace_back(std::move(id), entry.last_seen);
+    }
+    dirty_.clear();
+  }
+  auto written = store_.touch_devices(batch);
   std::lock_guard lock(mutex_);
-  return skipped_;
+  if (!written) {
+    for (auto& [id, when] : batch) {
+      auto& entry = entries_[id];
+      if (!entry.dirty) {
+        entry.dirty = true;
+        dirty_.push_back(id);
+      }
+    }
+    return make_error(written.error().with_context("writing last_seen of " +
+                                                   std::to_string(batch.size()) + " devices"));
+  }
+  rows_written_ += *written;
+  return *written;
+}
+
+int64_t DeviceSessions::writes_saved() const {
+  std::lock_guard lock(mutex_);
+  return seen_count_ - rows_written_;
 }
 
 }  // namespace outpost::server

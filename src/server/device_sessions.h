@@ -1,11 +1,14 @@
 // What the hot device-sync path needs to know about enrolled devices, kept in memory so a
-// sync costs no store read and at most one store write per touch interval.
+// sync costs no store read and no store write: credentials are checked from memory after
+// the first sync, and last_seen is batched and written by flush() in one transaction.
 #pragma once
 
 #include <cstdint>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "common/error.h"
 #include "store/store.h"
@@ -14,32 +17,36 @@ namespace outpost::server {
 
 class DeviceSessions {
  public:
-  // last_seen is written to the store when it is older than `touch_interval_ms` there.
-  DeviceSessions(store::Store& store, int64_t touch_interval_ms)
-      : store_(store), touch_interval_ms_(touch_interval_ms) {}
+  explicit DeviceSessions(store::Store& store) : store_(store) {}
 
   // Checks a device's credential secret. The store is read the first time a device is seen
   // (credentials never change once issued); unknown devices are read again every time.
   // Errors: kUnauthenticated for an unknown device or a wrong secret; store errors.
   [[nodiscard]] Status verify(const std::string& device_id, const std::string& secret);
 
-  // Records that the device was seen at `now_ms`; writes through to the store at most once
-  // per interval. Errors: the store's (the in-memory time is kept either way).
-  [[nodiscard]] Status seen(const std::string& device_id, int64_t now_ms);
+  // Records that the device was seen at `now_ms` (memory only; flush() writes it).
+  void seen(const std::string& device_id, int64_t now_ms);
 
-  // How many store writes seen() saved (for /metrics and tests).
-  int64_t touches_skipped() const;
+  // Writes every last_seen recorded since the previous flush in one transaction. On a store
+  // error the times stay pending for the next flush. Returns how many devices were written.
+  [[nodiscard]] Result<int64_t> flush();
+
+  // Syncs that cost no store write so far: seen() calls minus rows written (for /metrics).
+  int64_t writes_saved() const;
 
  private:
   struct Entry {
     std::string credential_hash;
-    int64_t written_ms = 0;  // last_seen as last written to the store
+    int64_t last_seen = 0;
+    bool dirty = false;
   };
   store::Store& store_;
-  const int64_t touch_interval_ms_;
   mutable std::mutex mutex_;
-  std::unordered_map<std::string, Entry> entries_;
-  int64_t skipped_ = 0;
+  std::mutex flush_mutex_;  // one flush at a time, so times reach the store in order
+  std::unordered_map<std::string, Entry> entries_;  // GUARDED_BY(mutex_)
+  std::vector<std::string> dirty_;                  // GUARDED_BY(mutex_)
+  int64_t seen_count_ = 0;                          // GUARDED_BY(mutex_)
+  int64_t rows_written_ = 0;                        // GUARDED_BY(mutex_)
 };
 
 }  // namespace outpost::server

@@ -23,8 +23,7 @@ Result<store::OperatorToken> OperatorAuth::authenticate(const std::string& token
   return **found;
 }
 
-Result<std::string> OperatorAuth::ensure_admin_token(const std::string& data_dir,
-                                                     int64_t now_ms) {
+Result<std::string> OperatorAuth::ensure_admin_token(const std::string& data_dir, int64_t now_ms) {
   const std::string path = data_dir + "/admin.token";
   std::string token;
   if (auto existing = read_file(path)) {

@@ -21,8 +21,7 @@ class OperatorAuth {
   [[nodiscard]] Result<store::OperatorToken> authenticate(const std::string& token);
 
   // Ensures DATA/admin.token exists (mode 0600) and is registered; returns its path.
-  [[nodiscard]] Result<std::string> ensure_admin_token(const std::string& data_dir,
-                                                       int64_t now_ms);
+  [[nodiscard]] Result<std::string> ensure_admin_token(const std::string& data_dir, int64_t now_ms);
 
  private:
   store::Store& store_;

@@ -33,8 +33,8 @@ struct EnrollmentToken {
   std::string token_hash;  // hex sha256 of the secret
   std::string site;
   Labels labels;
-  std::optional<int64_t> uses_left;  // nullopt = unlimited
-  std::optional<int64_t> expires_at; // nullopt = never
+  std::optional<int64_t> uses_left;   // nullopt = unlimited
+  std::optional<int64_t> expires_at;  // nullopt = never
   int64_t created_at = 0;
   std::string created_by;
 };
@@ -43,17 +43,18 @@ struct Device {
   std::string id;
   std::string site;
   Labels labels;
-  std::string facts_json = "{}";   // hardware facts reported by the agent
-  std::string public_key;          // base64 Ed25519 public key
-  std::string credential_hash;     // hex sha256 of the device credential secret
+  std::string facts_json = "{}";  // hardware facts reported by the agent
+  std::string public_key;         // base64 Ed25519 public key
+  std::string credential_hash;    // hex sha256 of the device credential secret
   int64_t enrolled_at = 0;
   int64_t last_seen = 0;
-  int64_t generation = 0;          // desired-state generation; only grows
-  std::string desired_json = "{}"; // desired state document (unsigned payload)
-  std::string desired_hash;        // hex sha256 of desired_json, to detect real changes
-  std::string status_json = "{}";  // last status the device reported
+  int64_t generation = 0;           // desired-state generation; only grows
+  std::string desired_json = "{}";  // desired state document (unsigned payload)
+  std::string desired_hash;         // hex sha256 of desired_json, to detect real changes
+  std::string status_json = "{}";   // last status the device reported
   int64_t status_at = 0;
-  std::string schedule_json = "{}"; // scheduler's per-deployment outcome incl. unschedulable reasons
+  std::string schedule_json =
+      "{}";  // scheduler's per-deployment outcome incl. unschedulable reasons
   bool cordoned = false;
 };
 
@@ -80,16 +81,17 @@ struct ModelVariant {
 struct ModelVersion {
   std::string model;
   std::string version;  // semver
-  std::string content_hash;  // hex sha256 over the variants (selector+needs+digest); immutability check
+  std::string
+      content_hash;  // hex sha256 over the variants (selector+needs+digest); immutability check
   int64_t created_at = 0;
   std::vector<ModelVariant> variants;
 };
 
 struct Deployment {
   std::string name;
-  int64_t revision = 0;          // current revision, starts at 1
-  std::string manifest_json;     // normalized manifest of the current revision
-  std::string spec_hash;         // hex sha256 of normalized spec; equal => no new revision
+  int64_t revision = 0;       // current revision, starts at 1
+  std::string manifest_json;  // normalized manifest of the current revision
+  std::string spec_hash;      // hex sha256 of normalized spec; equal => no new revision
   int64_t created_at = 0;
   int64_t updated_at = 0;
 };
@@ -104,14 +106,15 @@ struct DeploymentRevision {
 };
 
 struct AuditEntry {
-  int64_t seq = 0;          // assigned by the store, 1, 2, 3...
+  int64_t seq = 0;  // assigned by the store, 1, 2, 3...
   int64_t time = 0;
   std::string actor;
-  std::string action;       // e.g. "deployment.apply"
-  std::string target;       // e.g. "deployment/defect-detector"
+  std::string action;  // e.g. "deployment.apply"
+  std::string target;  // e.g. "deployment/defect-detector"
   std::string details_json = "{}";
-  std::string prev_hash;    // hash of the entry before ("" for the first)
-  std::string hash;  // hex sha256 over the length-prefixed (seq, time, actor, action, target, details, prev_hash)
+  std::string prev_hash;  // hash of the entry before ("" for the first)
+  std::string hash;       // hex sha256 over the length-prefixed (seq, time, actor, action, target,
+                          // details, prev_hash)
 };
 
 // Outcome of apply_deployment.
@@ -155,6 +158,10 @@ class Store {
                                                     const std::string& status_json,
                                                     int64_t now_ms) = 0;
   [[nodiscard]] virtual Status touch_device(const std::string& id, int64_t now_ms) = 0;
+  // Many last_seen updates in one transaction (the sync path batches them). last_seen never
+  // goes back; ids that no longer exist are skipped. Returns how many devices were updated.
+  [[nodiscard]] virtual Result<int64_t> touch_devices(
+      const std::vector<std::pair<std::string, int64_t>>& seen) = 0;
   [[nodiscard]] virtual Status set_device_cordoned(const std::string& id, bool cordoned) = 0;
 
   // Artifacts (metadata only; blobs live on disk).

@@ -31,13 +31,16 @@ std::string slurp(const std::string& path) {
 }
 
 pid_t spawn(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
-            const std::string& stdin_path, const std::string& out_path, const std::string& err_path) {
+            const std::string& stdin_path, const std::string& out_path,
+            const std::string& err_path) {
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 0, stdin_path.empty() ? "/dev/null" : stdin_path.c_str(),
-                                   O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(
+      &actions, 0, stdin_path.empty() ? "/dev/null" : stdin_path.c_str(), O_RDONLY, 0);
+  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                   0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
+                                   0644);
   std::vector<std::string> env_strings;
   for (char** e = environ; *e; ++e) {
     std::string entry = *e;
@@ -110,8 +113,8 @@ ServerProcess::~ServerProcess() {
 }
 
 void ServerProcess::start(const std::vector<std::string>& extra_args) {
-  std::vector<std::string> argv = {bin_dir() + "/outpost", "server", "--listen", "127.0.0.1:0",
-                                   "--data", data_dir_};
+  std::vector<std::string> argv = {bin_dir() + "/outpost", "server", "--listen",
+                                   "127.0.0.1:0",          "--data", data_dir_};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, {}, "", log_path_, log_path_ + ".err");
   ASSERT_GT(pid_, 0) << "cannot start the server";
@@ -128,7 +131,7 @@ void ServerProcess::start(const std::vector<std::string>& extra_args) {
     int status = 0;
     if (::waitpid(pid_, &status, WNOHANG) == pid_) {
       pid_ = -1;
-      FAIL() << "server exited at start:\n" << log() ;
+      FAIL() << "server exited at start:\n" << log();
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
@@ -158,7 +161,8 @@ std::string ServerProcess::admin_token() const {
 
 std::string ServerProcess::log() const { return slurp(log_path_) + slurp(log_path_ + ".err"); }
 
-CommandResult ServerProcess::cli(std::vector<std::string> args, const std::string& stdin_text) const {
+CommandResult ServerProcess::cli(std::vector<std::string> args,
+                                 const std::string& stdin_text) const {
   std::vector<std::string> argv = {bin_dir() + "/outpost"};
   argv.insert(argv.end(), args.begin(), args.end());
   return run_program(argv,
@@ -171,9 +175,8 @@ CommandResult ServerProcess::cli(std::vector<std::string> args, const std::strin
 FakeDevice FakeDevice::enroll(const std::string& server_url, const std::string& token,
                               const nlohmann::json& facts, const nlohmann::json& labels) {
   auto key = crypto::ed25519_generate();
-  nlohmann::json body = {{"token", token},
-                         {"public_key", crypto::base64_encode(key.public_key)},
-                         {"facts", facts}};
+  nlohmann::json body = {
+      {"token", token}, {"public_key", crypto::base64_encode(key.public_key)}, {"facts", facts}};
   if (!labels.is_null()) body["labels"] = labels;
   HttpClient client(server_url, "");
   auto response = client.request("POST", "/api/v1/device/enroll", body.dump());

@@ -10,7 +10,9 @@ namespace {
 constexpr uint64_t kMaxArtifactBytes = 64ULL * 1024 * 1024 * 1024;
 
 nlohmann::json artifact_json(const store::Artifact& a) {
-  return {{"digest", a.digest}, {"size", a.size}, {"media_type", a.media_type},
+  return {{"digest", a.digest},
+          {"size", a.size},
+          {"media_type", a.media_type},
           {"created_at", a.created_at}};
 }
 
@@ -21,16 +23,17 @@ Result<http::Response> push(ApiContext& ctx, const http::Request& req, const Cal
   store::Artifact artifact;
   artifact.digest = blob->digest;
   artifact.size = blob->size;
-  artifact.media_type = req.header("content-type").empty() ? "application/octet-stream"
-                                                           : req.header("content-type");
+  artifact.media_type =
+      req.header("content-type").empty() ? "application/octet-stream" : req.header("content-type");
   artifact.created_at = ctx.clock.now_ms();
   auto inserted = ctx.store.put_artifact(artifact);
   if (!inserted) return make_error(inserted.error());
   if (*inserted) {
     audit(ctx, caller, "artifact.push", "artifact/" + artifact.digest, {{"size", artifact.size}});
   }
-  return json_response(*inserted ? 201 : 200,
-                       {{"digest", artifact.digest}, {"size", artifact.size}, {"created", *inserted}});
+  return json_response(
+      *inserted ? 201 : 200,
+      {{"digest", artifact.digest}, {"size", artifact.size}, {"created", *inserted}});
 }
 
 struct ByteRange {
@@ -48,8 +51,8 @@ Result<std::optional<ByteRange>> parse_range(const std::string& header, uint64_t
   auto dash = spec.find('-');
   if (dash == std::string::npos) return std::nullopt;
   auto unsatisfiable = [&] {
-    return make_error(Errc::kRangeNotSatisfiable,
-                      "range " + header + " is outside the artifact (" + std::to_string(size) + " bytes)");
+    return make_error(Errc::kRangeNotSatisfiable, "range " + header + " is outside the artifact (" +
+                                                      std::to_string(size) + " bytes)");
   };
   try {
     std::string a = spec.substr(0, dash), b = spec.substr(dash + 1);
@@ -94,7 +97,8 @@ Result<http::Response> download(ApiContext& ctx, const http::Request& req) {
     err.headers.emplace_back("Content-Range", "bytes */" + std::to_string(total));
     return err;
   }
-  if (*range && req.header("if-range").size() > 0 && req.header("if-range") != "\"" + digest + "\"") {
+  if (*range && req.header("if-range").size() > 0 &&
+      req.header("if-range") != "\"" + digest + "\"") {
     *range = std::nullopt;  // client holds another version: send all
   }
   http::FileRange file{ctx.blobs.path_for(digest), 0, total};
@@ -113,27 +117,31 @@ Result<http::Response> download(ApiContext& ctx, const http::Request& req) {
 }  // namespace
 
 void register_artifact_routes(http::Router& router, ApiContext& ctx) {
-  add_operator_route(router, ctx, "POST", "/api/v1/artifacts", Role::kOperator, push,
-                     http::RouteOptions{.stream_body_to_file = true, .body_limit = kMaxArtifactBytes});
-  add_operator_route(router, ctx, "GET", "/api/v1/artifacts", Role::kViewer,
-                     [](ApiContext& c, const http::Request&, const Caller&) -> Result<http::Response> {
-                       auto list = c.store.list_artifacts();
-                       if (!list) return make_error(list.error());
-                       nlohmann::json out = nlohmann::json::array();
-                       for (const auto& a : *list) out.push_back(artifact_json(a));
-                       return json_response(200, {{"artifacts", out}});
-                     });
+  add_operator_route(
+      router, ctx, "POST", "/api/v1/artifacts", Role::kOperator, push,
+      http::RouteOptions{.stream_body_to_file = true, .body_limit = kMaxArtifactBytes});
+  add_operator_route(
+      router, ctx, "GET", "/api/v1/artifacts", Role::kViewer,
+      [](ApiContext& c, const http::Request&, const Caller&) -> Result<http::Response> {
+        auto list = c.store.list_artifacts();
+        if (!list) return make_error(list.error());
+        nlohmann::json out = nlohmann::json::array();
+        for (const auto& a : *list) out.push_back(artifact_json(a));
+        return json_response(200, {{"artifacts", out}});
+      });
   // Devices and operators may both download: try the operator token, then the device one.
-  router.add("GET", "/api/v1/artifacts/{digest}", [&ctx](http::Request&& req, http::Responder respond) {
-    run_on_worker(ctx, std::move(respond), [&ctx, req = std::move(req)]() -> Result<http::Response> {
-      auto op = authenticate_operator(ctx, req, Role::kViewer);
-      if (!op) {
-        auto dev = authenticate_device(ctx, req);
-        if (!dev) return make_error(op.error());
-      }
-      return download(ctx, req);
-    });
-  });
+  router.add("GET", "/api/v1/artifacts/{digest}",
+             [&ctx](http::Request&& req, http::Responder respond) {
+               run_on_worker(ctx, std::move(respond),
+                             [&ctx, req = std::move(req)]() -> Result<http::Response> {
+                               auto op = authenticate_operator(ctx, req, Role::kViewer);
+                               if (!op) {
+                                 auto dev = authenticate_device(ctx, req);
+                                 if (!dev) return make_error(op.error());
+                               }
+                               return download(ctx, req);
+                             });
+             });
 }
 
 }  // namespace outpost::server::api

@@ -7,9 +7,14 @@ namespace {
 
 nlohmann::json entry_json(const store::AuditEntry& e) {
   nlohmann::json details = nlohmann::json::parse(e.details_json, nullptr, false);
-  return {{"seq", e.seq},          {"time", e.time},     {"actor", e.actor},
-          {"action", e.action},    {"target", e.target}, {"details", details.is_discarded() ? nlohmann::json::object() : details},
-          {"prev_hash", e.prev_hash}, {"hash", e.hash}};
+  return {{"seq", e.seq},
+          {"time", e.time},
+          {"actor", e.actor},
+          {"action", e.action},
+          {"target", e.target},
+          {"details", details.is_discarded() ? nlohmann::json::object() : details},
+          {"prev_hash", e.prev_hash},
+          {"hash", e.hash}};
 }
 
 Result<int64_t> since_param(ApiContext& ctx, const http::Request& req) {
@@ -44,12 +49,13 @@ Result<http::Response> verify(ApiContext& ctx, const http::Request&, const Calle
   std::string prev;
   for (const auto& e : *entries) {
     if (e.prev_hash != prev || store::audit_entry_hash(e) != e.hash) {
-      return json_response(200, {{"ok", false},
-                                 {"entries", entries->size()},
-                                 {"broken_at", e.seq},
-                                 {"message", "audit entry " + std::to_string(e.seq) +
-                                                 (e.prev_hash != prev ? " does not link to the entry before it"
-                                                                      : " does not match its hash")}});
+      return json_response(
+          200, {{"ok", false},
+                {"entries", entries->size()},
+                {"broken_at", e.seq},
+                {"message", "audit entry " + std::to_string(e.seq) +
+                                (e.prev_hash != prev ? " does not link to the entry before it"
+                                                     : " does not match its hash")}});
     }
     prev = e.hash;
   }

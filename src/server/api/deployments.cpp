@@ -16,10 +16,15 @@ nlohmann::json parse_or_empty(const std::string& text) {
 
 nlohmann::json deployment_json(const store::Deployment& d) {
   nlohmann::json manifest = parse_or_empty(d.manifest_json);
-  nlohmann::json model = manifest.contains("spec") ? manifest["spec"].value("model", nlohmann::json())
-                                                   : nlohmann::json();
-  return {{"name", d.name},         {"revision", d.revision},     {"created_at", d.created_at},
-          {"updated_at", d.updated_at}, {"model", model}, {"spec_hash", d.spec_hash}};
+  nlohmann::json model = manifest.contains("spec")
+                             ? manifest["spec"].value("model", nlohmann::json())
+                             : nlohmann::json();
+  return {{"name", d.name},
+          {"revision", d.revision},
+          {"created_at", d.created_at},
+          {"updated_at", d.updated_at},
+          {"model", model},
+          {"spec_hash", d.spec_hash}};
 }
 
 Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Caller& caller) {
@@ -60,7 +65,8 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
                       {"changed", summary->changed},
                       {"unschedulable", summary->unschedulable}};
   }
-  return json_response(outcome->changed ? (outcome->deployment.revision == 1 ? 201 : 200) : 200, out);
+  return json_response(outcome->changed ? (outcome->deployment.revision == 1 ? 201 : 200) : 200,
+                       out);
 }
 
 Result<http::Response> list(ApiContext& ctx, const http::Request&, const Caller&) {
@@ -82,8 +88,10 @@ Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Cal
   if (!revisions) return make_error(revisions.error());
   nlohmann::json revs = nlohmann::json::array();
   for (const auto& r : *revisions) {
-    revs.push_back({{"revision", r.revision}, {"created_at", r.created_at},
-                    {"created_by", r.created_by}, {"spec_hash", r.spec_hash}});
+    revs.push_back({{"revision", r.revision},
+                    {"created_at", r.created_at},
+                    {"created_by", r.created_by},
+                    {"spec_hash", r.spec_hash}});
   }
   out["revisions"] = revs;
   // Where it runs: per device, scheduled on which revision, reported, or why not.
@@ -95,7 +103,8 @@ Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Cal
     nlohmann::json schedule = parse_or_empty(d.schedule_json);
     if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
     const auto& entry = schedule["deployments"][name];
-    nlohmann::json target = {{"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")}};
+    nlohmann::json target = {
+        {"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")}};
     if (entry.contains("reason")) target["reason"] = entry["reason"];
     if (entry.value("state", "") == "unschedulable") {
       ++unschedulable;
@@ -112,7 +121,8 @@ Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Cal
     targets.push_back(target);
   }
   out["devices"] = targets;
-  out["summary"] = {{"scheduled", scheduled}, {"unschedulable", unschedulable}, {"in_sync", reported}};
+  out["summary"] = {
+      {"scheduled", scheduled}, {"unschedulable", unschedulable}, {"in_sync", reported}};
   return json_response(200, out);
 }
 

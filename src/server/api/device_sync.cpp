@@ -94,8 +94,7 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
       return respond(http::Response::error(
           Error{Errc::kInvalidArgument, "generation and wait must be integers", "generation"}));
     }
-    auto touched = ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
-    if (!touched) spdlog::warn("touch {}: {}", caller->device_id, touched.error().message);
+    ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
     if (!ctx.hub.current(caller->device_id)) {
       auto loaded = ctx.desired.signed_desired(caller->device_id);
       if (!loaded) return respond(http::Response::error(loaded.error()));
@@ -123,8 +122,7 @@ Result<http::Response> post_status(ApiContext& ctx, const http::Request& req,
   if (!doc) return make_error(doc.error());
   if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "status: expected an object");
   (*doc)["received_at"] = ctx.clock.now_ms();
-  auto touched = ctx.sessions.seen(caller.device_id, ctx.clock.now_ms());
-  if (!touched) spdlog::warn("touch {}: {}", caller.device_id, touched.error().message);
+  ctx.sessions.seen(caller.device_id, ctx.clock.now_ms());
   OUTPOST_TRY(ctx.store.record_device_status(caller.device_id, doc->dump(), ctx.clock.now_ms()));
   return json_response(200, {{"ok", true}});
 }

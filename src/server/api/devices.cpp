@@ -43,7 +43,8 @@ Result<store::Labels> parse_label_selector(const std::string& text) {
   size_t start = 0;
   while (start < text.size()) {
     size_t comma = text.find(',', start);
-    std::string pair = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    std::string pair =
+        text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
     auto eq = pair.find('=');
     if (eq == std::string::npos || eq == 0 || eq + 1 >= pair.size()) {
       return make_error(Errc::kInvalidArgument,

@@ -29,7 +29,8 @@ bool valid_site_name(const std::string& site) {
   return true;
 }
 
-Result<http::Response> create_token(ApiContext& ctx, const Caller& caller, const std::string& body) {
+Result<http::Response> create_token(ApiContext& ctx, const Caller& caller,
+                                    const std::string& body) {
   auto doc = parse_json_body(body);
   if (!doc) return make_error(doc.error());
   for (const auto& [key, value] : doc->items()) {
@@ -41,9 +42,10 @@ Result<http::Response> create_token(ApiContext& ctx, const Caller& caller, const
   auto site = json_fields::required_string(*doc, "site", "site");
   if (!site) return make_error(site.error());
   if (!valid_site_name(*site)) {
-    return make_error(Errc::kInvalidArgument,
-                      "site: \"" + *site + "\" is not a valid site name (letters, digits, '-', '_', '.')",
-                      "site");
+    return make_error(
+        Errc::kInvalidArgument,
+        "site: \"" + *site + "\" is not a valid site name (letters, digits, '-', '_', '.')",
+        "site");
   }
   auto labels = json_fields::string_map(*doc, "labels", "labels");
   if (!labels) return make_error(labels.error());
@@ -88,14 +90,15 @@ void register_enrollment_token_routes(http::Router& router, ApiContext& ctx) {
                      [](ApiContext& c, const http::Request& req, const Caller& caller) {
                        return create_token(c, caller, req.body);
                      });
-  add_operator_route(router, ctx, "GET", "/api/v1/enrollment-tokens", Role::kViewer,
-                     [](ApiContext& c, const http::Request&, const Caller&) -> Result<http::Response> {
-                       auto tokens = c.store.list_enrollment_tokens();
-                       if (!tokens) return make_error(tokens.error());
-                       nlohmann::json list = nlohmann::json::array();
-                       for (const auto& t : *tokens) list.push_back(token_json(t));
-                       return json_response(200, {{"tokens", list}});
-                     });
+  add_operator_route(
+      router, ctx, "GET", "/api/v1/enrollment-tokens", Role::kViewer,
+      [](ApiContext& c, const http::Request&, const Caller&) -> Result<http::Response> {
+        auto tokens = c.store.list_enrollment_tokens();
+        if (!tokens) return make_error(tokens.error());
+        nlohmann::json list = nlohmann::json::array();
+        for (const auto& t : *tokens) list.push_back(token_json(t));
+        return json_response(200, {{"tokens", list}});
+      });
 }
 
 }  // namespace outpost::server::api

@@ -41,7 +41,9 @@ nlohmann::json variant_json(const store::ModelVariant& v) {
 nlohmann::json version_json(const store::ModelVersion& v) {
   nlohmann::json variants = nlohmann::json::array();
   for (const auto& variant : v.variants) variants.push_back(variant_json(variant));
-  return {{"model", v.model}, {"version", v.version}, {"created_at", v.created_at},
+  return {{"model", v.model},
+          {"version", v.version},
+          {"created_at", v.created_at},
           {"variants", variants}};
 }
 
@@ -60,20 +62,23 @@ Result<nlohmann::json> inspect_model_artifact(ApiContext& ctx, const std::string
   if (!bytes) return make_error(bytes.error());
   auto info = onnx::parse_onnx_model(*bytes);
   if (!info) {
-    return make_error(Errc::kInvalidArgument,
-                      field + ": artifact " + digest + " is not a usable ONNX model: " +
-                          info.error().message,
-                      field);
+    return make_error(
+        Errc::kInvalidArgument,
+        field + ": artifact " + digest + " is not a usable ONNX model: " + info.error().message,
+        field);
   }
   return onnx::to_json(*info);
 }
 
-Result<http::Response> push_version(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+Result<http::Response> push_version(ApiContext& ctx, const http::Request& req,
+                                    const Caller& caller) {
   const std::string& name = req.params.at("name");
   if (!valid_model_name(name)) {
     return make_error(Errc::kInvalidArgument,
-                      "name: \"" + name + "\" is not a valid model name (lowercase letters, digits, "
-                      "'.', '_', '-'; at most 63)", "name");
+                      "name: \"" + name +
+                          "\" is not a valid model name (lowercase letters, digits, "
+                          "'.', '_', '-'; at most 63)",
+                      "name");
   }
   auto doc = parse_json_body(req.body);
   if (!doc) return make_error(doc.error());
@@ -81,10 +86,12 @@ Result<http::Response> push_version(ApiContext& ctx, const http::Request& req, c
   if (!version) return make_error(version.error());
   if (!valid_semver(*version)) {
     return make_error(Errc::kInvalidArgument,
-                      "version: \"" + *version + "\" is not a semantic version like 1.4.0", "version");
+                      "version: \"" + *version + "\" is not a semantic version like 1.4.0",
+                      "version");
   }
   if (!doc->contains("variants") || !(*doc)["variants"].is_array() || (*doc)["variants"].empty()) {
-    return make_error(Errc::kInvalidArgument, "variants: at least one variant is required", "variants");
+    return make_error(Errc::kInvalidArgument, "variants: at least one variant is required",
+                      "variants");
   }
   store::ModelVersion mv;
   mv.model = name;
@@ -112,7 +119,8 @@ Result<http::Response> push_version(ApiContext& ctx, const http::Request& req, c
     }
     nlohmann::json needs = item.value("needs", nlohmann::json::object());
     if (!needs.is_object()) {
-      return make_error(Errc::kInvalidArgument, path + ".needs: expected an object", path + ".needs");
+      return make_error(Errc::kInvalidArgument, path + ".needs: expected an object",
+                        path + ".needs");
     }
     auto artifact = json_fields::required_string(item, "artifact", path + ".artifact");
     if (!artifact) return make_error(artifact.error());
@@ -138,8 +146,7 @@ Result<http::Response> push_version(ApiContext& ctx, const http::Request& req, c
   auto created = ctx.store.put_model_version(mv);
   if (!created) return make_error(created.error());
   if (*created) {
-    audit(ctx, caller, "model.push", "model/" + name + "@" + *version,
-          {{"variants", identity}});
+    audit(ctx, caller, "model.push", "model/" + name + "@" + *version, {{"variants", identity}});
   }
   nlohmann::json out = version_json(mv);
   out["created"] = *created;
@@ -177,7 +184,8 @@ Result<http::Response> show_model(ApiContext& ctx, const http::Request& req, con
 void register_model_routes(http::Router& router, ApiContext& ctx) {
   add_operator_route(router, ctx, "GET", "/api/v1/models", Role::kViewer, list_models);
   add_operator_route(router, ctx, "GET", "/api/v1/models/{name}", Role::kViewer, show_model);
-  add_operator_route(router, ctx, "GET", "/api/v1/models/{name}/versions", Role::kViewer, show_model);
+  add_operator_route(router, ctx, "GET", "/api/v1/models/{name}/versions", Role::kViewer,
+                     show_model);
   add_operator_route(router, ctx, "POST", "/api/v1/models/{name}/versions", Role::kOperator,
                      push_version);
 }

@@ -8,13 +8,13 @@
 #include <random>
 #include <set>
 
+#include <spdlog/spdlog.h>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 namespace outpost::server::http {
 
@@ -45,10 +45,9 @@ Response Response::json(int status, std::string body) {
 }
 
 Response Response::error(const Error& error) {
-  nlohmann::json doc = {{"error",
-                         {{"code", errc_name(error.code)},
-                          {"message", error.describe()},
-                          {"field", error.field}}}};
+  nlohmann::json doc = {
+      {"error",
+       {{"code", errc_name(error.code)}, {"message", error.describe()}, {"field", error.field}}}};
   return json(errc_http_status(error.code), doc.dump());
 }
 
@@ -262,10 +261,9 @@ class Session : public std::enable_shared_from_this<Session> {
     string_parser_.reset();
     file_parser_.reset();
     stream_.expires_after(std::chrono::milliseconds(options_.idle_timeout_ms));
-    bhttp::async_read_header(stream_, buffer_, *header_parser_,
-                             [self = shared_from_this()](beast::error_code ec, size_t) {
-                               self->on_header(ec);
-                             });
+    bhttp::async_read_header(
+        stream_, buffer_, *header_parser_,
+        [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
   }
 
   void on_header(beast::error_code ec) {
@@ -292,8 +290,9 @@ class Session : public std::enable_shared_from_this<Session> {
         std::string_view pair = q.substr(0, amp);
         auto eq = pair.find('=');
         std::string key = percent_decode(pair.substr(0, eq), true);
-        std::string value =
-            eq == std::string_view::npos ? std::string() : percent_decode(pair.substr(eq + 1), true);
+        std::string value = eq == std::string_view::npos
+                                ? std::string()
+                                : percent_decode(pair.substr(eq + 1), true);
         if (!key.empty()) request_.query[key] = value;
         if (amp == std::string_view::npos) break;
         q.remove_prefix(amp + 1);
@@ -306,13 +305,13 @@ class Session : public std::enable_shared_from_this<Session> {
       Error err{Errc::kNotFound, "no route for " + request_.method + " " + request_.path, {}};
       Response resp = Response::error(err);
       if (match.path_known) {
-        resp = Response::json(405, nlohmann::json{{"error",
-                                                   {{"code", "method_not_allowed"},
-                                                    {"message", request_.method +
-                                                                    " is not allowed on " +
-                                                                    request_.path},
-                                                    {"field", ""}}}}
-                                       .dump());
+        resp = Response::json(
+            405,
+            nlohmann::json{{"error",
+                            {{"code", "method_not_allowed"},
+                             {"message", request_.method + " is not allowed on " + request_.path},
+                             {"field", ""}}}}
+                .dump());
       }
       return write(std::move(resp));
     }
@@ -321,8 +320,8 @@ class Session : public std::enable_shared_from_this<Session> {
     head_ = request_.method == "HEAD";
 
     if (bhttp::token_list{msg[bhttp::field::expect]}.exists("100-continue")) {
-      auto cont = std::make_shared<bhttp::response<bhttp::empty_body>>(bhttp::status::continue_,
-                                                                      version_);
+      auto cont =
+          std::make_shared<bhttp::response<bhttp::empty_body>>(bhttp::status::continue_, version_);
       bhttp::async_write(stream_, *cont,
                          [self = shared_from_this(), cont, match](beast::error_code wec, size_t) {
                            if (wec) return self->shutdown();
@@ -345,17 +344,15 @@ class Session : public std::enable_shared_from_this<Session> {
         return write(Response::error(
             Error{Errc::kIo, "cannot create upload file " + temp_path_ + ": " + ec.message(), {}}));
       }
-      bhttp::async_read(stream_, buffer_, *file_parser_,
-                        [self = shared_from_this()](beast::error_code rec, size_t) {
-                          self->on_body(rec);
-                        });
+      bhttp::async_read(
+          stream_, buffer_, *file_parser_,
+          [self = shared_from_this()](beast::error_code rec, size_t) { self->on_body(rec); });
     } else {
       string_parser_.emplace(std::move(*header_parser_));
       string_parser_->body_limit(options.body_limit);
-      bhttp::async_read(stream_, buffer_, *string_parser_,
-                        [self = shared_from_this()](beast::error_code rec, size_t) {
-                          self->on_body(rec);
-                        });
+      bhttp::async_read(
+          stream_, buffer_, *string_parser_,
+          [self = shared_from_this()](beast::error_code rec, size_t) { self->on_body(rec); });
     }
   }
 
@@ -366,8 +363,8 @@ class Session : public std::enable_shared_from_this<Session> {
     if (ec == bhttp::error::body_limit) {
       discard_temp();
       keep_alive_ = false;
-      return write(Response::error(
-          Error{Errc::kPayloadTooLarge, "request body is over the limit for " + request_.path, {}}));
+      return write(Response::error(Error{
+          Errc::kPayloadTooLarge, "request body is over the limit for " + request_.path, {}}));
     }
     if (ec) {
       discard_temp();
@@ -397,9 +394,9 @@ class Session : public std::enable_shared_from_this<Session> {
   template <class Message>
   void send(std::shared_ptr<Message> msg) {
     stream_.expires_after(std::chrono::seconds(60));
-    bhttp::async_write(stream_, *msg, [self = shared_from_this(), msg](beast::error_code ec, size_t) {
-      self->on_written(ec);
-    });
+    bhttp::async_write(
+        stream_, *msg,
+        [self = shared_from_this(), msg](beast::error_code ec, size_t) { self->on_written(ec); });
   }
 
   void write(Response resp) {
@@ -495,8 +492,8 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
     if (!ec) acceptor_.bind(endpoint, ec);
     if (!ec) acceptor_.listen(net::socket_base::max_listen_connections, ec);
     if (ec) {
-      return make_error(Errc::kUnavailable,
-                        "cannot listen on " + host + ":" + std::to_string(port) + ": " + ec.message());
+      return make_error(Errc::kUnavailable, "cannot listen on " + host + ":" +
+                                                std::to_string(port) + ": " + ec.message());
     }
     return ok();
   }
@@ -504,18 +501,17 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
   uint16_t port() const { return acceptor_.local_endpoint().port(); }
 
   void accept() {
-    acceptor_.async_accept(net::make_strand(io_),
-                           [self = shared_from_this()](beast::error_code ec, tcp::socket socket) {
-                             if (ec == net::error::operation_aborted) return;
-                             if (!ec) {
-                               auto session = std::make_shared<Session>(std::move(socket),
-                                                                        self->router_, self->options_);
-                               session->start();
-                             } else if (ec == net::error::no_descriptors) {
-                               spdlog::warn("accept: out of file descriptors");
-                             }
-                             if (self->acceptor_.is_open()) self->accept();
-                           });
+    acceptor_.async_accept(net::make_strand(io_), [self = shared_from_this()](beast::error_code ec,
+                                                                              tcp::socket socket) {
+      if (ec == net::error::operation_aborted) return;
+      if (!ec) {
+        auto session = std::make_shared<Session>(std::move(socket), self->router_, self->options_);
+        session->start();
+      } else if (ec == net::error::no_descriptors) {
+        spdlog::warn("accept: out of file descriptors");
+      }
+      if (self->acceptor_.is_open()) self->accept();
+    });
   }
 
   void close() {

@@ -20,13 +20,13 @@
 namespace outpost::server::http {
 
 struct Request {
-  std::string method;  // "GET", "POST", ...
-  std::string target;  // raw target with query
-  std::string path;    // percent-decoded path without query
-  std::map<std::string, std::string> query;   // decoded query parameters
-  std::map<std::string, std::string> params;  // route parameters ("{name}" segments)
-  std::map<std::string, std::string> headers; // lower-case names
-  std::string body;       // string bodies
+  std::string method;                          // "GET", "POST", ...
+  std::string target;                          // raw target with query
+  std::string path;                            // percent-decoded path without query
+  std::map<std::string, std::string> query;    // decoded query parameters
+  std::map<std::string, std::string> params;   // route parameters ("{name}" segments)
+  std::map<std::string, std::string> headers;  // lower-case names
+  std::string body;                            // string bodies
   std::string body_file;  // streamed bodies: path of the temp file holding it (handler owns it)
   std::string remote;     // peer address
 
@@ -59,7 +59,7 @@ using Responder = std::function<void(Response)>;
 using Handler = std::function<void(Request&&, Responder)>;
 
 struct RouteOptions {
-  bool stream_body_to_file = false;   // uploads: body written to a temp file, not memory
+  bool stream_body_to_file = false;  // uploads: body written to a temp file, not memory
   uint64_t body_limit = 4 * 1024 * 1024;
 };
 
@@ -90,8 +90,8 @@ class Router {
 struct ServerOptions {
   std::string listen = "127.0.0.1:7400";  // host:port; port 0 picks a free one
   int io_threads = 2;
-  std::string temp_dir;                   // for streamed uploads
-  int64_t idle_timeout_ms = 120'000;      // a connection with no request in flight
+  std::string temp_dir;               // for streamed uploads
+  int64_t idle_timeout_ms = 120'000;  // a connection with no request in flight
 };
 
 class HttpServer {

@@ -540,6 +540,7 @@ class SqliteStore final : public Store {
   Status record_device_status(const std::string& id, const std::string& status_json,
                               int64_t now_ms) override;
   Status touch_device(const std::string& id, int64_t now_ms) override;
+  Result<int64_t> touch_devices(const std::vector<std::pair<std::string, int64_t>>& seen) override;
   Status set_device_cordoned(const std::string& id, bool cordoned) override;
   Result<bool> put_artifact(const Artifact& artifact) override;
   Result<std::optional<Artifact>> get_artifact(const std::string& digest) override;
@@ -925,6 +926,28 @@ Status SqliteStore::touch_device(const std::string& id, int64_t now_ms) {
     }
     OUTPOST_TRY(stmt->bind(now_ms, id).run());
     return expect_changed("device " + id);
+  });
+}
+
+Result<int64_t> SqliteStore::touch_devices(
+    const std::vector<std::pair<std::string, int64_t>>& seen) {
+  if (seen.empty()) return int64_t{0};
+  return locked("touching devices", std::to_string(seen.size()), [&]() -> Result<int64_t> {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    int64_t updated = 0;
+    for (const auto& [id, now_ms] : seen) {
+      auto stmt = conn_.prepare("UPDATE devices SET last_seen = MAX(last_seen, ?) WHERE id = ?");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      OUTPOST_TRY(stmt->bind(now_ms, id).run());
+      updated += conn_.changes();
+    }
+    OUTPOST_TRY(txn->commit());
+    return updated;
   });
 }
 
