@@ -1,5 +1,7 @@
 #include "server/control_plane.h"
 
+#include <sys/resource.h>
+
 #include <csignal>
 #include <cstdio>
 
@@ -185,6 +187,19 @@ int run_server(const ControlPlaneOptions& options) {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
+
+  // Every held long-poll is an open socket: use all the descriptors the system allows us.
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &files) != 0) spdlog::warn("cannot raise the open-file limit");
+  }
+  if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < 65536) {
+    spdlog::warn(
+        "open-file limit is {}: at most about that many devices can hold a long-poll; "
+        "raise it (ulimit -n, or LimitNOFILE= in the service unit)",
+        static_cast<uint64_t>(files.rlim_cur));
+  }
 
   ControlPlane plane(options);
   if (auto started = plane.start(); !started) {

@@ -250,6 +250,10 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   auto first = device.desired(server_->url(), -1, 5);
   ASSERT_EQ(first.status, 200) << first.body;
   int64_t known = std::stoll(first.headers["x-outpost-generation"]);
+  // A bad wait is refused by name; a huge one is capped, not overflowed.
+  auto negative = device.desired(server_->url(), known, -1);
+  EXPECT_EQ(negative.status, 400) << negative.body;
+  EXPECT_NE(negative.body.find("wait"), std::string::npos) << negative.body;
 
   // Park a long-poll, then apply: the poll must return with the new state.
   auto poll =

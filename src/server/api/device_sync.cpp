@@ -1,4 +1,7 @@
 // The device side of the API: enroll, long-poll the desired state, report status.
+#include <charconv>
+#include <optional>
+
 #include <spdlog/spdlog.h>
 #include <boost/asio/post.hpp>
 
@@ -86,14 +89,26 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
     if (!caller) return respond(http::Response::error(caller.error()));
     int64_t known = 0;
     int64_t wait_ms = ctx.long_poll_ms;
-    try {
-      if (auto g = req.query_param("generation")) known = std::stoll(*g);
-      if (auto w = req.query_param("wait"))
-        wait_ms = std::min<int64_t>(std::stoll(*w) * 1000, wait_ms);
-    } catch (...) {
-      return respond(http::Response::error(
-          Error{Errc::kInvalidArgument, "generation and wait must be integers", "generation"}));
-    }
+    auto integer = [&](const char* name, int64_t min) -> Result<std::optional<int64_t>> {
+      auto text = req.query_param(name);
+      if (!text) return std::optional<int64_t>();
+      int64_t value = 0;
+      auto [end, ec] = std::from_chars(text->data(), text->data() + text->size(), value);
+      if (ec != std::errc() || end != text->data() + text->size() || value < min) {
+        return make_error(Errc::kInvalidArgument,
+                          std::string(name) + ": expected an integer >= " + std::to_string(min) +
+                              ", got \"" + *text + "\"",
+                          name);
+      }
+      return std::optional<int64_t>(value);
+    };
+    auto generation = integer("generation", -1);
+    if (!generation) return respond(http::Response::error(generation.error()));
+    if (*generation) known = **generation;
+    auto wait_s = integer("wait", 0);
+    if (!wait_s) return respond(http::Response::error(wait_s.error()));
+    // Seconds, capped by the server's long-poll limit (which also keeps the product small).
+    if (*wait_s && **wait_s < ctx.long_poll_ms / 1000) wait_ms = **wait_s * 1000;
     ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
     if (!ctx.hub.current(caller->device_id)) {
       auto loaded = ctx.desired.signed_desired(caller->device_id);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <mutex>
 #include <random>
 #include <set>
@@ -11,6 +12,7 @@
 #include <spdlog/spdlog.h>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
@@ -477,7 +479,11 @@ class Session : public std::enable_shared_from_this<Session> {
 class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
  public:
   Listener(net::io_context& io, const Router& router, const ServerOptions& options)
-      : io_(io), acceptor_(net::make_strand(io)), router_(router), options_(options) {}
+      : io_(io),
+        acceptor_(net::make_strand(io)),
+        retry_timer_(acceptor_.get_executor()),
+        router_(router),
+        options_(options) {}
 
   Status open(const std::string& host, uint16_t port) {
     beast::error_code ec;
@@ -507,8 +513,22 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
       if (!ec) {
         auto session = std::make_shared<Session>(std::move(socket), self->router_, self->options_);
         session->start();
-      } else if (ec == net::error::no_descriptors) {
-        spdlog::warn("accept: out of file descriptors");
+      } else if (ec == net::error::no_descriptors || ec == net::error::no_buffer_space ||
+                 ec == net::error::no_memory) {
+        // Out of descriptors: accepting again at once would spin. Pending connections wait
+        // in the kernel's backlog; try again shortly and say so at most once a second.
+        auto now = std::chrono::steady_clock::now();
+        ++self->refused_;
+        if (now - self->last_warning_ >= std::chrono::seconds(1)) {
+          spdlog::warn("accept: {} ({} times); raise the open-file limit (ulimit -n)", ec.message(),
+                       self->refused_);
+          self->last_warning_ = now;
+        }
+        self->retry_timer_.expires_after(std::chrono::milliseconds(50));
+        self->retry_timer_.async_wait([self](beast::error_code wait_ec) {
+          if (!wait_ec && self->acceptor_.is_open()) self->accept();
+        });
+        return;
       }
       if (self->acceptor_.is_open()) self->accept();
     });
@@ -517,6 +537,7 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
   void close() {
     net::post(acceptor_.get_executor(), [self = shared_from_this()] {
       beast::error_code ec;
+      self->retry_timer_.cancel();
       self->acceptor_.close(ec);
     });
   }
@@ -524,6 +545,9 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
  private:
   net::io_context& io_;
   tcp::acceptor acceptor_;
+  net::steady_timer retry_timer_;  // on the acceptor's strand
+  std::chrono::steady_clock::time_point last_warning_{};
+  int64_t refused_ = 0;
   const Router& router_;
   const ServerOptions& options_;
 };
