@@ -147,6 +147,7 @@ Status ControlPlane::start() {
     text += "outpost_sync_answers_total{how=\"woken\"} " + std::to_string(counts.woken) + "\n";
     text +=
         "outpost_sync_answers_total{how=\"timed_out\"} " + std::to_string(counts.timed_out) + "\n";
+    text += "outpost_sync_answers_total{how=\"hung_up\"} " + std::to_string(counts.hung_up) + "\n";
     text +=
         "# HELP outpost_last_seen_writes_skipped_total Device syncs that needed no store write.\n";
     text += "# TYPE outpost_last_seen_writes_skipped_total counter\n";

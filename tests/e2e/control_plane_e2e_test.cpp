@@ -287,6 +287,27 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   EXPECT_NE(metrics->body.find("outpost_sync_answers_total{how=\"at_once\"} 1\n"),
             std::string::npos)
       << metrics->body;
+  // A device that hangs up while parked frees its poll at once, not at the deadline.
+  {
+    HttpClient impatient(server_->url(), device.credential);
+    HttpRequestOptions quick;
+    quick.timeout_ms = 300;
+    auto gave_up = impatient.request(
+        "GET", "/api/v1/device/desired?generation=" + std::to_string(gen1) + "&wait=50", {}, "",
+        quick);
+    EXPECT_FALSE(gave_up.has_value()) << "the poll should have been parked past the timeout";
+  }
+  bool freed = false;
+  std::string last;
+  for (int i = 0; i < 100 && !freed; ++i) {
+    auto m = HttpClient(server_->url(), "").request("GET", "/metrics");
+    ASSERT_TRUE(m.has_value());
+    last = m->body;
+    freed = last.find("outpost_sync_waiting 0\n") != std::string::npos &&
+            last.find("outpost_sync_answers_total{how=\"hung_up\"} 1\n") != std::string::npos;
+    if (!freed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(freed) << last;
 
   // Changed manifest: revision 2. Same again: still 2.
   std::string v2 = kManifest;

@@ -115,7 +115,7 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
       if (!loaded) return respond(http::Response::error(loaded.error()));
       ctx.hub.publish(caller->device_id, *loaded);
     }
-    ctx.hub.wait(
+    uint64_t parked = ctx.hub.wait(
         caller->device_id, known, wait_ms, [respond](std::optional<sync::SignedDesired> desired) {
           if (!desired) {
             http::Response resp;
@@ -128,6 +128,11 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
           resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
           respond(std::move(resp));
         });
+    // A device that hangs up (lost link, restart) frees its parked poll and socket now.
+    if (parked != 0 && req.hangup) {
+      req.hangup->on_hangup(
+          [&hub = ctx.hub, device = caller->device_id, parked] { hub.cancel(device, parked); });
+    }
   });
 }
 
@@ -149,9 +154,14 @@ void register_device_sync_routes(http::Router& router, ApiContext& ctx) {
     run_on_worker(ctx, std::move(respond),
                   [&ctx, req = std::move(req)]() { return enroll(ctx, req); });
   });
-  router.add("GET", "/api/v1/device/desired", [&ctx](http::Request&& req, http::Responder respond) {
-    get_desired(ctx, std::move(req), std::move(respond));
-  });
+  http::RouteOptions long_poll;
+  long_poll.watch_hangup = true;
+  router.add(
+      "GET", "/api/v1/device/desired",
+      [&ctx](http::Request&& req, http::Responder respond) {
+        get_desired(ctx, std::move(req), std::move(respond));
+      },
+      long_poll);
   add_device_route(router, ctx, "POST", "/api/v1/device/status", post_status);
 }
 

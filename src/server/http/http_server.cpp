@@ -1,6 +1,7 @@
 #include "server/http/http_server.h"
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -234,6 +235,27 @@ std::string make_temp_path(const std::string& dir) {
 // ---------------------------------------------------------------------------------------
 // Session: one connection, requests handled one at a time (HTTP/1.1 keep-alive).
 
+void Hangup::on_hangup(std::function<void()> action) {
+  std::unique_lock lock(mu_);
+  if (!fired_) {
+    action_ = std::move(action);
+    return;
+  }
+  lock.unlock();
+  action();
+}
+
+void Hangup::fire() {
+  std::function<void()> action;
+  {
+    std::lock_guard lock(mu_);
+    if (fired_) return;
+    fired_ = true;
+    action = std::move(action_);
+  }
+  if (action) action();
+}
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   Session(tcp::socket socket, const Router& router, const ServerOptions& options)
@@ -319,6 +341,7 @@ class Session : public std::enable_shared_from_this<Session> {
     }
     request_.params = match.params;
     handler_ = match.handler;
+    watch_hangup_ = match.options.watch_hangup;
     head_ = request_.method == "HEAD";
 
     if (bhttp::token_list{msg[bhttp::field::expect]}.exists("100-continue")) {
@@ -379,6 +402,10 @@ class Session : public std::enable_shared_from_this<Session> {
       temp_path_.clear();  // the handler owns it now
     }
     stream_.expires_never();  // a held long-poll must not time out at the stream level
+    if (watch_hangup_) {
+      request_.hangup = std::make_shared<Hangup>();
+      watch_for_hangup(request_.hangup);
+    }
     auto self = shared_from_this();
     Responder responder = [self](Response resp) {
       net::post(self->stream_.get_executor(),
@@ -391,6 +418,18 @@ class Session : public std::enable_shared_from_this<Session> {
       // handler, so the connection closes when the handler's copy is gone.
       spdlog::error("handler for {} threw: {}", request_.path, e.what());
     }
+  }
+
+  // While a request waits for its response, a readable socket means the client hung up
+  // (EOF or reset) or pipelined another request (left alone: read after the response).
+  void watch_for_hangup(std::shared_ptr<Hangup> hangup) {
+    stream_.socket().async_wait(tcp::socket::wait_read, [self = shared_from_this(),
+                                                         hangup](beast::error_code ec) {
+      if (ec) return;  // cancelled or closed: nothing to report
+      char byte = 0;
+      ssize_t n = ::recv(self->stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) hangup->fire();
+    });
   }
 
   template <class Message>
@@ -458,6 +497,7 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   beast::tcp_stream stream_;
+  bool watch_hangup_ = false;
   beast::flat_buffer buffer_;
   const Router& router_;
   const ServerOptions& options_;

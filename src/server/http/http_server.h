@@ -8,6 +8,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
@@ -19,6 +20,20 @@
 
 namespace outpost::server::http {
 
+// Fires once when the client hangs up before its response was sent, so a handler that
+// parks a request (a long-poll) can let go of it. Thread-safe.
+class Hangup {
+ public:
+  // Runs `action` when the client hangs up (at once if it already has). One action at most.
+  void on_hangup(std::function<void()> action);
+  void fire();
+
+ private:
+  std::mutex mu_;
+  bool fired_ = false;
+  std::function<void()> action_;
+};
+
 struct Request {
   std::string method;                          // "GET", "POST", ...
   std::string target;                          // raw target with query
@@ -29,6 +44,7 @@ struct Request {
   std::string body;                            // string bodies
   std::string body_file;  // streamed bodies: path of the temp file holding it (handler owns it)
   std::string remote;     // peer address
+  std::shared_ptr<Hangup> hangup;  // set for routes with RouteOptions::watch_hangup
 
   std::string header(const std::string& lower_name) const;
   std::optional<std::string> query_param(const std::string& name) const;
@@ -61,6 +77,8 @@ using Handler = std::function<void(Request&&, Responder)>;
 struct RouteOptions {
   bool stream_body_to_file = false;  // uploads: body written to a temp file, not memory
   uint64_t body_limit = 4 * 1024 * 1024;
+  // Long-polls: the request's `hangup` fires when the client goes away while it is parked.
+  bool watch_hangup = false;
 };
 
 // Routes by method and path pattern; patterns are literal segments and "{param}" segments

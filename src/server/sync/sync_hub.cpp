@@ -47,8 +47,8 @@ std::optional<SignedDesired> SyncHub::current(const std::string& device_id) cons
   return it->second.desired;
 }
 
-void SyncHub::wait(const std::string& device_id, int64_t known, int64_t wait_ms,
-                   Callback callback) {
+uint64_t SyncHub::wait(const std::string& device_id, int64_t known, int64_t wait_ms,
+                       Callback callback) {
   std::optional<SignedDesired> ready;
   std::shared_ptr<Waiter> waiter;
   uint64_t id = 0;
@@ -78,6 +78,25 @@ void SyncHub::wait(const std::string& device_id, int64_t known, int64_t wait_ms,
     (ready ? at_once_ : timed_out_).fetch_add(1, std::memory_order_relaxed);
     callback(ready);
   }
+  return id;
+}
+
+void SyncHub::cancel(const std::string& device_id, uint64_t waiter_id) {
+  std::shared_ptr<Waiter> waiter;
+  {
+    std::lock_guard lock(mu_);
+    auto it = slots_.find(device_id);
+    if (it == slots_.end()) return;
+    auto w = it->second.waiters.find(waiter_id);
+    if (w == it->second.waiters.end()) return;
+    waiter = w->second;
+    it->second.waiters.erase(w);
+    --waiting_;
+  }
+  if (waiter->answered.exchange(true)) return;
+  hung_up_.fetch_add(1, std::memory_order_relaxed);
+  waiter->timer.cancel();
+  // The callback (and the connection it holds) is released with the waiter.
 }
 
 void SyncHub::expire(const std::string& device_id, uint64_t waiter_id) {
@@ -124,7 +143,7 @@ size_t SyncHub::waiting() const {
 
 SyncHub::Counts SyncHub::counts() const {
   return {at_once_.load(std::memory_order_relaxed), woken_.load(std::memory_order_relaxed),
-          timed_out_.load(std::memory_order_relaxed)};
+          timed_out_.load(std::memory_order_relaxed), hung_up_.load(std::memory_order_relaxed)};
 }
 
 }  // namespace outpost::server::sync

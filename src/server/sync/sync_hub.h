@@ -39,7 +39,12 @@ class SyncHub {
   // Calls back at once when the device's generation is newer than `known`, else parks the
   // request until a newer one is published (callback with it) or `wait_ms` passes
   // (callback with nullopt). The callback runs on an I/O thread or the publishing thread.
-  void wait(const std::string& device_id, int64_t known, int64_t wait_ms, Callback callback);
+  // Returns the parked request's id for cancel(), or 0 when it was answered at once.
+  uint64_t wait(const std::string& device_id, int64_t known, int64_t wait_ms, Callback callback);
+
+  // Drops a parked request without answering it (its client hung up). No-op when it was
+  // answered already.
+  void cancel(const std::string& device_id, uint64_t waiter_id);
 
   // Answers every parked request with nullopt and refuses new waits (server stopping).
   void shutdown();
@@ -51,6 +56,7 @@ class SyncHub {
     int64_t at_once = 0;    // newer state already there
     int64_t woken = 0;      // parked, then a publish answered it
     int64_t timed_out = 0;  // parked until wait_ms passed (or shutdown)
+    int64_t hung_up = 0;    // parked, then the client went away (not answered)
   };
   Counts counts() const;
 
@@ -68,7 +74,7 @@ class SyncHub {
   uint64_t next_waiter_id_ = 1;                        // GUARDED_BY(mu_)
   size_t waiting_ = 0;                                 // GUARDED_BY(mu_)
   bool shut_down_ = false;                             // GUARDED_BY(mu_)
-  std::atomic<int64_t> at_once_{0}, woken_{0}, timed_out_{0};
+  std::atomic<int64_t> at_once_{0}, woken_{0}, timed_out_{0}, hung_up_{0};
 };
 
 }  // namespace outpost::server::sync
