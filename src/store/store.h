@@ -135,6 +135,8 @@ class Store {
   // Enrollment tokens.
   [[nodiscard]] virtual Status put_enrollment_token(const EnrollmentToken& token) = 0;
   [[nodiscard]] virtual Result<std::vector<EnrollmentToken>> list_enrollment_tokens() = 0;
+  [[nodiscard]] virtual Result<std::optional<EnrollmentToken>> find_enrollment_token_by_hash(
+      const std::string& token_hash) = 0;
   // Atomically: finds the token by hash, checks it is not expired (now_ms) and has uses left,
   // decrements uses_left, inserts the device. Errors: kUnauthenticated (unknown token),
   // kFailedPrecondition (expired or used up; message says which), kAlreadyExists (device id).

@@ -271,6 +271,15 @@ TEST_P(StoreTest, EnrollmentDecrementsUsesAndStoresDevice) {
   EXPECT_EQ((*tokens)[0].site, "plant-a");
   EXPECT_EQ((*tokens)[0].created_by, "alice");
 
+  auto by_hash = store_->find_enrollment_token_by_hash(sha_of("t1"));
+  ASSERT_OK(by_hash);
+  ASSERT_TRUE(by_hash->has_value());
+  EXPECT_EQ((*by_hash)->id, "t1");
+  EXPECT_EQ((*by_hash)->uses_left, 1);
+  auto unknown = store_->find_enrollment_token_by_hash(sha_of("nope"));
+  ASSERT_OK(unknown);
+  EXPECT_FALSE(unknown->has_value());
+
   auto dev = store_->get_device("cam-01");
   ASSERT_OK(dev);
   ASSERT_TRUE(dev->has_value());

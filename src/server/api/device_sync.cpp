@@ -39,13 +39,10 @@ Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
   const std::string token_hash = sha256_hex(*token);
   // The token binds the site and its labels; the agent's --label values add to them and
   // override them (so a device can declare e.g. accelerator=gpu).
-  auto tokens = ctx.store.list_enrollment_tokens();
-  if (!tokens) return make_error(tokens.error());
-  const store::EnrollmentToken* bound = nullptr;
-  for (const auto& t : *tokens) {
-    if (t.token_hash == token_hash) bound = &t;
-  }
-  if (!bound) return make_error(Errc::kUnauthenticated, "enrollment token is not valid");
+  auto found = ctx.store.find_enrollment_token_by_hash(token_hash);
+  if (!found) return make_error(found.error());
+  if (!*found) return make_error(Errc::kUnauthenticated, "enrollment token is not valid");
+  const store::EnrollmentToken* bound = &**found;
   if (*site && !(*site)->empty() && bound->site != **site) {
     return make_error(Errc::kInvalidArgument,
                       "site: the enrollment token is for site " + bound->site + ", not " + **site,

@@ -529,6 +529,8 @@ class SqliteStore final : public Store {
   Result<std::optional<OperatorToken>> find_operator_token_by_hash(
       const std::string& token_hash) override;
   Status put_enrollment_token(const EnrollmentToken& token) override;
+  Result<std::optional<EnrollmentToken>> find_enrollment_token_by_hash(
+      const std::string& token_hash) override;
   Result<std::vector<EnrollmentToken>> list_enrollment_tokens() override;
   Result<EnrollmentToken> enroll_device(const std::string& token_hash, int64_t now_ms,
                                         const Device& device) override;
@@ -750,6 +752,18 @@ Result<std::vector<EnrollmentToken>> SqliteStore::list_enrollment_tokens() {
       return make_error(std::move(stmt).error());
     }
     return read_all<EnrollmentToken>(*stmt, read_enrollment_token);
+  });
+}
+
+Result<std::optional<EnrollmentToken>> SqliteStore::find_enrollment_token_by_hash(
+    const std::string& token_hash) {
+  return locked("finding enrollment token", "", [&]() -> Result<std::optional<EnrollmentToken>> {
+    auto stmt = conn_.prepare("SELECT " OUTPOST_ENROLLMENT_TOKEN_COLUMNS
+                              " FROM enrollment_tokens WHERE token_hash = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_one<EnrollmentToken>(stmt->bind(token_hash), read_enrollment_token);
   });
 }
 
