@@ -42,6 +42,10 @@ class Session {
   // caller to print as text.
   [[nodiscard]] std::optional<nlohmann::json> fetch(const std::string& path, int& exit_code,
                                                     const std::string& json_key = {});
+  // The same for a call that changes something (JSON body); -o json prints the whole answer.
+  [[nodiscard]] std::optional<nlohmann::json> perform(const std::string& method,
+                                                      const std::string& path, int& exit_code,
+                                                      const std::string& body = {});
 
   // Prints an error to stderr (JSON with -o json) and returns the exit code for it.
   int fail(const Error& error) const;
@@ -49,6 +53,9 @@ class Session {
   void print_json(const nlohmann::json& doc) const;
 
  private:
+  std::optional<nlohmann::json> display(Result<nlohmann::json> result, int& exit_code,
+                                        const std::string& json_key) const;
+
   GlobalOptions& options_;
 };
 

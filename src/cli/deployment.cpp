@@ -61,17 +61,9 @@ void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_co
   del->add_option("NAME", *target, "Deployment name")->required();
   del->callback([&options, &exit_code, target] {
     Session session(options);
-    auto result = session.call("DELETE", "/api/v1/deployments/" + url_encode(*target));
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
-    }
-    if (session.json_output()) {
-      session.print_json(*result);
-    } else {
-      std::cout << "deployment " << *target << " deleted\n";
-    }
-    exit_code = kExitOk;
+    auto result =
+        session.perform("DELETE", "/api/v1/deployments/" + url_encode(*target), exit_code);
+    if (result) std::cout << "deployment " << *target << " deleted\n";
   });
 }
 

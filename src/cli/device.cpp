@@ -106,17 +106,9 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
     std::string v = verb;
     cmd->callback([&options, &exit_code, target, v] {
       Session session(options);
-      auto result = session.call("POST", "/api/v1/devices/" + url_encode(*target) + "/" + v);
-      if (!result) {
-        exit_code = session.fail(result.error());
-        return;
-      }
-      if (session.json_output()) {
-        session.print_json(*result);
-      } else {
-        std::cout << "device " << *target << " " << v << "ed\n";
-      }
-      exit_code = kExitOk;
+      auto result =
+          session.perform("POST", "/api/v1/devices/" + url_encode(*target) + "/" + v, exit_code);
+      if (result) std::cout << "device " << *target << " " << v << "ed\n";
     });
   }
 }

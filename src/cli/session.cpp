@@ -92,7 +92,16 @@ Result<nlohmann::json> Session::upload(const std::string& path, const std::strin
 
 std::optional<nlohmann::json> Session::fetch(const std::string& path, int& exit_code,
                                              const std::string& json_key) {
-  auto result = call("GET", path);
+  return display(call("GET", path), exit_code, json_key);
+}
+
+std::optional<nlohmann::json> Session::perform(const std::string& method, const std::string& path,
+                                               int& exit_code, const std::string& body) {
+  return display(call(method, path, body), exit_code, {});
+}
+
+std::optional<nlohmann::json> Session::display(Result<nlohmann::json> result, int& exit_code,
+                                               const std::string& json_key) const {
   if (!result) {
     exit_code = fail(result.error());
     return std::nullopt;

@@ -51,14 +51,8 @@ void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
     }
     nlohmann::json body = {{"site", args->site}, {"labels", *labels}, {"ttl", args->ttl}};
     if (args->uses > 0) body["uses"] = args->uses;
-    auto result = session.call("POST", "/api/v1/enrollment-tokens", body.dump());
-    if (!result) {
-      exit_code = session.fail(result.error());
-      return;
-    }
-    if (session.json_output()) {
-      session.print_json(*result);
-    } else {
+    auto result = session.perform("POST", "/api/v1/enrollment-tokens", exit_code, body.dump());
+    if (result) {
       std::cout << (*result)["token"].get<std::string>() << "\n";
       std::cerr << "token " << (*result)["id"].get<std::string>() << " for site " << args->site
                 << (result->at("uses_left").is_null()
@@ -70,7 +64,6 @@ void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
                 << "\nenroll a device: outpost-agent --server " << session.server()
                 << " --enroll-token <token> --data /var/lib/outpost\n";
     }
-    exit_code = kExitOk;
   });
 
   auto* list =

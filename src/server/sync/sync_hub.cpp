@@ -81,18 +81,22 @@ uint64_t SyncHub::wait(const std::string& device_id, int64_t known, int64_t wait
   return id;
 }
 
+std::shared_ptr<SyncHub::Waiter> SyncHub::take_waiter(const std::string& device_id,
+                                                      uint64_t waiter_id) {
+  std::lock_guard lock(mu_);
+  auto it = slots_.find(device_id);
+  if (it == slots_.end()) return nullptr;
+  auto w = it->second.waiters.find(waiter_id);
+  if (w == it->second.waiters.end()) return nullptr;
+  std::shared_ptr<Waiter> waiter = std::move(w->second);
+  it->second.waiters.erase(w);
+  --waiting_;
+  return waiter;
+}
+
 void SyncHub::cancel(const std::string& device_id, uint64_t waiter_id) {
-  std::shared_ptr<Waiter> waiter;
-  {
-    std::lock_guard lock(mu_);
-    auto it = slots_.find(device_id);
-    if (it == slots_.end()) return;
-    auto w = it->second.waiters.find(waiter_id);
-    if (w == it->second.waiters.end()) return;
-    waiter = w->second;
-    it->second.waiters.erase(w);
-    --waiting_;
-  }
+  std::shared_ptr<Waiter> waiter = take_waiter(device_id, waiter_id);
+  if (!waiter) return;
   if (waiter->answered.exchange(true)) return;
   hung_up_.fetch_add(1, std::memory_order_relaxed);
   waiter->timer.cancel();
@@ -100,17 +104,8 @@ void SyncHub::cancel(const std::string& device_id, uint64_t waiter_id) {
 }
 
 void SyncHub::expire(const std::string& device_id, uint64_t waiter_id) {
-  std::shared_ptr<Waiter> waiter;
-  {
-    std::lock_guard lock(mu_);
-    auto it = slots_.find(device_id);
-    if (it == slots_.end()) return;
-    auto w = it->second.waiters.find(waiter_id);
-    if (w == it->second.waiters.end()) return;
-    waiter = w->second;
-    it->second.waiters.erase(w);
-    --waiting_;
-  }
+  std::shared_ptr<Waiter> waiter = take_waiter(device_id, waiter_id);
+  if (!waiter) return;
   if (!waiter->answered.exchange(true)) {
     timed_out_.fetch_add(1, std::memory_order_relaxed);
     waiter->callback(std::nullopt);

@@ -67,6 +67,8 @@ class SyncHub {
     std::map<uint64_t, std::shared_ptr<Waiter>> waiters;
   };
   void expire(const std::string& device_id, uint64_t waiter_id);
+  // Removes a parked waiter from its slot; nullptr when it is gone already.
+  std::shared_ptr<Waiter> take_waiter(const std::string& device_id, uint64_t waiter_id);
 
   boost::asio::io_context& io_;
   mutable std::mutex mu_;
