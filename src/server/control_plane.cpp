@@ -16,7 +16,7 @@
 #include "common/durable_file.h"
 #include "server/api/api.h"
 #include "server/desired_states.h"
-#include "server/http/http_server.h"
+#include "http/http_server.h"
 #include "server/operator_auth.h"
 #include "server/registry/blob_store.h"
 #include "server/sync/sync_hub.h"

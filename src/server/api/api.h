@@ -14,7 +14,7 @@
 #include "common/clock.h"
 #include "common/error.h"
 #include "server/device_sessions.h"
-#include "server/http/http_server.h"
+#include "http/http_server.h"
 #include "store/store.h"
 
 namespace outpost::server {

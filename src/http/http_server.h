@@ -1,6 +1,6 @@
-// The control plane's HTTP/1.1 server: Boost.Beast on a small fixed pool of I/O threads.
-// Handlers receive a parsed request and a Responder they may call later from any thread,
-// so a held long-poll costs a timer and a socket, never a thread.
+// HTTP/1.1 server (Boost.Beast on a small fixed pool of I/O threads), used by the control plane
+// and by the agent's local API. Handlers receive a parsed request and a Responder they may call
+// later from any thread, so a held long-poll costs a timer and a socket, never a thread.
 #pragma once
 
 #include <atomic>
@@ -18,7 +18,7 @@
 
 #include "common/error.h"
 
-namespace outpost::server::http {
+namespace outpost::http {
 
 // Fires once when the client hangs up before its response was sent, so a handler that
 // parks a request (a long-poll) can let go of it. Thread-safe.
@@ -143,4 +143,4 @@ class HttpServer {
 // Percent-decoding for paths and query strings ('+' is a space only in queries).
 std::string percent_decode(std::string_view text, bool plus_is_space);
 
-}  // namespace outpost::server::http
+}  // namespace outpost::http

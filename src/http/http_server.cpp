@@ -1,4 +1,4 @@
-#include "server/http/http_server.h"
+#include "http/http_server.h"
 
 #include <fcntl.h>
 #include <sys/socket.h>
@@ -6,6 +6,7 @@
 
 #include <cerrno>
 #include <chrono>
+#include <limits>
 #include <mutex>
 #include <random>
 #include <set>
@@ -19,7 +20,7 @@
 #include <boost/beast/http.hpp>
 #include <nlohmann/json.hpp>
 
-namespace outpost::server::http {
+namespace outpost::http {
 
 namespace net = boost::asio;
 namespace beast = boost::beast;
@@ -282,6 +283,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void read_header() {
     header_parser_.emplace();
     header_parser_->header_limit(16 * 1024);
+    // The route's own limit applies once it is known; Beast would otherwise refuse any
+    // Content-Length over its 1 MB default while parsing the header.
+    header_parser_->body_limit(std::numeric_limits<std::uint64_t>::max());
     string_parser_.reset();
     file_parser_.reset();
     stream_.expires_after(std::chrono::milliseconds(options_.idle_timeout_ms));
@@ -620,4 +624,4 @@ void HttpServer::stop() {
   threads_.clear();
 }
 
-}  // namespace outpost::server::http
+}  // namespace outpost::http
