@@ -1,5 +1,8 @@
 // `outpost device list|show|cordon|uncordon`.
 #include <iostream>
+#include <map>
+
+#include "common/clock.h"
 
 #include "cli/cli.h"
 
@@ -74,11 +77,27 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
               << "Facts:       " << d["facts"].dump() << "\n";
     std::cout << "Deployments:\n";
     const auto& schedule = d["schedule"].value("deployments", nlohmann::json::object());
+    // What the device itself last said about each deployment (its status report).
+    std::map<std::string, nlohmann::json> reported;
+    for (const auto& r : d["status"].value("deployments", nlohmann::json::array())) {
+      if (r.is_object()) reported[r.value("name", "")] = r;
+    }
     if (schedule.empty()) std::cout << "  (none)\n";
     for (const auto& [name, entry] : schedule.items()) {
       std::cout << "  " << name << "  revision " << entry.value("revision", 0) << "  "
                 << entry.value("state", "");
       if (entry.contains("reason")) std::cout << ": " << entry["reason"].get<std::string>();
+      if (auto it = reported.find(name); it != reported.end()) {
+        const auto& r = it->second;
+        std::cout << "  | device: " << r.value("phase", "?") << " revision "
+                  << r.value("revision", 0);
+        if (r.contains("current_revision") && r["current_revision"].is_number() &&
+            r["current_revision"] != r["revision"]) {
+          std::cout << " (running " << r["current_revision"] << ")";
+        }
+        if (r.value("restarts", 0) > 0) std::cout << ", " << r["restarts"] << " restarts";
+        if (!r.value("message", "").empty()) std::cout << ": " << r.value("message", "");
+      }
       std::cout << "\n";
     }
     for (const auto& dep : d["desired"].value("deployments", nlohmann::json::array())) {
@@ -93,7 +112,43 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
                   << "\n";
       }
     }
-    if (!d["status"].empty()) std::cout << "Status:      " << d["status"].dump() << "\n";
+    if (!d["status"].empty()) {
+      std::cout << "Reported:    " << ago(d.value("status_at", static_cast<int64_t>(0)), now_ms())
+                << " (report " << d["status"].value("seq", 0) << ", agent "
+                << d["status"].value("agent_version", "?") << ")\n";
+    }
+    exit_code = kExitOk;
+  });
+
+  auto log_id = std::make_shared<std::string>();
+  auto limit = std::make_shared<int>(20);
+  auto* status_log = device->add_subcommand(
+      "status-log",
+      "Status reports a device sent, in its order (also those sent after being offline)");
+  status_log->add_option("ID", *log_id, "Device id")->required();
+  status_log->add_option("--limit", *limit, "How many of the newest reports (1-500)")
+      ->capture_default_str();
+  status_log->callback([&options, &exit_code, log_id, limit] {
+    Session session(options);
+    auto result = session.fetch(
+        "/api/v1/devices/" + url_encode(*log_id) + "/status-log?limit=" + std::to_string(*limit),
+        exit_code);
+    if (!result) return;
+    Table table({"SEQ", "AT (DEVICE)", "RECEIVED", "GEN", "DEPLOYMENTS"});
+    for (const auto& r : (*result)["reports"]) {
+      const auto& st = r["status"];
+      std::string deployments;
+      for (const auto& d : st.value("deployments", nlohmann::json::array())) {
+        deployments += (deployments.empty() ? "" : "; ") + d.value("name", "") + " r" +
+                       std::to_string(d.value("revision", 0)) + " " + d.value("phase", "");
+      }
+      table.add({std::to_string(r.value("seq", 0)),
+                 format_iso8601(st.value("at", static_cast<int64_t>(0))),
+                 format_iso8601(r.value("received_at", static_cast<int64_t>(0))),
+                 std::to_string(st.value("generation", 0)), deployments});
+    }
+    std::cout << table.render();
+    if (table.empty()) std::cerr << "no status reports from " << *log_id << " yet\n";
     exit_code = kExitOk;
   });
 

@@ -58,6 +58,13 @@ struct Device {
   bool cordoned = false;
 };
 
+// One status report as a device sent it (see record_device_status).
+struct StatusReport {
+  int64_t seq = 0;
+  int64_t received_at = 0;
+  std::string status_json;
+};
+
 struct DeviceFilter {
   std::optional<std::string> site;  // exact site name
   Labels labels;                    // every label must match exactly
@@ -156,9 +163,20 @@ class Store {
                                                              const std::string& desired_json,
                                                              const std::string& desired_hash,
                                                              const std::string& schedule_json) = 0;
-  [[nodiscard]] virtual Status record_device_status(const std::string& id,
-                                                    const std::string& status_json,
-                                                    int64_t now_ms) = 0;
+  // Records a status report. Reports with seq > 0 are also appended to the device's status
+  // log (a seq already logged is ignored: agents resend when an answer was lost), and only
+  // the newest keep_log entries stay. devices.status_json follows the highest seq seen, so a
+  // late, older report never replaces a newer one; seq 0 (no seq) always replaces it.
+  // Returns false when the report was a duplicate. kNotFound when the device does not exist.
+  [[nodiscard]] virtual Result<bool> record_device_status(const std::string& id, int64_t seq,
+                                                          const std::string& status_json,
+                                                          int64_t now_ms, int64_t keep_log) = 0;
+  // The newest `limit` logged reports of a device, oldest first.
+  [[nodiscard]] virtual Result<std::vector<StatusReport>> list_device_status_log(
+      const std::string& id, int64_t limit) = 0;
+  // Replaces the device's hardware facts (the agent reports a change).
+  [[nodiscard]] virtual Status update_device_facts(const std::string& id,
+                                                   const std::string& facts_json) = 0;
   [[nodiscard]] virtual Status touch_device(const std::string& id, int64_t now_ms) = 0;
   // Many last_seen updates in one transaction (the sync path batches them). last_seen never
   // goes back; ids that no longer exist are skipped. Returns how many devices were updated.

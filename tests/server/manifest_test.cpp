@@ -241,6 +241,28 @@ TEST(ManifestTest, NormalizedFormValidatesToItself) {
   EXPECT_EQ(again.spec_hash(), m.spec_hash());
   EXPECT_EQ(m.normalized["spec"]["rollout"]["max_unavailable"], "10%");
   EXPECT_EQ(m.normalized["spec"]["workload"]["health"]["timeout"], "5s");
+  EXPECT_EQ(m.normalized["spec"]["workload"]["health"]["deadline"], "1m");
+  EXPECT_EQ(m.normalized["spec"]["workload"]["stop_grace"], "10s");
+}
+
+TEST(ManifestTest, WorkloadPortGraceDeadlineAndResources) {
+  json doc = must_parse(kDesignYaml).normalized;
+  doc["spec"]["workload"]["port"] = 8080;
+  doc["spec"]["workload"]["stop_grace"] = "3s";
+  doc["spec"]["workload"]["health"]["deadline"] = "20s";
+  doc["spec"]["workload"]["resources"] = {{"memory", "256M"}, {"cpus", 0.5}, {"open_files", 1024}};
+  Manifest m = must_validate(doc);
+  ASSERT_TRUE(m.workload.has_value());
+  EXPECT_EQ(m.workload->port, 8080);
+  EXPECT_EQ(m.workload->stop_grace_ms, 3'000);
+  EXPECT_EQ(m.workload->health->deadline_ms, 20'000);
+  EXPECT_EQ(m.workload->resources.memory_bytes, 256LL << 20);
+  EXPECT_EQ(m.workload->resources.cpus, 0.5);
+  EXPECT_EQ(m.workload->resources.open_files, 1024);
+  // "256M" and its byte count mean the same thing: same normalized form, same hash.
+  doc["spec"]["workload"]["resources"]["memory"] = std::to_string(256LL << 20);
+  EXPECT_EQ(must_validate(doc).spec_hash(), m.spec_hash());
+  EXPECT_EQ(must_validate(m.normalized).normalized, m.normalized);
 }
 
 struct Refusal {
@@ -329,6 +351,20 @@ const Refusal kRefusals[] = {
      "spec.rollout.bake: expected a duration like 10m or 1h30m, got \"ten\"", true},
     {"duration_without_unit", [](json& d) { spec(d)["rollout"]["bake"] = 10; }, "spec.rollout.bake",
      "expected a duration like 10m, got 10"},
+    {"port_out_of_range", [](json& d) { spec(d)["workload"]["port"] = 70000; },
+     "spec.workload.port", "expected a port from 1 to 65535"},
+    {"tiny_memory",
+     [](json& d) {
+       spec(d)["workload"]["resources"] = {{"memory", "12K"}};
+     },
+     "spec.workload.resources.memory", "expected a size of at least 1M"},
+    {"unknown_resource",
+     [](json& d) {
+       spec(d)["workload"]["resources"] = {{"gpus", 1}};
+     },
+     "spec.workload.resources.gpus", "unknown field"},
+    {"zero_deadline", [](json& d) { spec(d)["workload"]["health"]["deadline"] = "0s"; },
+     "spec.workload.health.deadline", "expected a duration over 0s"},
     {"bad_health_period", [](json& d) { spec(d)["workload"]["health"]["period"] = "1.5s"; },
      "spec.workload.health.period", "expected a duration like 10m"},
     {"bad_window_hour", [](json& d) { spec(d)["rollout"]["window"] = "25:00-04:00"; },

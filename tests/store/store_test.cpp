@@ -419,9 +419,51 @@ TEST_P(StoreTest, DesiredStateGenerationGrowsOnlyOnRealChange) {
   EXPECT_EQ(missing.error().message, "device ghost not found");
 }
 
+Status as_status(const Result<bool>& result) {
+  if (!result) return make_error(result.error());
+  return ok();
+}
+
+TEST_P(StoreTest, StatusLogKeepsReportsInSeqOrderAndIgnoresDuplicatesAndStaleOnes) {
+  add_device(device("cam-01"));
+  // Sent in order 1, 2, 4, then 3 arrives late and 2 is resent.
+  for (int64_t seq : {1, 2, 4}) {
+    auto fresh = store_->record_device_status(
+        "cam-01", seq, R"({"seq":)" + std::to_string(seq) + "}", 100 + seq, 3);
+    ASSERT_OK(fresh);
+    EXPECT_TRUE(*fresh);
+  }
+  auto late = store_->record_device_status("cam-01", 3, R"({"seq":3})", 200, 3);
+  ASSERT_OK(late);
+  EXPECT_TRUE(*late);
+  auto again = store_->record_device_status("cam-01", 2, R"({"seq":2})", 201, 3);
+  ASSERT_OK(again);
+  EXPECT_FALSE(*again);  // duplicate, and trimmed away or not it must not come back
+
+  auto dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->status_json, R"({"seq":4})");  // the late seq 3 did not replace seq 4
+
+  auto log = store_->list_device_status_log("cam-01", 10);
+  ASSERT_OK(log);
+  std::vector<int64_t> seqs;
+  for (const auto& report : *log) seqs.push_back(report.seq);
+  EXPECT_EQ(seqs, (std::vector<int64_t>{2, 3, 4}));  // keep_log 3: the oldest went
+  EXPECT_EQ(log->back().status_json, R"({"seq":4})");
+  auto newest = store_->list_device_status_log("cam-01", 1);
+  ASSERT_OK(newest);
+  ASSERT_EQ(newest->size(), 1u);
+  EXPECT_EQ(newest->front().seq, 4);
+
+  ASSERT_OK(store_->update_device_facts("cam-01", R"({"arch":"arm64"})"));
+  dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->facts_json, R"({"arch":"arm64"})");
+}
+
 TEST_P(StoreTest, RecordsStatusLastSeenAndCordon) {
   add_device(device("cam-01"));
-  ASSERT_OK(store_->record_device_status("cam-01", R"({"healthy":true})", 7000));
+  ASSERT_OK(store_->record_device_status("cam-01", 0, R"({"healthy":true})", 7000, 10));
   ASSERT_OK(store_->touch_device("cam-01", 8000));
   ASSERT_OK(store_->touch_device("cam-01", 7500));  // late request: last_seen must not go back
   ASSERT_OK(store_->set_device_cordoned("cam-01", true));
@@ -438,8 +480,9 @@ TEST_P(StoreTest, RecordsStatusLastSeenAndCordon) {
   EXPECT_FALSE((*dev)->cordoned);
 
   for (const Status& status :
-       {store_->record_device_status("ghost", "{}", 1), store_->touch_device("ghost", 1),
-        store_->set_device_cordoned("ghost", true)}) {
+       {as_status(store_->record_device_status("ghost", 1, "{}", 1, 10)),
+        store_->touch_device("ghost", 1), store_->set_device_cordoned("ghost", true),
+        store_->update_device_facts("ghost", "{}")}) {
     ASSERT_FALSE(status);
     EXPECT_EQ(status.error().code, Errc::kNotFound);
     EXPECT_EQ(status.error().message, "device ghost not found");

@@ -133,15 +133,49 @@ void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) 
   });
 }
 
+// How many reports the server keeps per device (the agent's offline queue is bounded too).
+constexpr int64_t kStatusLogKeep = 500;
+
+// The agent sends {"seq":N,"generation":G,"deployments":[...],"facts":{...}?}; facts only
+// when they changed (new hardware, a GPU driver installed), which reschedules the device.
 Result<http::Response> post_status(ApiContext& ctx, const http::Request& req,
                                    const Caller& caller) {
   auto doc = parse_json_body(req.body);
   if (!doc) return make_error(doc.error());
   if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "status: expected an object");
-  (*doc)["received_at"] = ctx.clock.now_ms();
-  ctx.sessions.seen(caller.device_id, ctx.clock.now_ms());
-  OUTPOST_TRY(ctx.store.record_device_status(caller.device_id, doc->dump(), ctx.clock.now_ms()));
-  return json_response(200, {{"ok", true}});
+  int64_t seq = 0;
+  if (auto it = doc->find("seq"); it != doc->end()) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 1) {
+      return make_error(Errc::kInvalidArgument, "seq: expected an integer >= 1", "seq");
+    }
+    seq = it->get<int64_t>();
+  }
+  std::optional<nlohmann::json> facts;
+  if (auto it = doc->find("facts"); it != doc->end()) {
+    if (!it->is_object())
+      return make_error(Errc::kInvalidArgument, "facts: expected an object", "facts");
+    facts = std::move(*it);
+    doc->erase("facts");
+  }
+  const int64_t now = ctx.clock.now_ms();
+  (*doc)["received_at"] = now;
+  ctx.sessions.seen(caller.device_id, now);
+  auto fresh =
+      ctx.store.record_device_status(caller.device_id, seq, doc->dump(), now, kStatusLogKeep);
+  if (!fresh) return make_error(fresh.error());
+  if (facts) {
+    auto device = ctx.store.get_device(caller.device_id);
+    if (!device) return make_error(device.error());
+    if (*device && nlohmann::json::parse((*device)->facts_json, nullptr, false) != *facts) {
+      OUTPOST_TRY(ctx.store.update_device_facts(caller.device_id, facts->dump()));
+      auto summary = ctx.desired.reconcile_device(caller.device_id);
+      if (!summary) {
+        spdlog::warn("rescheduling device {} after new facts: {}", caller.device_id,
+                     summary.error().message);
+      }
+    }
+  }
+  return json_response(200, {{"ok", true}, {"seq", seq}, {"duplicate", !*fresh}});
 }
 
 }  // namespace

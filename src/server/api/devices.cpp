@@ -1,4 +1,6 @@
 // /api/v1/devices: what the fleet looks like, device by device.
+#include <cstdlib>
+
 #include "server/api/api.h"
 #include "server/desired_states.h"
 
@@ -88,6 +90,32 @@ Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Cal
   return json_response(200, out);
 }
 
+// The device's status reports in its own order (what happened while it was offline).
+Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, const Caller&) {
+  const std::string& id = req.params.at("id");
+  int64_t limit = 50;
+  if (auto text = req.query_param("limit")) {
+    char* end = nullptr;
+    limit = std::strtoll(text->c_str(), &end, 10);
+    if (text->empty() || *end != '\0' || limit < 1 || limit > 500) {
+      return make_error(Errc::kInvalidArgument,
+                        "limit: expected an integer from 1 to 500, got \"" + *text + "\"", "limit");
+    }
+  }
+  auto device = ctx.store.get_device(id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
+  auto log = ctx.store.list_device_status_log(id, limit);
+  if (!log) return make_error(log.error());
+  nlohmann::json reports = nlohmann::json::array();
+  for (const auto& r : *log) {
+    reports.push_back({{"seq", r.seq},
+                       {"received_at", r.received_at},
+                       {"status", parse_or_empty(r.status_json)}});
+  }
+  return json_response(200, {{"device", id}, {"reports", reports}});
+}
+
 Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, const Caller& caller,
                                   bool cordoned) {
   const std::string& id = req.params.at("id");
@@ -101,6 +129,8 @@ Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, con
 void register_device_routes(http::Router& router, ApiContext& ctx) {
   add_operator_route(router, ctx, "GET", "/api/v1/devices", Role::kViewer, list);
   add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}", Role::kViewer, show);
+  add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}/status-log", Role::kViewer,
+                     status_log);
   add_operator_route(router, ctx, "POST", "/api/v1/devices/{id}/cordon", Role::kOperator,
                      [](ApiContext& c, const http::Request& r, const Caller& caller) {
                        return set_cordon(c, r, caller, true);

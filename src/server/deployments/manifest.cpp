@@ -857,7 +857,7 @@ Status validate_serve(const json& v, Manifest& m, json& out) {
 
 Status validate_health(const json& v, Manifest::Workload& w, json& out) {
   const std::string path = "spec.workload.health";
-  OUTPOST_TRY(expect_map(v, path, {"http", "exec", "period", "timeout"}));
+  OUTPOST_TRY(expect_map(v, path, {"http", "exec", "period", "timeout", "deadline"}));
   Manifest::Health health;
   const json* http = find(v, "http");
   const json* exec = find(v, "exec");
@@ -899,15 +899,24 @@ Status validate_health(const json& v, Manifest::Workload& w, json& out) {
     if (*ms <= 0) return field_error(child(path, "timeout"), "expected a duration over 0s");
     health.timeout_ms = *ms;
   }
+  if (const json* deadline = find(v, "deadline")) {
+    auto ms = get_duration(*deadline, child(path, "deadline"));
+    if (!ms) return make_error(ms.error());
+    if (*ms <= 0) return field_error(child(path, "deadline"), "expected a duration over 0s");
+    health.deadline_ms = *ms;
+  }
   out["period"] = format_duration(health.period_ms);
   out["timeout"] = format_duration(health.timeout_ms);
+  out["deadline"] = format_duration(health.deadline_ms);
   w.health = std::move(health);
   return ok();
 }
 
 Status validate_workload(const json& v, Manifest& m, json& out) {
   const std::string path = "spec.workload";
-  OUTPOST_TRY(expect_map(v, path, {"bundle", "command", "env", "health", "restart"}));
+  OUTPOST_TRY(expect_map(
+      v, path,
+      {"bundle", "command", "env", "health", "restart", "port", "stop_grace", "resources"}));
   Manifest::Workload w;
   out = json::object();
   if (const json* bundle = find(v, "bundle")) {
@@ -957,6 +966,48 @@ Status validate_workload(const json& v, Manifest& m, json& out) {
               : restart == "never" ? Manifest::Restart::kNever
                                    : Manifest::Restart::kOnFailure;
   out["restart"] = restart;
+  if (const json* port = find(v, "port")) {
+    auto n = get_int(*port, child(path, "port"), 1);
+    if (!n) return make_error(n.error());
+    if (*n > 65535) return field_error(child(path, "port"), "expected a port from 1 to 65535");
+    w.port = *n;
+    out["port"] = *n;
+  }
+  if (const json* grace = find(v, "stop_grace")) {
+    auto ms = get_duration(*grace, child(path, "stop_grace"));
+    if (!ms) return make_error(ms.error());
+    w.stop_grace_ms = *ms;
+  }
+  out["stop_grace"] = format_duration(w.stop_grace_ms);
+  if (const json* res = find(v, "resources")) {
+    const std::string at = child(path, "resources");
+    OUTPOST_TRY(expect_map(*res, at, {"memory", "cpus", "open_files"}));
+    json res_out = json::object();
+    if (const json* mem = find(*res, "memory")) {
+      auto text = get_string(*mem, child(at, "memory"));
+      if (!text) return make_error(text.error());
+      auto bytes = parse_size_bytes(*text);
+      if (!bytes || *bytes < (1 << 20)) {
+        return field_error(child(at, "memory"),
+                           "expected a size of at least 1M like 256M, got " + quote_text(*text));
+      }
+      w.resources.memory_bytes = *bytes;
+      res_out["memory"] = std::to_string(*bytes);  // canonical: bytes
+    }
+    if (const json* cpus = find(*res, "cpus")) {
+      auto n = get_positive_number(*cpus, child(at, "cpus"));
+      if (!n) return make_error(n.error());
+      w.resources.cpus = *n;
+      res_out["cpus"] = *n;
+    }
+    if (const json* files = find(*res, "open_files")) {
+      auto n = get_int(*files, child(at, "open_files"), 16);
+      if (!n) return make_error(n.error());
+      w.resources.open_files = *n;
+      res_out["open_files"] = *n;
+    }
+    out["resources"] = std::move(res_out);
+  }
   m.workload = std::move(w);
   return ok();
 }

@@ -52,6 +52,13 @@ struct Manifest {
     std::vector<std::string> exec;    // command whose exit code 0 means healthy
     int64_t period_ms = 10'000;
     int64_t timeout_ms = 5'000;
+    // A new version must pass its first check within this, or the agent rolls it back.
+    int64_t deadline_ms = 60'000;
+  };
+  struct Resources {
+    std::optional<int64_t> memory_bytes;
+    std::optional<double> cpus;  // fraction of cores, e.g. 0.5
+    std::optional<int64_t> open_files;
   };
   enum class Restart { kAlways, kOnFailure, kNever };
   struct Workload {
@@ -60,6 +67,11 @@ struct Manifest {
     std::map<std::string, std::string> env;
     std::optional<Health> health;
     Restart restart = Restart::kOnFailure;
+    // Where it listens (health.http polls it); absent: the agent picks a free port. Either way
+    // the workload gets it as OUTPOST_PORT.
+    std::optional<int64_t> port;
+    int64_t stop_grace_ms = 10'000;  // SIGTERM, then SIGKILL after this
+    Resources resources;
   };
   struct Placement {
     bool per_device = true;

@@ -539,8 +539,12 @@ class SqliteStore final : public Store {
   Result<int64_t> update_desired_state(const std::string& id, const std::string& desired_json,
                                        const std::string& desired_hash,
                                        const std::string& schedule_json) override;
-  Status record_device_status(const std::string& id, const std::string& status_json,
-                              int64_t now_ms) override;
+  Result<bool> record_device_status(const std::string& id, int64_t seq,
+                                    const std::string& status_json, int64_t now_ms,
+                                    int64_t keep_log) override;
+  Result<std::vector<StatusReport>> list_device_status_log(const std::string& id,
+                                                           int64_t limit) override;
+  Status update_device_facts(const std::string& id, const std::string& facts_json) override;
   Status touch_device(const std::string& id, int64_t now_ms) override;
   Result<int64_t> touch_devices(const std::vector<std::pair<std::string, int64_t>>& seen) override;
   Status set_device_cordoned(const std::string& id, bool cordoned) override;
@@ -919,14 +923,92 @@ Result<int64_t> SqliteStore::update_desired_state(const std::string& id,
   });
 }
 
-Status SqliteStore::record_device_status(const std::string& id, const std::string& status_json,
-                                         int64_t now_ms) {
-  return locked("recording status of device", id, [&]() -> Status {
-    auto stmt = conn_.prepare("UPDATE devices SET status_json = ?, status_at = ? WHERE id = ?");
+Result<bool> SqliteStore::record_device_status(const std::string& id, int64_t seq,
+                                               const std::string& status_json, int64_t now_ms,
+                                               int64_t keep_log) {
+  return locked("recording status of device", id, [&]() -> Result<bool> {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    int64_t current_seq = 0;
+    {
+      auto stmt = conn_.prepare("SELECT status_seq FROM devices WHERE id = ?");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      auto row = stmt->bind(id).step();
+      if (!row) {
+        return make_error(std::move(row).error());
+      }
+      if (!*row) {
+        return make_error(Errc::kNotFound, "device " + id + " not found");
+      }
+      current_seq = stmt->int64(0);
+    }
+    if (seq > 0) {
+      auto insert = conn_.prepare(
+          "INSERT OR IGNORE INTO device_status_log (device_id, seq, received_at, status_json)"
+          " VALUES (?, ?, ?, ?)");
+      if (!insert) {
+        return make_error(std::move(insert).error());
+      }
+      OUTPOST_TRY(insert->bind(id, seq, now_ms, status_json).run());
+      if (conn_.changes() == 0) {
+        OUTPOST_TRY(txn->commit());
+        return false;
+      }
+      auto trim = conn_.prepare(
+          "DELETE FROM device_status_log WHERE device_id = ? AND seq <= (SELECT seq FROM"
+          " device_status_log WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)");
+      if (!trim) {
+        return make_error(std::move(trim).error());
+      }
+      OUTPOST_TRY(trim->bind(id, id, keep_log).run());
+    }
+    if (seq == 0 || seq > current_seq) {
+      auto stmt = conn_.prepare(
+          "UPDATE devices SET status_json = ?, status_at = ?, status_seq = ? WHERE id = ?");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      OUTPOST_TRY(stmt->bind(status_json, now_ms, std::max(seq, current_seq), id).run());
+    }
+    OUTPOST_TRY(txn->commit());
+    return true;
+  });
+}
+
+Result<std::vector<StatusReport>> SqliteStore::list_device_status_log(const std::string& id,
+                                                                      int64_t limit) {
+  return locked("listing status log of device", id, [&]() -> Result<std::vector<StatusReport>> {
+    auto stmt = conn_.prepare(
+        "SELECT seq, received_at, status_json FROM (SELECT * FROM device_status_log"
+        " WHERE device_id = ? ORDER BY seq DESC LIMIT ?) ORDER BY seq");
     if (!stmt) {
       return make_error(std::move(stmt).error());
     }
-    OUTPOST_TRY(stmt->bind(status_json, now_ms, id).run());
+    stmt->bind(id, limit);
+    std::vector<StatusReport> out;
+    while (true) {
+      auto row = stmt->step();
+      if (!row) {
+        return make_error(std::move(row).error());
+      }
+      if (!*row) break;
+      out.push_back({stmt->int64(0), stmt->int64(1), stmt->text(2)});
+    }
+    return out;
+  });
+}
+
+Status SqliteStore::update_device_facts(const std::string& id, const std::string& facts_json) {
+  return locked("updating facts of device", id, [&]() -> Status {
+    auto stmt = conn_.prepare("UPDATE devices SET facts_json = ? WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(facts_json, id).run());
     return expect_changed("device " + id);
   });
 }
