@@ -39,10 +39,12 @@ size_t write_header(char* data, size_t size, size_t count, void* user) {
 
 struct ProgressContext {
   const std::function<void(uint64_t, uint64_t)>* callback;
+  const std::atomic<bool>* cancel;
 };
 
 int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t ultotal, curl_off_t ulnow) {
   auto* ctx = static_cast<ProgressContext*>(user);
+  if (ctx->cancel && ctx->cancel->load()) return 1;  // aborts the transfer
   if (ctx->callback && *ctx->callback) {
     (*ctx->callback)(static_cast<uint64_t>(ulnow), static_cast<uint64_t>(ultotal));
   }
@@ -51,8 +53,10 @@ int on_progress(void* user, curl_off_t, curl_off_t, curl_off_t ultotal, curl_off
 
 }  // namespace
 
-HttpClient::HttpClient(std::string base_url, std::string bearer_token)
-    : base_url_(std::move(base_url)), token_(std::move(bearer_token)) {
+HttpClient::HttpClient(std::string base_url, std::string bearer_token, std::string ca_file)
+    : base_url_(std::move(base_url)),
+      token_(std::move(bearer_token)),
+      ca_file_(std::move(ca_file)) {
   global_init();
   while (!base_url_.empty() && base_url_.back() == '/') base_url_.pop_back();
   curl_ = curl_easy_init();
@@ -89,7 +93,13 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
 
   FILE* upload = nullptr;
-  ProgressContext progress{&options.on_progress};
+  ProgressContext progress{&options.on_progress, options.cancel};
+  if (!ca_file_.empty()) curl_easy_setopt(curl, CURLOPT_CAINFO, ca_file_.c_str());
+  if (options.cancel) {
+    curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);
+    curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, on_progress);
+    curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &progress);
+  }
   if (!options.upload_file.empty()) {
     upload = std::fopen(options.upload_file.c_str(), "rb");
     if (!upload) {
@@ -116,6 +126,9 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   CURLcode rc = curl_easy_perform(curl);
   curl_slist_free_all(headers);
   if (upload) std::fclose(upload);
+  if (rc == CURLE_ABORTED_BY_CALLBACK) {
+    return make_error(Errc::kUnavailable, "request to " + base_url_ + " cancelled");
+  }
   if (rc != CURLE_OK) {
     return make_error(rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable,
                       "cannot reach the server at " + base_url_ + ": " + curl_easy_strerror(rc));

@@ -2,6 +2,7 @@
 // file uploads, and errors that say which server could not be reached and why.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -23,13 +24,19 @@ struct HttpRequestOptions {
   int64_t timeout_ms = 30'000;
   std::string upload_file;  // when set, the body is streamed from this file
   std::function<void(uint64_t sent, uint64_t total)> on_progress;
+  // When set and it turns true, the request is abandoned (kUnavailable, "cancelled") within ~1 s:
+  // lets a thread parked in a long-poll shut down promptly.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 // Not thread-safe: one client per thread (it reuses one connection).
 class HttpClient {
  public:
-  // base_url like "http://127.0.0.1:7400"; bearer token may be empty.
-  HttpClient(std::string base_url, std::string bearer_token);
+  // base_url like "http://127.0.0.1:7400"; bearer token may be empty. ca_file: a PEM bundle
+  // to trust instead of the system's (self-signed control planes); empty = system CAs.
+  // Proxies come from the environment as libcurl reads it (HTTPS_PROXY, https_proxy,
+  // NO_PROXY...).
+  HttpClient(std::string base_url, std::string bearer_token, std::string ca_file = {});
   ~HttpClient();
   HttpClient(const HttpClient&) = delete;
   HttpClient& operator=(const HttpClient&) = delete;
@@ -46,6 +53,7 @@ class HttpClient {
  private:
   std::string base_url_;
   std::string token_;
+  std::string ca_file_;
   void* curl_ = nullptr;
 };
 

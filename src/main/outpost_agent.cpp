@@ -1,21 +1,185 @@
-// `outpost-agent`: the device agent. This build knows its command line; enrollment, sync,
-// downloads and workloads arrive with the agent work (see the README's status section).
+// `outpost-agent`: the device agent. Argument parsing and wiring only; the work is in src/agent.
+#include <csignal>
+#include <cstdio>
 #include <iostream>
 
+#include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
+#include "agent/agent.h"
+#include "agent/facts.h"
+#include "agent/identity.h"
+#include "common/crypto.h"
+#include "common/durable_file.h"
+#include "common/http_client.h"
+#include "common/units.h"
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+void on_signal(int) { g_stop = true; }
+
+constexpr int kExitOk = 0;
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+int fail(int code, const std::string& message) {
+  std::cerr << "outpost-agent: " << message << "\n";
+  return code;
+}
+
+// `outpost-agent status`: asks the running agent's local API what it runs.
+int print_status(const std::string& address, bool as_json) {
+  outpost::HttpClient client("http://" + address, "");
+  outpost::HttpRequestOptions options;
+  options.timeout_ms = 5'000;
+  auto resp = client.request("GET", "/v1/status", {}, {}, options);
+  if (!resp)
+    return fail(kExitFailure, "no agent answers at " + address + ": " + resp.error().message);
+  if (resp->status != 200) {
+    return fail(kExitFailure,
+                "agent at " + address + " answered HTTP " + std::to_string(resp->status));
+  }
+  if (as_json) {
+    std::cout << resp->body;
+    return kExitOk;
+  }
+  auto doc = nlohmann::json::parse(resp->body, nullptr, false);
+  if (!doc.is_object()) return fail(kExitFailure, "agent at " + address + " sent invalid JSON");
+  std::cout << "Device:     " << doc.value("device_id", "?") << " (site " << doc.value("site", "?")
+            << ")\n"
+            << "Server:     " << doc.value("server", "?") << "  "
+            << (doc.value("online", false) ? "online" : "OFFLINE");
+  if (!doc.value("link_error", "").empty()) std::cout << " (" << doc.value("link_error", "") << ")";
+  std::cout << "\nGeneration: " << doc.value("generation", 0) << "\n"
+            << "Queued:     " << doc.value("status_queued", 0) << " status report(s)\n";
+  std::printf("%-24s %-8s %-12s %-8s %-10s %s\n", "DEPLOYMENT", "REVISION", "PHASE", "RESTARTS",
+              "FETCHED", "MESSAGE");
+  for (const auto& d : doc.value("deployments", nlohmann::json::array())) {
+    std::printf("%-24s %-8lld %-12s %-8d %-10s %s\n", d.value("name", "").c_str(),
+                static_cast<long long>(d.value("revision", 0LL)), d.value("phase", "").c_str(),
+                d.value("restarts", 0),
+                outpost::format_size(d.value("bytes_downloaded", 0LL)).c_str(),
+                d.value("message", "").c_str());
+  }
+  if (doc.value("deployments", nlohmann::json::array()).empty()) std::cout << "(no deployments)\n";
+  return kExitOk;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  CLI::App app{"Outpost device agent", "outpost-agent"};
-  app.set_version_flag("--version", "outpost-agent 0.1.0");
-  std::string server, token, data, site, listen = "127.0.0.1:7410";
+  CLI::App app{
+      "Outpost device agent: enrolls this device, keeps its desired state (also offline), fetches\n"
+      "and verifies artifacts, activates them atomically with automatic rollback, and supervises\n"
+      "workloads.\n\n"
+      "First start:  outpost-agent --server URL --enroll-token TOKEN --data DIR [--label k=v]...\n"
+      "Later starts: outpost-agent --data DIR\n"
+      "What it runs: outpost-agent status [--listen ADDR]",
+      "outpost-agent"};
+  app.set_version_flag("--version", std::string("outpost-agent ") + outpost::agent::kAgentVersion);
+  std::string server, token, data, site, listen = "127.0.0.1:7410", rate, budget, ca_file, cgroup,
+                                         log_level = "info", status_period = "60s";
   std::vector<std::string> labels;
-  app.add_option("--server", server, "Control plane URL");
-  app.add_option("--enroll-token", token, "Enrollment token (first start only)");
-  app.add_option("--data", data, "Data directory");
-  app.add_option("--site", site, "Site (must match the token's)");
-  app.add_option("--label", labels, "Label k=v (repeatable)");
-  app.add_option("--listen", listen, "Local API address");
+  int parallel = 2;
+  app.add_option("--server", server, "Control plane URL (first start), e.g. http://10.0.0.5:7400");
+  app.add_option("--enroll-token", token,
+                 "Enrollment token from 'outpost token create' (first start)");
+  app.add_option("--data", data, "Data directory: identity, desired state, artifacts, logs");
+  app.add_option("--site", site, "Site; must match the token's (first start)");
+  app.add_option("--label", labels, "Label k=v, adds to or overrides the token's (first start)");
+  app.add_option("--listen", listen, "Local API address (GET /v1/status)")->capture_default_str();
+  app.add_option("--max-download-rate", rate, "Cap on download speed per second, e.g. 1M, 500K");
+  app.add_option("--disk-budget", budget, "Most disk the artifacts may use, e.g. 2G");
+  app.add_option("--max-parallel-downloads", parallel, "Downloads at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 16));
+  app.add_option("--ca-file", ca_file, "PEM CA bundle to trust for an HTTPS control plane");
+  app.add_option("--cgroup-parent", cgroup,
+                 "Delegated cgroup v2 directory for workload limits (else rlimits)");
+  app.add_option("--status-period", status_period, "Periodic status report interval")
+      ->capture_default_str();
+  app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
+  auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
+  bool as_json = false;
+  status_cmd->add_flag("-o,--json", as_json, "Print the local API's JSON");
+  app.require_subcommand(0, 1);
   CLI11_PARSE(app, argc, argv);
-  std::cerr << "outpost-agent: the device agent is not implemented in this build yet\n";
-  return 1;
+
+  if (status_cmd->parsed()) {
+    if (!data.empty() && app.get_option("--listen")->count() == 0) {
+      if (auto addr = outpost::read_file(data + "/agent.addr")) listen = *addr;
+    }
+    return print_status(listen, as_json);
+  }
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  if (data.empty()) return fail(kExitUsage, "--data is required (see --help)");
+  outpost::crypto::init();
+
+  outpost::agent::AgentOptions options;
+  options.data_dir = data;
+  options.listen = listen;
+  options.cgroup_parent = cgroup;
+  options.fetch.max_parallel = parallel;
+  if (!rate.empty()) {
+    auto bytes = outpost::parse_size_bytes(rate);
+    if (!bytes || *bytes <= 0)
+      return fail(kExitUsage, "--max-download-rate: expected a size like 1M, got \"" + rate + "\"");
+    options.fetch.max_rate_bytes_per_s = *bytes;
+  }
+  if (!budget.empty()) {
+    auto bytes = outpost::parse_size_bytes(budget);
+    if (!bytes || *bytes <= 0)
+      return fail(kExitUsage, "--disk-budget: expected a size like 2G, got \"" + budget + "\"");
+    options.fetch.disk_budget_bytes = *bytes;
+  }
+  auto period = outpost::parse_duration_ms(status_period);
+  if (!period || *period <= 0)
+    return fail(kExitUsage, "--status-period: expected a duration like 60s");
+  options.status_period_ms = *period;
+
+  auto identity = outpost::agent::load_identity(data);
+  if (!identity && identity.error().code != outpost::Errc::kNotFound) {
+    return fail(kExitFailure, identity.error().message);
+  }
+  if (!identity) {
+    if (server.empty() || token.empty()) {
+      return fail(kExitUsage,
+                  "this device is not enrolled yet: the first start needs --server URL "
+                  "and --enroll-token TOKEN (from 'outpost token create')");
+    }
+    auto parsed = outpost::agent::parse_labels(labels);
+    if (!parsed) return fail(kExitUsage, parsed.error().message);
+    outpost::agent::EnrollRequest request;
+    request.server = server;
+    request.token = token;
+    request.site = site;
+    request.labels = *parsed;
+    request.ca_file = ca_file;
+    outpost::agent::FactsSources sources;
+    sources.data_dir = data;
+    request.facts = outpost::agent::collect_facts(sources, outpost::agent::kAgentVersion);
+    identity = outpost::agent::enroll(data, request);
+    if (!identity) {
+      bool refused = identity.error().code != outpost::Errc::kUnavailable;
+      return fail(refused ? kExitUsage : kExitFailure, identity.error().message);
+    }
+    spdlog::info("enrolled as {} at site {} with {}", identity->device_id, identity->site,
+                 identity->server);
+  } else if (!token.empty()) {
+    spdlog::info("already enrolled as {}; --enroll-token ignored", identity->device_id);
+  }
+
+  std::signal(SIGTERM, on_signal);
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGPIPE, SIG_IGN);
+  outpost::agent::Agent agent(options, *identity);
+  if (auto started = agent.start(); !started) return fail(kExitFailure, started.error().message);
+  const std::string addr =
+      listen.substr(0, listen.rfind(':')) + ":" + std::to_string(agent.local_port());
+  (void)outpost::write_file_durably(data + "/agent.addr", addr);
+  spdlog::info("agent {} running; local API on http://{}", identity->device_id, addr);
+  agent.run(g_stop);
+  spdlog::info("agent stopped");
+  return kExitOk;
 }

@@ -31,16 +31,15 @@ std::string slurp(const std::string& path) {
 }
 
 pid_t spawn(const std::vector<std::string>& argv, const std::map<std::string, std::string>& env,
-            const std::string& stdin_path, const std::string& out_path,
-            const std::string& err_path) {
+            const std::string& stdin_path, const std::string& out_path, const std::string& err_path,
+            bool append = false) {
+  const int out_flags = O_WRONLY | O_CREAT | (append ? O_APPEND : O_TRUNC);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
   posix_spawn_file_actions_addopen(
       &actions, 0, stdin_path.empty() ? "/dev/null" : stdin_path.c_str(), O_RDONLY, 0);
-  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                   0644);
-  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC,
-                                   0644);
+  posix_spawn_file_actions_addopen(&actions, 1, out_path.c_str(), out_flags, 0644);
+  posix_spawn_file_actions_addopen(&actions, 2, err_path.c_str(), out_flags, 0644);
   std::vector<std::string> env_strings;
   for (char** e = environ; *e; ++e) {
     std::string entry = *e;
@@ -113,13 +112,19 @@ ServerProcess::~ServerProcess() {
 }
 
 void ServerProcess::start(const std::vector<std::string>& extra_args) {
-  std::vector<std::string> argv = {bin_dir() + "/outpost", "server", "--listen",
-                                   "127.0.0.1:0",          "--data", data_dir_};
+  // A restart takes the same port again: agents keep the URL they enrolled with.
+  std::vector<std::string> argv = {bin_dir() + "/outpost",
+                                   "server",
+                                   "--listen",
+                                   "127.0.0.1:" + std::to_string(port_),
+                                   "--data",
+                                   data_dir_};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, {}, "", log_path_, log_path_ + ".err");
   ASSERT_GT(pid_, 0) << "cannot start the server";
   const std::regex listening(R"(listening on http://127\.0\.0\.1:(\d+))");
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  const uint16_t previous_port = port_;
   port_ = 0;
   while (std::chrono::steady_clock::now() < deadline) {
     std::smatch m;
@@ -136,6 +141,9 @@ void ServerProcess::start(const std::vector<std::string>& extra_args) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   ASSERT_NE(port_, 0) << "server did not report its port:\n" << log();
+  if (previous_port != 0) {
+    ASSERT_EQ(port_, previous_port) << "restarted server moved to another port";
+  }
   HttpClient client(url(), "");
   while (std::chrono::steady_clock::now() < deadline) {
     auto health = client.request("GET", "/healthz");
@@ -203,6 +211,99 @@ HttpResponse FakeDevice::desired(const std::string& server_url, int64_t known, i
                                  {}, "", options);
   EXPECT_TRUE(response.has_value()) << (response ? "" : response.error().message);
   return response ? *response : HttpResponse{};
+}
+
+AgentProcess::AgentProcess(std::string data_dir)
+    : data_dir_(std::move(data_dir)), log_path_(data_dir_ + ".log") {}
+
+AgentProcess::~AgentProcess() { stop(true); }
+
+void AgentProcess::start(const std::vector<std::string>& args, bool may_exit) {
+  ::unlink((data_dir_ + "/agent.addr").c_str());
+  std::vector<std::string> argv = {bin_dir() + "/outpost-agent",
+                                   "--data",
+                                   data_dir_,
+                                   "--listen",
+                                   "127.0.0.1:0",
+                                   "--log-level",
+                                   "debug"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  {
+    std::ofstream mark(log_path_, std::ios::app);
+    mark << "==== outpost-agent start\n";
+  }
+  pid_ = spawn(argv, {}, "", log_path_, log_path_, /*append=*/true);
+  exit_code_ = -1;
+  ASSERT_GT(pid_, 0) << "cannot start the agent";
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (std::chrono::steady_clock::now() < deadline) {
+    int wstatus = 0;
+    if (::waitpid(pid_, &wstatus, WNOHANG) == pid_) {
+      pid_ = -1;
+      exit_code_ = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+      if (may_exit) return;
+      FAIL() << "agent exited at start with " << exit_code_ << ":\n" << log();
+    }
+    std::string addr = slurp(data_dir_ + "/agent.addr");
+    if (!addr.empty()) {
+      port_ = static_cast<uint16_t>(std::stoi(addr.substr(addr.rfind(':') + 1)));
+      if (!status().is_null()) return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  FAIL() << "agent's local API never answered:\n" << log();
+}
+
+void AgentProcess::stop(bool hard) {
+  if (pid_ <= 0) return;
+  ::kill(pid_, hard ? SIGKILL : SIGTERM);
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  pid_ = -1;
+}
+
+nlohmann::json AgentProcess::status() const {
+  if (port_ == 0) return nullptr;
+  HttpClient client("http://127.0.0.1:" + std::to_string(port_), "");
+  HttpRequestOptions options;
+  options.timeout_ms = 3'000;
+  auto resp = client.request("GET", "/v1/status", {}, {}, options);
+  if (!resp || resp->status != 200) return nullptr;
+  auto doc = nlohmann::json::parse(resp->body, nullptr, false);
+  return doc.is_discarded() ? nlohmann::json() : doc;
+}
+
+nlohmann::json AgentProcess::deployment(const std::string& name) const {
+  auto doc = status();
+  if (!doc.is_object()) return nullptr;
+  for (const auto& d : doc.value("deployments", nlohmann::json::array())) {
+    if (d.value("name", "") == name) return d;
+  }
+  return nullptr;
+}
+
+bool AgentProcess::wait_for(const std::function<bool(const nlohmann::json&)>& done, int timeout_s,
+                            nlohmann::json* last) const {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  nlohmann::json doc;
+  while (std::chrono::steady_clock::now() < deadline) {
+    doc = status();
+    if (doc.is_object() && done(doc)) {
+      if (last) *last = doc;
+      return true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  if (last) *last = doc;
+  return false;
+}
+
+std::string AgentProcess::log() const { return slurp(log_path_); }
+
+std::string AgentProcess::device_id() const {
+  auto doc = nlohmann::json::parse(slurp(data_dir_ + "/identity.json"), nullptr, false);
+  return doc.is_object() ? doc.value("device_id", "") : "";
 }
 
 }  // namespace outpost::e2e

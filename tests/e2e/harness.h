@@ -4,6 +4,7 @@
 
 #include <sys/types.h>
 
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -37,7 +38,8 @@ class ServerProcess {
   ~ServerProcess();
 
   // Starts `outpost server --listen 127.0.0.1:0 --data DIR` and waits for /healthz (listen
-  // port 0 picks a free port; we read the real one from the server's output).
+  // port 0 picks a free port; we read the real one from the server's output). A restart
+  // listens on the same port again, so agents find it where they left it.
   void start(const std::vector<std::string>& extra_args = {});
   // SIGTERM and wait (graceful), or SIGKILL when hard.
   void stop(bool hard = false);
@@ -56,6 +58,40 @@ class ServerProcess {
   std::string data_dir_;
   std::string log_path_;
   pid_t pid_ = -1;
+  uint16_t port_ = 0;
+};
+
+// A real `outpost-agent` with its own data directory and a free local API port.
+class AgentProcess {
+ public:
+  explicit AgentProcess(std::string data_dir);
+  ~AgentProcess();
+
+  // Starts `outpost-agent --data DIR --listen 127.0.0.1:0 --log-level debug <args>` and waits
+  // until its local API answers (or the process exits: then the test fails unless
+  // `may_exit` is set; see exit_code()).
+  void start(const std::vector<std::string>& args = {}, bool may_exit = false);
+  void stop(bool hard = false);  // SIGTERM (graceful) or SIGKILL, and reap
+  bool running() const { return pid_ > 0; }
+  pid_t pid() const { return pid_; }
+  int exit_code() const { return exit_code_; }
+
+  // GET /v1/status (null when the agent does not answer).
+  nlohmann::json status() const;
+  // The deployment's entry in status(), or null.
+  nlohmann::json deployment(const std::string& name) const;
+  // Polls status() until `done` holds; false after timeout_s (the last status is in `last`).
+  bool wait_for(const std::function<bool(const nlohmann::json&)>& done, int timeout_s,
+                nlohmann::json* last = nullptr) const;
+  const std::string& data_dir() const { return data_dir_; }
+  std::string log() const;
+  std::string device_id() const;  // from identity.json
+
+ private:
+  std::string data_dir_;
+  std::string log_path_;
+  pid_t pid_ = -1;
+  int exit_code_ = -1;
   uint16_t port_ = 0;
 };
 

@@ -1,0 +1,174 @@
+#include "agent/activate/revisions.h"
+
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "agent/activate/bundle.h"
+#include "common/digest.h"
+#include "common/durable_file.h"
+
+namespace outpost::agent {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return out;
+  while (dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name != "." && name != "..") out.push_back(name);
+  }
+  ::closedir(d);
+  return out;
+}
+
+void remove_tree(const std::string& path) {
+  std::error_code ec;
+  fs::remove_all(path, ec);
+}
+
+// Model files get a name a runtime recognises: "<model>.<format>", e.g. defect-net.onnx.
+std::string model_file_name(const json& entry) {
+  const json& model = entry["model"];
+  std::string name = model.value("name", "model");
+  std::string format = model.contains("variant") ? model["variant"].value("format", "bin") : "bin";
+  return name + "." + (format.empty() ? "bin" : format);
+}
+
+}  // namespace
+
+std::string revision_key(const json& entry) {
+  return "r" + std::to_string(entry.value("revision", static_cast<int64_t>(0))) + "-" +
+         sha256_hex(entry.dump()).substr(0, 10);
+}
+
+std::vector<std::string> needed_artifacts(const json& entry) {
+  std::vector<std::string> out;
+  if (entry.contains("model") && entry["model"].contains("variant")) {
+    std::string digest = entry["model"]["variant"].value("artifact", "");
+    if (!digest.empty()) out.push_back(digest);
+  }
+  if (entry.contains("workload") && entry["workload"].is_object()) {
+    std::string bundle = entry["workload"].value("bundle", "");
+    if (!bundle.empty()) out.push_back(bundle);
+  }
+  return out;
+}
+
+DeploymentDir::DeploymentDir(const std::string& data_dir, const std::string& name)
+    : dir_(data_dir + "/deployments/" + name) {}
+
+Result<DeploymentPointers> DeploymentDir::load() const {
+  DeploymentPointers p;
+  auto text = read_file(dir_ + "/state.json");
+  if (!text) {
+    if (text.error().code == Errc::kNotFound) return p;
+    return make_error(text.error());
+  }
+  auto doc = json::parse(*text, nullptr, false);
+  if (!doc.is_object()) return make_error(Errc::kIo, dir_ + "/state.json: not a JSON object");
+  p.current = doc.value("current", "");
+  p.previous = doc.value("previous", "");
+  p.trial = doc.value("trial", false);
+  if (doc.contains("failed") && doc["failed"].is_object()) {
+    for (const auto& [k, v] : doc["failed"].items()) {
+      if (v.is_string()) p.failed[k] = v.get<std::string>();
+    }
+  }
+  return p;
+}
+
+Status DeploymentDir::save(const DeploymentPointers& p) const {
+  OUTPOST_TRY(make_dirs(dir_, 0700));
+  json doc = {
+      {"current", p.current}, {"previous", p.previous}, {"trial", p.trial}, {"failed", p.failed}};
+  return write_file_durably(dir_ + "/state.json", doc.dump());
+}
+
+bool DeploymentDir::prepared(const std::string& key) const {
+  struct stat st {};
+  return !key.empty() && ::stat(revision_path(key).c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+std::string DeploymentDir::model_path(const std::string& key, const json& entry) const {
+  if (!entry.contains("model")) return "";
+  return revision_path(key) + "/model/" + model_file_name(entry);
+}
+
+Status DeploymentDir::prepare(const std::string& key, const json& entry,
+                              const ArtifactStore& artifacts) const {
+  if (prepared(key)) return ok();
+  const std::string tmp = revision_path(key) + ".tmp";
+  remove_tree(tmp);
+  OUTPOST_TRY(make_dirs(tmp, 0700));
+  auto fail = [&](Error error) -> Status {
+    remove_tree(tmp);
+    return make_error(error.with_context("preparing " + key));
+  };
+  if (entry.contains("model") && entry["model"].contains("variant")) {
+    const std::string digest = entry["model"]["variant"].value("artifact", "");
+    if (!artifacts.has(digest)) {
+      return fail(Error{Errc::kNotFound, "artifact " + digest + " is not on the device", ""});
+    }
+    if (auto made = make_dirs(tmp + "/model", 0755); !made) return fail(made.error());
+    const std::string target = tmp + "/model/" + model_file_name(entry);
+    // A hard link costs no space and the blob is immutable; copy where links are not allowed.
+    if (::link(artifacts.path(digest).c_str(), target.c_str()) != 0) {
+      std::error_code ec;
+      fs::copy_file(artifacts.path(digest), target, ec);
+      if (ec) return fail(Error{Errc::kIo, "cannot place the model file: " + ec.message(), ""});
+    }
+  }
+  if (entry.contains("workload") && entry["workload"].is_object()) {
+    const std::string bundle = entry["workload"].value("bundle", "");
+    if (!bundle.empty()) {
+      if (!artifacts.has(bundle)) {
+        return fail(Error{Errc::kNotFound, "bundle " + bundle + " is not on the device", ""});
+      }
+      auto unpacked = unpack_bundle(artifacts.path(bundle), tmp + "/app");
+      if (!unpacked) return fail(unpacked.error());
+    } else if (auto made = make_dirs(tmp + "/app", 0755); !made) {
+      return fail(made.error());
+    }
+  }
+  json config = entry.value("config", json::object());
+  if (auto w = write_file_durably(tmp + "/config.json", config.dump(2) + "\n"); !w) {
+    return fail(w.error());
+  }
+  if (auto w = write_file_durably(tmp + "/entry.json", entry.dump()); !w) return fail(w.error());
+  if (auto f = fsync_path(tmp); !f) return fail(f.error());
+  if (auto r = rename_durably(tmp, revision_path(key)); !r) return fail(r.error());
+  return ok();
+}
+
+void DeploymentDir::remove_except(const std::vector<std::string>& keep) const {
+  for (const auto& name : list_dir(dir_)) {
+    if (name == "state.json" || name == "logs") continue;
+    if (std::find(keep.begin(), keep.end(), name) != keep.end()) continue;
+    remove_tree(dir_ + "/" + name);
+  }
+}
+
+Result<json> DeploymentDir::entry(const std::string& key) const {
+  auto text = read_file(revision_path(key) + "/entry.json");
+  if (!text) return make_error(text.error());
+  auto doc = json::parse(*text, nullptr, false);
+  if (!doc.is_object()) return make_error(Errc::kIo, revision_path(key) + "/entry.json: corrupt");
+  return doc;
+}
+
+std::vector<std::string> list_deployment_dirs(const std::string& data_dir) {
+  return list_dir(data_dir + "/deployments");
+}
+
+void remove_deployment_dir(const std::string& data_dir, const std::string& name) {
+  remove_tree(data_dir + "/deployments/" + name);
+}
+
+}  // namespace outpost::agent

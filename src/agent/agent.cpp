@@ -1,0 +1,650 @@
+#include "agent/agent.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <chrono>
+
+#include <spdlog/spdlog.h>
+
+#include "agent/facts.h"
+#include "common/durable_file.h"
+#include "common/units.h"
+#include "http/http_server.h"
+
+namespace outpost::agent {
+namespace {
+
+using json = nlohmann::json;
+
+int64_t wall_ms() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// A free loopback port for a workload that did not name one.
+int pick_free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return 0;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof(addr);
+  int port = 0;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
+    port = ntohs(addr.sin_port);
+  }
+  ::close(fd);
+  return port;
+}
+
+// "${NAME}" in commands and env values takes the workload's environment; unknown names stay.
+std::string expand(const std::string& text, const std::map<std::string, std::string>& env) {
+  std::string out;
+  size_t i = 0;
+  while (i < text.size()) {
+    if (text.compare(i, 2, "${") == 0) {
+      size_t end = text.find('}', i + 2);
+      if (end != std::string::npos) {
+        auto it = env.find(text.substr(i + 2, end - i - 2));
+        if (it != env.end()) {
+          out += it->second;
+          i = end + 1;
+          continue;
+        }
+      }
+    }
+    out += text[i++];
+  }
+  return out;
+}
+
+int64_t duration_field(const json& obj, const char* key, int64_t fallback) {
+  if (!obj.is_object() || !obj.contains(key) || !obj[key].is_string()) return fallback;
+  auto ms = parse_duration_ms(obj[key].get<std::string>());
+  return ms ? *ms : fallback;
+}
+
+}  // namespace
+
+// One deployment as the event loop sees it.
+struct Agent::Runtime {
+  std::string name;
+  json entry;          // from the desired state; null once the deployment was removed
+  std::string target;  // revision key of `entry`
+  DeploymentDir dir;
+  DeploymentPointers ptr;
+  std::unique_ptr<Supervisor> process;
+  std::string process_key;  // revision the process runs
+  int64_t process_started = 0;
+  int port = 0;
+  std::string phase = "pending";
+  std::string message;
+  int restarts = 0;  // across supervisors of this deployment since the agent started
+  int64_t bytes_downloaded = 0;
+  int64_t retry_at = 0;  // a failed start is tried again then (0 = not waiting)
+  int failures = 0;
+  Runtime(const std::string& data_dir, const std::string& n) : name(n), dir(data_dir, n) {}
+};
+
+Agent::Agent(AgentOptions options, Identity identity)
+    : options_(std::move(options)), identity_(std::move(identity)), artifacts_(options_.data_dir) {}
+
+Agent::~Agent() {
+  if (http_) http_->stop();
+  if (sync_) sync_->stop();
+  if (fetcher_) fetcher_->stop();
+  if (outbox_) outbox_->stop();
+  for (auto& [name, rt] : deployments_) stop_process(*rt);
+}
+
+int64_t Agent::now_ms() const { return wall_ms(); }
+
+void Agent::post(std::function<void()> fn) {
+  {
+    std::lock_guard lock(inbox_mu_);
+    inbox_.push_back(std::move(fn));
+  }
+  inbox_cv_.notify_one();
+}
+
+uint16_t Agent::local_port() const { return http_ ? http_->port() : 0; }
+
+Status Agent::start() {
+  OUTPOST_TRY(artifacts_.init());
+  OUTPOST_TRY(make_dirs(options_.data_dir + "/deployments", 0700));
+  if (auto text = read_file(options_.data_dir + "/facts.json")) {
+    reported_facts_ = json::parse(*text, nullptr, false);
+  }
+  FactsSources sources;
+  sources.data_dir = options_.data_dir;
+  facts_ = collect_facts(sources, kAgentVersion);
+  last_facts_at_ = now_ms();
+
+  // Local state first: a device without network still starts what it ran before.
+  auto saved = load_desired(options_.data_dir, identity_);
+  if (!saved) {
+    spdlog::error("ignoring the saved desired state: {}", saved.error().message);
+  } else if (*saved) {
+    spdlog::info("starting from the saved desired state, generation {}", (*saved)->generation);
+    apply_desired((*saved)->doc, (*saved)->generation);
+  }
+
+  outbox_ = std::make_unique<StatusOutbox>(options_.data_dir, identity_, StatusOutbox::Options{});
+  OUTPOST_TRY(outbox_->init());
+  fetcher_ =
+      std::make_unique<Fetcher>(artifacts_, identity_, options_.fetch, [this] { post([] {}); });
+  sync_ = std::make_unique<DesiredSync>(
+      options_.data_dir, identity_, generation_, options_.sync,
+      [this](const DesiredState& state) {
+        post([this, doc = state.doc, g = state.generation] { apply_desired(doc, g); });
+      },
+      [this](bool online, const std::string& error) {
+        post([this, online, error] {
+          online_ = online;
+          link_error_ = error;
+          if (online) last_sync_ms_ = now_ms();
+        });
+      });
+
+  router_ = std::make_unique<http::Router>();
+  router_->add("GET", "/v1/status", [this](http::Request&&, http::Responder respond) {
+    respond(http::Response::json(200, status().dump(2) + "\n"));
+  });
+  router_->add("GET", "/healthz", [](http::Request&&, http::Responder respond) {
+    respond(http::Response::json(200, R"({"ok":true})"));
+  });
+  http::ServerOptions http_options;
+  http_options.listen = options_.listen;
+  http_options.io_threads = 1;
+  http_ = std::make_unique<http::HttpServer>(http_options, *router_);
+  if (auto started = http_->start(); !started) {
+    return make_error(started.error().with_context("local API on " + options_.listen));
+  }
+
+  reconcile();
+  collect_garbage();
+  publish_snapshot();
+  outbox_->start();
+  fetcher_->start();
+  sync_->start();
+  return ok();
+}
+
+void Agent::run(const std::atomic<bool>& stop) {
+  while (!stop) {
+    std::deque<std::function<void()>> batch;
+    {
+      std::unique_lock lock(inbox_mu_);
+      inbox_cv_.wait_for(lock, std::chrono::milliseconds(500), [this] { return !inbox_.empty(); });
+      batch.swap(inbox_);
+    }
+    for (auto& fn : batch) fn();
+    reconcile();
+    const int64_t now = now_ms();
+    if (now - last_facts_at_ >= options_.facts_period_ms) {
+      FactsSources sources;
+      sources.data_dir = options_.data_dir;
+      facts_ = collect_facts(sources, kAgentVersion);
+      last_facts_at_ = now;
+    }
+    report_if_changed(now - last_report_at_ >= options_.status_period_ms);
+    publish_snapshot();
+  }
+  spdlog::info("stopping: workloads get SIGTERM");
+  if (http_) http_->stop();
+  sync_->stop();
+  fetcher_->stop();
+  for (auto& [name, rt] : deployments_) stop_process(*rt);
+  report_if_changed(false);
+  outbox_->stop();
+}
+
+void Agent::apply_desired(const json& doc, int64_t generation) {
+  generation_ = generation;
+  std::map<std::string, json> wanted;
+  for (const auto& entry : doc["deployments"]) {
+    if (entry.is_object() && entry.contains("name") && entry["name"].is_string()) {
+      wanted[entry["name"].get<std::string>()] = entry;
+    }
+  }
+  for (auto& [name, rt] : deployments_) {
+    if (!wanted.contains(name)) rt->entry = nullptr;
+  }
+  for (auto& [name, entry] : wanted) {
+    auto& rt = deployments_[name];
+    if (!rt) {
+      rt = std::make_unique<Runtime>(options_.data_dir, name);
+      auto pointers = rt->dir.load();
+      if (!pointers) {
+        spdlog::error("deployment {}: {}; starting it afresh", name, pointers.error().message);
+      } else {
+        rt->ptr = *pointers;
+      }
+    }
+    std::string key = revision_key(entry);
+    if (key != rt->target) {
+      rt->retry_at = 0;
+      rt->failures = 0;
+      rt->bytes_downloaded = 0;
+    }
+    rt->entry = entry;
+    rt->target = key;
+  }
+  spdlog::info("desired state generation {}: {} deployment(s)", generation, wanted.size());
+}
+
+void Agent::reconcile() {
+  for (auto it = deployments_.begin(); it != deployments_.end();) {
+    Runtime& rt = *it->second;
+    if (rt.entry.is_null()) {
+      spdlog::info("deployment {} removed: stopping it and deleting its files", rt.name);
+      stop_process(rt);
+      remove_deployment_dir(options_.data_dir, rt.name);
+      it = deployments_.erase(it);
+      collect_garbage();
+      continue;
+    }
+    reconcile_one(rt);
+    ++it;
+  }
+}
+
+Status Agent::save_pointers(Runtime& rt) {
+  auto saved = rt.dir.save(rt.ptr);
+  if (!saved) spdlog::error("deployment {}: {}", rt.name, saved.error().message);
+  return saved;
+}
+
+void Agent::reconcile_one(Runtime& rt) {
+  const std::string& key = rt.target;
+  DeploymentPointers& p = rt.ptr;
+  const int64_t revision = rt.entry.value("revision", static_cast<int64_t>(0));
+
+  // A revision that failed and was rolled back stays off until the desired state moves on.
+  if (auto failed = p.failed.find(key); failed != p.failed.end()) {
+    if (!p.current.empty() && rt.dir.prepared(p.current)) check_current(rt);
+    rt.phase = p.current.empty() ? "failed" : "rolled-back";
+    rt.message = "revision " + std::to_string(revision) + " failed: " + failed->second;
+    if (!p.current.empty()) rt.message += "; running " + p.current + " instead";
+    return;
+  }
+  if (p.current == key && rt.dir.prepared(key)) {
+    check_current(rt);
+    return;
+  }
+
+  // Keep the current revision running while the new one is fetched and prepared.
+  if (!p.current.empty() && rt.dir.prepared(p.current)) ensure_running(rt, p.current);
+  bool missing = false;
+  std::string waiting_phase = "pending";
+  std::string problem;
+  int64_t fetched = 0;
+  for (const auto& digest : needed_artifacts(rt.entry)) {
+    if (artifacts_.has(digest)) {
+      if (auto prog = fetcher_ ? fetcher_->progress(digest) : std::nullopt) {
+        fetched += prog->fetched_bytes;
+      }
+      continue;
+    }
+    missing = true;
+    if (!fetcher_) continue;  // start(): the fetcher comes up right after
+    fetcher_->want(digest);
+    auto prog = fetcher_->progress(digest);
+    if (!prog) continue;
+    fetched += prog->fetched_bytes;
+    using Phase = FetchProgress::Phase;
+    if (prog->phase == Phase::kDownloading) waiting_phase = "downloading";
+    if (prog->phase == Phase::kVerifying) waiting_phase = "verifying";
+    if (prog->phase == Phase::kWaitingRetry) {
+      problem = prog->last_error;
+      if (waiting_phase == "pending") waiting_phase = "failed";
+    }
+    if (prog->phase == Phase::kDownloading && prog->total_bytes > 0 && problem.empty()) {
+      rt.message = format_size(prog->have_bytes) + " of " + format_size(prog->total_bytes) +
+                   (prog->attempts > 1 ? " (resumed)" : "");
+    }
+  }
+  rt.bytes_downloaded = std::max(rt.bytes_downloaded, fetched);
+  if (missing) {
+    rt.phase = waiting_phase;
+    if (!problem.empty()) {
+      rt.message = problem + " (retrying)";
+    } else if (waiting_phase == "pending") {
+      rt.message = "waiting for artifacts";
+    }
+    return;
+  }
+  if (rt.retry_at > now_ms()) return;
+
+  if (auto prepared = rt.dir.prepare(key, rt.entry, artifacts_); !prepared) {
+    rt.phase = "failed";
+    rt.message = prepared.error().message;
+    rt.retry_at = now_ms() + options_.retry_initial_ms;
+    spdlog::error("deployment {}: {}", rt.name, rt.message);
+    return;
+  }
+  // The switch: one durable rewrite of the pointer file. The old revision stays on disk.
+  stop_process(rt);
+  if (!p.current.empty() && p.current != key && rt.dir.prepared(p.current)) {
+    p.previous = p.current;
+  }
+  p.current = key;
+  p.trial = !p.previous.empty();
+  if (!save_pointers(rt)) return;
+  spdlog::info("deployment {}: activated {} (previous {})", rt.name, key,
+               p.previous.empty() ? "none" : p.previous);
+  if (fetcher_) {
+    for (const auto& digest : needed_artifacts(rt.entry)) fetcher_->forget(digest);
+  }
+  rt.failures = 0;
+  check_current(rt);
+  collect_garbage();
+}
+
+void Agent::ensure_running(Runtime& rt, const std::string& key) {
+  if (rt.process && rt.process_key == key) return;
+  if (rt.retry_at > now_ms()) return;
+  auto entry = rt.dir.entry(key);
+  if (!entry) {
+    fail_revision(rt, entry.error().message);
+    return;
+  }
+  if (!entry->contains("workload") || !(*entry)["workload"].is_object()) return;
+  stop_process(rt);
+  const json& w = (*entry)["workload"];
+  const std::string rev_dir = rt.dir.revision_path(key);
+  WorkloadSpec spec;
+  spec.name = rt.name;
+  spec.cwd = rev_dir + "/app";
+  spec.log_dir = rt.dir.path() + "/logs";
+  if (auto made = make_dirs(spec.log_dir, 0700); !made) {
+    fail_revision(rt, made.error().message);
+    return;
+  }
+  rt.port =
+      w.contains("port") && w["port"].is_number_integer() ? w["port"].get<int>() : pick_free_port();
+  std::map<std::string, std::string> env = {
+      {"OUTPOST_DEPLOYMENT", rt.name},
+      {"OUTPOST_REVISION", std::to_string(entry->value("revision", static_cast<int64_t>(0)))},
+      {"OUTPOST_DEVICE_ID", identity_.device_id},
+      {"OUTPOST_CONFIG", rev_dir + "/config.json"},
+      {"OUTPOST_PORT", std::to_string(rt.port)},
+      {"OUTPOST_DATA", rev_dir},
+  };
+  if (entry->contains("model")) {
+    env["OUTPOST_MODEL_PATH"] = rt.dir.model_path(key, *entry);
+    std::string route = "/models/" + rt.name;
+    if (entry->contains("serve") && (*entry)["serve"].is_object()) {
+      route = (*entry)["serve"].value("route", route);
+    }
+    env["OUTPOST_MODEL_URL"] = "http://127.0.0.1:" + std::to_string(local_port()) + route;
+  }
+  if (w.contains("env") && w["env"].is_object()) {
+    for (const auto& [k, v] : w["env"].items()) {
+      if (v.is_string()) env[k] = expand(v.get<std::string>(), env);
+    }
+  }
+  for (const auto& arg : w.value("command", json::array())) {
+    if (arg.is_string()) spec.argv.push_back(expand(arg.get<std::string>(), env));
+  }
+  spec.env = std::move(env);
+  std::string restart = w.value("restart", "on-failure");
+  spec.restart = restart == "always"  ? RestartPolicy::kAlways
+                 : restart == "never" ? RestartPolicy::kNever
+                                      : RestartPolicy::kOnFailure;
+  spec.stop_grace_ms = duration_field(w, "stop_grace", 10'000);
+  if (w.contains("health") && w["health"].is_object()) {
+    const json& h = w["health"];
+    HealthCheck check;
+    if (h.contains("http")) {
+      check.http_path = h.value("http", "/healthz");
+      check.port = rt.port;
+    } else {
+      for (const auto& arg : h.value("exec", json::array())) {
+        if (arg.is_string()) check.exec.push_back(expand(arg.get<std::string>(), spec.env));
+      }
+    }
+    check.period_ms = duration_field(h, "period", 10'000);
+    check.timeout_ms = duration_field(h, "timeout", 5'000);
+    spec.health = check;
+  }
+  if (w.contains("resources") && w["resources"].is_object()) {
+    const json& r = w["resources"];
+    if (r.contains("memory") && r["memory"].is_string()) {
+      if (auto bytes = parse_size_bytes(r["memory"].get<std::string>())) {
+        spec.limits.memory_bytes = *bytes;
+      }
+    }
+    if (r.contains("cpus") && r["cpus"].is_number()) spec.limits.cpus = r["cpus"].get<double>();
+    if (r.contains("open_files") && r["open_files"].is_number_integer()) {
+      spec.limits.open_files = r["open_files"].get<int64_t>();
+    }
+  }
+  spec.cgroup_parent = options_.cgroup_parent;
+  // A process a crashed agent left behind would hold the port and double the work.
+  Supervisor::kill_leftover(spec.log_dir);
+  auto process =
+      std::make_unique<Supervisor>(std::move(spec), [this](const WorkloadEvent&) { post([] {}); });
+  if (auto started = process->start(); !started) {
+    fail_revision(rt, started.error().message);
+    return;
+  }
+  rt.process = std::move(process);
+  rt.process_key = key;
+  rt.process_started = now_ms();
+  rt.phase = "starting";
+  rt.message.clear();
+}
+
+void Agent::check_current(Runtime& rt) {
+  const std::string key = rt.ptr.current;
+  auto entry = rt.dir.entry(key);
+  const bool has_workload =
+      entry && entry->contains("workload") && (*entry)["workload"].is_object();
+  if (!has_workload) {
+    // A model without a companion process: staged and verified is as far as it goes here.
+    if (rt.ptr.trial) {
+      rt.ptr.trial = false;
+      (void)save_pointers(rt);
+    }
+    rt.phase = "running";
+    rt.message =
+        entry && entry->contains("model") ? "model ready at " + rt.dir.model_path(key, *entry) : "";
+    return;
+  }
+  ensure_running(rt, key);
+  if (!rt.process || rt.process_key != key) return;  // waiting for a retry
+  WorkloadEvent ev = rt.process->snapshot();
+  const int64_t deadline =
+      duration_field((*entry)["workload"].value("health", json::object()), "deadline", 60'000);
+  switch (ev.state) {
+    case WorkloadState::kHealthy:
+    case WorkloadState::kUnhealthy:
+      rt.phase = "running";
+      rt.message = ev.state == WorkloadState::kUnhealthy ? "unhealthy: " + ev.message : "";
+      rt.failures = 0;
+      if (rt.ptr.trial && ev.ever_healthy) {
+        rt.ptr.trial = false;  // the new revision proved itself; previous stays for rollback
+        (void)save_pointers(rt);
+        spdlog::info("deployment {}: {} is healthy", rt.name, key);
+      }
+      break;
+    case WorkloadState::kStarting:
+    case WorkloadState::kBackoff:
+      rt.phase = "starting";
+      rt.message = ev.state == WorkloadState::kBackoff ? "restarting after: " + ev.message : "";
+      if (!ev.ever_healthy && now_ms() - rt.process_started > deadline) {
+        fail_revision(rt, "not healthy within " + format_duration_ms(deadline) +
+                              (ev.message.empty() ? "" : " (" + ev.message + ")"));
+      }
+      break;
+    case WorkloadState::kExited:
+      if (!ev.ever_healthy) {
+        fail_revision(rt, "failed to start: " + ev.message);
+      } else {
+        rt.phase = ev.exit_code.value_or(1) == 0 ? "completed" : "failed";
+        rt.message = ev.message;
+      }
+      break;
+    case WorkloadState::kStopped:
+      break;
+  }
+  rt.restarts = std::max(rt.restarts, ev.restarts);
+}
+
+void Agent::fail_revision(Runtime& rt, const std::string& reason) {
+  DeploymentPointers& p = rt.ptr;
+  const std::string failed = p.current;
+  stop_process(rt);
+  if (p.trial && !p.previous.empty() && rt.dir.prepared(p.previous)) {
+    spdlog::error("deployment {}: {} {}; rolling back to {}", rt.name, failed, reason, p.previous);
+    p.failed[failed] = reason;
+    p.current = p.previous;
+    p.previous.clear();
+    p.trial = false;
+    (void)save_pointers(rt);
+    ensure_running(rt, p.current);
+    rt.phase = "rolled-back";
+    return;
+  }
+  // Nothing to go back to: say so, and try again later (the cause may be outside, e.g. a camera).
+  ++rt.failures;
+  int64_t delay = options_.retry_initial_ms;
+  for (int i = 1; i < rt.failures && delay < options_.retry_max_ms; ++i) delay *= 2;
+  delay = std::min(delay, options_.retry_max_ms);
+  rt.retry_at = now_ms() + delay;
+  rt.phase = "failed";
+  rt.message = reason + " (trying again in " + format_duration_ms(delay) + ")";
+  spdlog::error("deployment {}: {}", rt.name, rt.message);
+}
+
+void Agent::stop_process(Runtime& rt) {
+  if (!rt.process) return;
+  rt.restarts = std::max(rt.restarts, rt.process->snapshot().restarts);
+  rt.process->stop();
+  rt.process.reset();
+  rt.process_key.clear();
+}
+
+void Agent::collect_garbage() {
+  // Keep what any deployment runs, keeps for rollback, or is about to run; drop the rest.
+  std::vector<std::string> keep_digests;
+  for (auto& [name, rt] : deployments_) {
+    std::vector<std::string> keep_keys;
+    for (const std::string& key : {rt->ptr.current, rt->ptr.previous, rt->target}) {
+      if (key.empty()) continue;
+      keep_keys.push_back(key);
+      if (auto entry = rt->dir.entry(key)) {
+        for (auto& d : needed_artifacts(*entry)) keep_digests.push_back(d);
+      }
+    }
+    if (!rt->entry.is_null()) {
+      for (auto& d : needed_artifacts(rt->entry)) keep_digests.push_back(d);
+    }
+    rt->dir.remove_except(keep_keys);
+  }
+  // Deployment folders of deployments the desired state no longer has; only with a verified
+  // desired state in hand (an unreadable one must not wipe what the site runs).
+  for (const auto& name : list_deployment_dirs(options_.data_dir)) {
+    if (generation_ > 0 && !deployments_.contains(name)) {
+      remove_deployment_dir(options_.data_dir, name);
+    }
+  }
+  if (fetcher_) {
+    for (auto& d : fetcher_->wanted()) keep_digests.push_back(d);
+  }
+  for (const auto& digest : artifacts_.list()) {
+    if (std::find(keep_digests.begin(), keep_digests.end(), digest) == keep_digests.end()) {
+      spdlog::info("removing unused artifact {}", digest);
+      artifacts_.remove(digest);
+    }
+  }
+}
+
+json Agent::deployment_report(const Runtime& rt) const {
+  auto revision_of = [&](const std::string& key) -> json {
+    if (key.empty()) return nullptr;
+    auto dash = key.find('-');
+    return std::atoll(key.substr(1, dash - 1).c_str());
+  };
+  return {{"name", rt.name},
+          {"revision", rt.entry.value("revision", static_cast<int64_t>(0))},
+          {"key", rt.target},
+          {"phase", rt.phase},
+          {"message", rt.message},
+          {"restarts", rt.restarts},
+          {"bytes_downloaded", rt.bytes_downloaded},
+          {"current_revision", revision_of(rt.ptr.current)},
+          {"previous_revision", revision_of(rt.ptr.previous)}};
+}
+
+void Agent::report_if_changed(bool periodic) {
+  json deployments = json::array();
+  json changes = json::array();  // what decides "changed": not the byte counters
+  for (const auto& [name, rt] : deployments_) {
+    json d = deployment_report(*rt);
+    changes.push_back({d["name"], d["key"], d["phase"], d["restarts"], d["current_revision"],
+                       rt->phase == "downloading" ? json("") : d["message"]});
+    deployments.push_back(std::move(d));
+  }
+  std::string signature = std::to_string(generation_) + changes.dump();
+  if (signature == last_report_ && !(periodic && outbox_->pending() == 0)) return;
+  json report = {{"generation", generation_},
+                 {"at", now_ms()},
+                 {"agent_version", kAgentVersion},
+                 {"deployments", std::move(deployments)}};
+  json stable = stable_facts(facts_);
+  if (stable != reported_facts_) {
+    report["facts"] = facts_;
+  }
+  auto seq = outbox_->enqueue(std::move(report));
+  if (!seq) {
+    spdlog::error("cannot queue a status report: {}", seq.error().message);
+    return;
+  }
+  if (stable != reported_facts_) {
+    // Queued durably: it will reach the server; do not send the facts again.
+    reported_facts_ = stable;
+    (void)write_file_durably(options_.data_dir + "/facts.json", stable.dump());
+  }
+  last_report_ = signature;
+  last_report_at_ = now_ms();
+}
+
+void Agent::publish_snapshot() {
+  json deployments = json::array();
+  for (const auto& [name, rt] : deployments_) {
+    json d = deployment_report(*rt);
+    if (rt->process) {
+      WorkloadEvent ev = rt->process->snapshot();
+      d["process"] = {{"pid", ev.pid},
+                      {"state", workload_state_name(ev.state)},
+                      {"port", rt->port},
+                      {"limits", ev.limits_note}};
+    }
+    deployments.push_back(std::move(d));
+  }
+  json snap = {{"device_id", identity_.device_id},
+               {"server", identity_.server},
+               {"site", identity_.site},
+               {"generation", generation_},
+               {"online", online_},
+               {"link_error", link_error_},
+               {"last_sync_at", last_sync_ms_},
+               {"status_queued", outbox_ ? outbox_->pending() : 0},
+               {"agent_version", kAgentVersion},
+               {"deployments", std::move(deployments)}};
+  std::lock_guard lock(snapshot_mu_);
+  snapshot_ = std::move(snap);
+}
+
+json Agent::status() const {
+  std::lock_guard lock(snapshot_mu_);
+  return snapshot_;
+}
+
+}  // namespace outpost::agent

@@ -1,0 +1,109 @@
+// The device agent: wires sync, fetch, activation, supervision, status and the local API
+// together around one event loop that owns every deployment's state. Everything it acts on is
+// verified and on disk first, so it keeps the site running offline and after any crash.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "agent/activate/revisions.h"
+#include "agent/fetch/fetcher.h"
+#include "agent/identity.h"
+#include "agent/status/outbox.h"
+#include "agent/supervise/supervisor.h"
+#include "agent/sync/desired_sync.h"
+#include "common/error.h"
+
+namespace outpost::http {
+class HttpServer;
+class Router;
+}  // namespace outpost::http
+
+namespace outpost::agent {
+
+inline constexpr const char* kAgentVersion = "0.1.0";
+
+struct AgentOptions {
+  std::string data_dir;
+  std::string listen = "127.0.0.1:7410";  // local API; port 0 picks a free one
+  FetchOptions fetch;
+  std::string cgroup_parent;  // delegated cgroup v2 dir for workload limits ("" = rlimits)
+  int64_t status_period_ms = 60'000;
+  int64_t facts_period_ms = 600'000;
+  int64_t retry_initial_ms = 5'000;  // a failed first install is tried again after this, doubling
+  int64_t retry_max_ms = 600'000;
+  DesiredSync::Options sync;
+};
+
+class Agent {
+ public:
+  Agent(AgentOptions options, Identity identity);
+  ~Agent();
+
+  // Loads the persisted desired state and pointers, starts every workload from local state
+  // (no network needed), then the sync, fetch and status threads and the local API.
+  [[nodiscard]] Status start();
+  // Runs the event loop until `stop` turns true, then stops workloads gracefully.
+  void run(const std::atomic<bool>& stop);
+  uint16_t local_port() const;
+
+  // What GET /v1/status answers (thread-safe).
+  nlohmann::json status() const;
+
+ private:
+  struct Runtime;
+  void post(std::function<void()> fn);
+  void on_desired(const DesiredState& state);
+  void apply_desired(const nlohmann::json& doc, int64_t generation);
+  void reconcile();
+  void reconcile_one(Runtime& rt);
+  void ensure_running(Runtime& rt, const std::string& key);
+  void check_current(Runtime& rt);
+  void fail_revision(Runtime& rt, const std::string& reason);
+  void stop_process(Runtime& rt);
+  void collect_garbage();
+  Status save_pointers(Runtime& rt);
+  nlohmann::json deployment_report(const Runtime& rt) const;
+  void report_if_changed(bool periodic);
+  void publish_snapshot();
+  int64_t now_ms() const;
+
+  AgentOptions options_;
+  Identity identity_;
+  ArtifactStore artifacts_;
+  std::unique_ptr<Fetcher> fetcher_;
+  std::unique_ptr<DesiredSync> sync_;
+  std::unique_ptr<StatusOutbox> outbox_;
+  std::unique_ptr<http::Router> router_;
+  std::unique_ptr<http::HttpServer> http_;
+
+  // Event loop inbox, filled from other threads.
+  std::mutex inbox_mu_;
+  std::condition_variable inbox_cv_;
+  std::deque<std::function<void()>> inbox_;  // guarded by inbox_mu_
+
+  // Owned by the event loop thread.
+  int64_t generation_ = 0;
+  std::map<std::string, std::unique_ptr<Runtime>> deployments_;
+  nlohmann::json facts_;
+  nlohmann::json reported_facts_;  // stable facts the server has (persisted)
+  std::string last_report_;        // deployments part of the last report, to detect change
+  int64_t last_report_at_ = 0;
+  int64_t last_facts_at_ = 0;
+  bool online_ = false;
+  std::string link_error_;
+  int64_t last_sync_ms_ = 0;
+
+  mutable std::mutex snapshot_mu_;
+  nlohmann::json snapshot_;  // guarded by snapshot_mu_
+};
+
+}  // namespace outpost::agent

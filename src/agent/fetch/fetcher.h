@@ -1,0 +1,96 @@
+// Artifacts on the device: a content-addressed store (only verified blobs enter it) and the
+// fetcher that fills it from the control plane with libcurl: resumable Range downloads, a
+// rate cap, a disk budget checked before any byte is fetched, and SHA-256 checked before use.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "agent/identity.h"
+#include "common/error.h"
+
+namespace outpost::agent {
+
+// DIR/artifacts/sha256/<hex> holds verified blobs; DIR/artifacts/partial/<hex> downloads in
+// progress. Thread-safe (every method works on the file system only).
+class ArtifactStore {
+ public:
+  explicit ArtifactStore(std::string data_dir);
+  [[nodiscard]] Status init();  // creates the folders, removes stray temp files
+  bool has(const std::string& digest) const;
+  std::string path(const std::string& digest) const;          // verified blob
+  std::string partial_path(const std::string& digest) const;  // download in progress
+  std::vector<std::string> list() const;                      // digests of verified blobs
+  int64_t used_bytes() const;                                 // verified + partial
+  void remove(const std::string& digest) const;               // both forms
+
+ private:
+  std::string dir_;
+};
+
+struct FetchOptions {
+  int64_t max_rate_bytes_per_s = 0;  // 0: no cap; shared by the parallel downloads
+  int64_t disk_budget_bytes = 0;     // 0: no budget (free disk is still checked)
+  int max_parallel = 2;
+  int64_t retry_initial_ms = 2'000;
+  int64_t retry_max_ms = 120'000;
+  int64_t free_disk_reserve_bytes = 64LL << 20;  // never fill the disk past this
+};
+
+struct FetchProgress {
+  enum class Phase { kQueued, kDownloading, kVerifying, kDone, kWaitingRetry };
+  Phase phase = Phase::kQueued;
+  int64_t total_bytes = 0;    // from the server; 0 until known
+  int64_t have_bytes = 0;     // on disk now (resumed downloads start above 0)
+  int64_t fetched_bytes = 0;  // transferred over the network for it, all attempts
+  int attempts = 0;
+  std::string last_error;   // why the last attempt failed ("" when none)
+  int64_t retry_at_ms = 0;  // steady-clock ms of the next attempt (kWaitingRetry)
+};
+
+class Fetcher {
+ public:
+  // on_change is called (from a fetch thread) when a job changes phase or fails.
+  Fetcher(ArtifactStore& store, Identity identity, FetchOptions options,
+          std::function<void()> on_change);
+  ~Fetcher();
+  void start();
+  void stop();  // abandons transfers (partials stay for resume) and joins the threads
+
+  // Asks for a blob; no-op when it is verified already or being fetched. Failed attempts are
+  // retried with backoff until the blob arrives or forget() is called.
+  void want(const std::string& digest);
+  void forget(const std::string& digest);  // no longer needed (the partial is kept)
+  std::optional<FetchProgress> progress(const std::string& digest) const;
+  // Digests being fetched or waiting (GC must keep their partials).
+  std::vector<std::string> wanted() const;
+
+ private:
+  void worker();
+  Status fetch_once(const std::string& digest);
+  void set_progress(const std::string& digest, const std::function<void(FetchProgress&)>& edit);
+  int64_t rate_per_transfer() const;
+
+  ArtifactStore& store_;
+  Identity identity_;
+  FetchOptions options_;
+  std::function<void()> on_change_;
+  mutable std::mutex mu_;  // guards queue_, jobs_, active_, stopping cv
+  std::condition_variable cv_;
+  std::deque<std::string> queue_;
+  std::map<std::string, FetchProgress> jobs_;
+  int active_ = 0;
+  std::atomic<bool> stopping_{false};
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace outpost::agent

@@ -1,0 +1,127 @@
+#include "agent/identity.h"
+
+#include <sys/stat.h>
+
+#include "common/crypto.h"
+#include "common/durable_file.h"
+#include "common/http_client.h"
+
+namespace outpost::agent {
+namespace {
+
+using json = nlohmann::json;
+
+std::string identity_path(const std::string& dir) { return dir + "/identity.json"; }
+std::string key_path(const std::string& dir) { return dir + "/device.key"; }
+
+// The key pair as {"public_key","secret_key"} in base64; made once, kept forever.
+Result<crypto::Ed25519KeyPair> load_or_make_key(const std::string& dir) {
+  auto text = read_file(key_path(dir));
+  if (text) {
+    auto doc = json::parse(*text, nullptr, false);
+    if (doc.is_object() && doc.value("public_key", "") != "" && doc.value("secret_key", "") != "") {
+      auto pub = crypto::base64_decode(doc["public_key"].get<std::string>());
+      auto sec = crypto::base64_decode(doc["secret_key"].get<std::string>());
+      if (pub && sec && pub->size() == 32 && sec->size() == 64) {
+        return crypto::Ed25519KeyPair{*pub, *sec};
+      }
+    }
+    return make_error(Errc::kIo, key_path(dir) + ": not a valid device key file");
+  }
+  if (text.error().code != Errc::kNotFound) return make_error(text.error());
+  crypto::Ed25519KeyPair pair = crypto::ed25519_generate();
+  json doc = {{"public_key", crypto::base64_encode(pair.public_key)},
+              {"secret_key", crypto::base64_encode(pair.secret_key)}};
+  OUTPOST_TRY(write_file_durably(key_path(dir), doc.dump(), 0600));
+  return pair;
+}
+
+Status save_identity(const std::string& dir, const Identity& id) {
+  json doc = {{"server", id.server},
+              {"device_id", id.device_id},
+              {"credential", id.credential},
+              {"server_public_key", id.server_public_key},
+              {"site", id.site},
+              {"labels", id.labels},
+              {"ca_file", id.ca_file}};
+  return write_file_durably(identity_path(dir), doc.dump(2) + "\n", 0600);
+}
+
+}  // namespace
+
+Result<Identity> load_identity(const std::string& data_dir) {
+  auto text = read_file(identity_path(data_dir));
+  if (!text) return make_error(text.error());
+  auto doc = json::parse(*text, nullptr, false);
+  auto bad = [&](const std::string& what) {
+    return make_error(Errc::kIo, identity_path(data_dir) + ": " + what);
+  };
+  if (!doc.is_object()) return bad("not a JSON object");
+  Identity id;
+  try {
+    id.server = doc.at("server").get<std::string>();
+    id.device_id = doc.at("device_id").get<std::string>();
+    id.credential = doc.at("credential").get<std::string>();
+    id.server_public_key = doc.at("server_public_key").get<std::string>();
+    id.site = doc.value("site", "");
+    id.labels = doc.value("labels", std::map<std::string, std::string>{});
+    id.ca_file = doc.value("ca_file", "");
+  } catch (const json::exception& e) {
+    return bad(std::string("missing or wrong field: ") + e.what());
+  }
+  if (id.server.empty() || id.device_id.empty() || id.credential.empty()) {
+    return bad("server, device_id and credential must not be empty");
+  }
+  return id;
+}
+
+Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& request) {
+  OUTPOST_TRY(make_dirs(data_dir, 0700));
+  auto key = load_or_make_key(data_dir);
+  if (!key) return make_error(key.error());
+  json body = {{"token", request.token},
+               {"public_key", crypto::base64_encode(key->public_key)},
+               {"labels", request.labels},
+               {"facts", request.facts}};
+  if (!request.site.empty()) body["site"] = request.site;
+  HttpClient client(request.server, "", request.ca_file);
+  auto resp = client.request("POST", "/api/v1/device/enroll", body.dump());
+  if (!resp) return make_error(resp.error().with_context("enrolling"));
+  if (resp->status != 201 && resp->status != 200) {
+    Error error = error_from_response(*resp);
+    error.message = "enrollment refused by " + request.server + ": " + error.message;
+    return make_error(std::move(error));
+  }
+  auto doc = json::parse(resp->body, nullptr, false);
+  Identity id;
+  id.server = client.base_url();
+  id.ca_file = request.ca_file;
+  try {
+    id.device_id = doc.at("device_id").get<std::string>();
+    id.credential = doc.at("credential").get<std::string>();
+    id.server_public_key = doc.at("server_public_key").get<std::string>();
+    id.site = doc.value("site", "");
+    id.labels = doc.value("labels", std::map<std::string, std::string>{});
+  } catch (const json::exception& e) {
+    return make_error(Errc::kUnavailable,
+                      "enrollment answer from " + request.server + " is malformed: " + e.what());
+  }
+  OUTPOST_TRY(save_identity(data_dir, id));
+  return id;
+}
+
+Result<std::map<std::string, std::string>> parse_labels(const std::vector<std::string>& pairs) {
+  std::map<std::string, std::string> out;
+  for (const auto& pair : pairs) {
+    auto eq = pair.find('=');
+    if (eq == std::string::npos || eq == 0) {
+      return make_error(Errc::kInvalidArgument,
+                        "--label: expected k=v like accelerator=gpu, got \"" + pair + "\"",
+                        "label");
+    }
+    out[pair.substr(0, eq)] = pair.substr(eq + 1);
+  }
+  return out;
+}
+
+}  // namespace outpost::agent

@@ -1,0 +1,45 @@
+// Who this device is to the control plane: its Ed25519 key pair, its device id and credential,
+// and where the server is. Made once at enrollment, then read from the data directory.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "common/error.h"
+
+namespace outpost::agent {
+
+struct Identity {
+  std::string server;  // control plane URL, e.g. "http://10.0.0.5:7400"
+  std::string device_id;
+  std::string credential;         // "<device id>.<secret>", sent as a Bearer token
+  std::string server_public_key;  // base64 Ed25519 key that signs desired states
+  std::string site;
+  std::map<std::string, std::string> labels;
+  std::string ca_file;  // PEM bundle to trust for HTTPS (empty = system CAs)
+};
+
+struct EnrollRequest {
+  std::string server;
+  std::string token;
+  std::string site;  // empty: the token's site
+  std::map<std::string, std::string> labels;
+  nlohmann::json facts = nlohmann::json::object();
+  std::string ca_file;
+};
+
+// DIR/identity.json (0600) and DIR/device.key (0600). kNotFound when not enrolled yet.
+[[nodiscard]] Result<Identity> load_identity(const std::string& data_dir);
+
+// First start: makes (or reuses, after a crash between the two steps) the key pair in DIR,
+// enrolls with the server and persists the identity. A refused enrollment (bad, expired or
+// used-up token) comes back with the server's reason; nothing is persisted then but the key.
+[[nodiscard]] Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& request);
+
+// Parses "k=v" labels; kInvalidArgument naming the bad one.
+[[nodiscard]] Result<std::map<std::string, std::string>> parse_labels(
+    const std::vector<std::string>& pairs);
+
+}  // namespace outpost::agent

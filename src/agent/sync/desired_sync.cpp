@@ -1,0 +1,174 @@
+#include "agent/sync/desired_sync.h"
+
+#include <random>
+
+#include <spdlog/spdlog.h>
+
+#include "common/crypto.h"
+#include "common/durable_file.h"
+#include "common/http_client.h"
+
+namespace outpost::agent {
+namespace {
+
+using json = nlohmann::json;
+
+std::string desired_path(const std::string& dir) { return dir + "/desired.json"; }
+
+}  // namespace
+
+Result<DesiredState> verify_desired(std::string body, std::string signature, int64_t generation,
+                                    const Identity& identity) {
+  auto key = crypto::base64_decode(identity.server_public_key);
+  auto sig = crypto::base64_decode(signature);
+  if (!key || key->size() != 32) {
+    return make_error(Errc::kInvalidArgument, "the server public key in identity.json is invalid");
+  }
+  if (!sig || !crypto::ed25519_verify(body, *sig, *key)) {
+    return make_error(Errc::kPermissionDenied,
+                      "desired state generation " + std::to_string(generation) +
+                          ": signature does not verify with the server's key; ignored");
+  }
+  DesiredState state;
+  state.doc = json::parse(body, nullptr, false);
+  if (!state.doc.is_object() || !state.doc.contains("generation") ||
+      !state.doc["generation"].is_number_integer() || !state.doc.contains("deployments") ||
+      !state.doc["deployments"].is_array()) {
+    return make_error(Errc::kInvalidArgument, "desired state: signed but not a valid document");
+  }
+  if (state.doc["generation"].get<int64_t>() != generation) {
+    return make_error(Errc::kInvalidArgument,
+                      "desired state: body generation " + state.doc["generation"].dump() +
+                          " does not match the announced " + std::to_string(generation));
+  }
+  if (state.doc.value("device", "") != identity.device_id) {
+    return make_error(Errc::kPermissionDenied, "desired state: made for device " +
+                                                   state.doc.value("device", "?") + ", this is " +
+                                                   identity.device_id);
+  }
+  state.generation = generation;
+  state.body = std::move(body);
+  state.signature = std::move(signature);
+  return state;
+}
+
+Status persist_desired(const std::string& data_dir, const DesiredState& state) {
+  json doc = {
+      {"generation", state.generation}, {"signature", state.signature}, {"body", state.body}};
+  return write_file_durably(desired_path(data_dir), doc.dump());
+}
+
+Result<std::optional<DesiredState>> load_desired(const std::string& data_dir,
+                                                 const Identity& identity) {
+  auto text = read_file(desired_path(data_dir));
+  if (!text) {
+    if (text.error().code == Errc::kNotFound) return std::optional<DesiredState>();
+    return make_error(text.error());
+  }
+  auto doc = json::parse(*text, nullptr, false);
+  if (!doc.is_object() || !doc.contains("body") || !doc["body"].is_string() ||
+      !doc.contains("signature") || !doc["signature"].is_string() || !doc.contains("generation") ||
+      !doc["generation"].is_number_integer()) {
+    return make_error(Errc::kIo, desired_path(data_dir) + ": not a saved desired state");
+  }
+  auto state = verify_desired(doc["body"].get<std::string>(), doc["signature"].get<std::string>(),
+                              doc["generation"].get<int64_t>(), identity);
+  if (!state) return make_error(state.error().with_context(desired_path(data_dir)));
+  return std::optional<DesiredState>(std::move(*state));
+}
+
+int64_t Backoff::next_ms() {
+  int64_t delay = initial_ms_;
+  for (int i = 0; i < attempt_ && delay < max_ms_; ++i) delay *= 2;
+  delay = std::min(delay, max_ms_);
+  ++attempt_;
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  std::uniform_real_distribution<double> jitter(0.8, 1.2);
+  return static_cast<int64_t>(static_cast<double>(delay) * jitter(rng));
+}
+
+DesiredSync::DesiredSync(std::string data_dir, Identity identity, int64_t known_generation,
+                         Options options, std::function<void(const DesiredState&)> on_desired,
+                         std::function<void(bool, const std::string&)> on_link)
+    : data_dir_(std::move(data_dir)),
+      identity_(std::move(identity)),
+      generation_(known_generation),
+      options_(options),
+      on_desired_(std::move(on_desired)),
+      on_link_(std::move(on_link)) {}
+
+DesiredSync::~DesiredSync() { stop(); }
+
+void DesiredSync::start() {
+  thread_ = std::thread([this] { run(); });
+}
+
+void DesiredSync::stop() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+bool DesiredSync::sleep_for(int64_t ms) {
+  std::unique_lock lock(mu_);
+  cv_.wait_for(lock, std::chrono::milliseconds(ms), [this] { return stopping_.load(); });
+  return !stopping_;
+}
+
+void DesiredSync::run() {
+  HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
+  Backoff backoff(options_.backoff_initial_ms, options_.backoff_max_ms);
+  while (!stopping_) {
+    HttpRequestOptions request;
+    request.timeout_ms = (options_.wait_s + 15) * 1000;
+    request.cancel = &stopping_;
+    auto resp = client.request("GET",
+                               "/api/v1/device/desired?generation=" + std::to_string(generation_) +
+                                   "&wait=" + std::to_string(options_.wait_s),
+                               {}, {}, request);
+    if (stopping_) break;
+    std::string problem;
+    if (!resp) {
+      problem = resp.error().message;
+    } else if (resp->status == 304) {
+      backoff.reset();
+      on_link_(true, {});
+      continue;
+    } else if (resp->status == 200) {
+      int64_t announced = 0;
+      try {
+        announced = std::stoll(resp->headers["x-outpost-generation"]);
+      } catch (const std::exception&) {
+        announced = -1;
+      }
+      auto state = verify_desired(std::move(resp->body), resp->headers["x-outpost-signature"],
+                                  announced, identity_);
+      if (!state) {
+        problem = state.error().message;
+      } else if (state->generation <= generation_) {
+        // Never go back to an older generation (a replay or a server restored from backup).
+        problem = "server sent generation " + std::to_string(state->generation) +
+                  ", not newer than " + std::to_string(generation_) + "; ignored";
+      } else if (auto saved = persist_desired(data_dir_, *state); !saved) {
+        problem = "cannot save the desired state: " + saved.error().message;
+      } else {
+        generation_ = state->generation;
+        backoff.reset();
+        on_link_(true, {});
+        on_desired_(*state);
+        continue;
+      }
+    } else {
+      problem = error_from_response(*resp).message;
+    }
+    on_link_(false, problem);
+    int64_t delay = backoff.next_ms();
+    spdlog::warn("sync: {} (retrying in {} ms)", problem, delay);
+    if (!sleep_for(delay)) break;
+  }
+}
+
+}  // namespace outpost::agent
