@@ -87,7 +87,16 @@ struct Agent::Runtime {
   int64_t bytes_downloaded = 0;
   int64_t retry_at = 0;  // a failed start is tried again then (0 = not waiting)
   int failures = 0;
+  std::map<std::string, json> entries;  // entry.json of prepared revisions, read once
   Runtime(const std::string& data_dir, const std::string& n) : name(n), dir(data_dir, n) {}
+
+  // The entry of a prepared revision; cached, since the event loop asks twice a second.
+  Result<json> entry_of(const std::string& key) {
+    if (auto it = entries.find(key); it != entries.end()) return it->second;
+    auto loaded = dir.entry(key);
+    if (loaded) entries[key] = *loaded;
+    return loaded;
+  }
 };
 
 Agent::Agent(AgentOptions options, Identity identity)
@@ -348,7 +357,7 @@ void Agent::reconcile_one(Runtime& rt) {
 void Agent::ensure_running(Runtime& rt, const std::string& key) {
   if (rt.process && rt.process_key == key) return;
   if (rt.retry_at > now_ms()) return;
-  auto entry = rt.dir.entry(key);
+  auto entry = rt.entry_of(key);
   if (!entry) {
     fail_revision(rt, entry.error().message);
     return;
@@ -442,7 +451,7 @@ void Agent::ensure_running(Runtime& rt, const std::string& key) {
 
 void Agent::check_current(Runtime& rt) {
   const std::string key = rt.ptr.current;
-  auto entry = rt.dir.entry(key);
+  auto entry = rt.entry_of(key);
   const bool has_workload =
       entry && entry->contains("workload") && (*entry)["workload"].is_object();
   if (!has_workload) {
@@ -538,7 +547,7 @@ void Agent::collect_garbage() {
     for (const std::string& key : {rt->ptr.current, rt->ptr.previous, rt->target}) {
       if (key.empty()) continue;
       keep_keys.push_back(key);
-      if (auto entry = rt->dir.entry(key)) {
+      if (auto entry = rt->entry_of(key)) {
         for (auto& d : needed_artifacts(*entry)) keep_digests.push_back(d);
       }
     }
@@ -546,6 +555,9 @@ void Agent::collect_garbage() {
       for (auto& d : needed_artifacts(rt->entry)) keep_digests.push_back(d);
     }
     rt->dir.remove_except(keep_keys);
+    std::erase_if(rt->entries, [&](const auto& kv) {
+      return std::find(keep_keys.begin(), keep_keys.end(), kv.first) == keep_keys.end();
+    });
   }
   // Deployment folders of deployments the desired state no longer has; only with a verified
   // desired state in hand (an unreadable one must not wipe what the site runs).

@@ -101,8 +101,11 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
-  bool as_json = false;
-  status_cmd->add_flag("-o,--json", as_json, "Print the local API's JSON");
+  std::string output = "text";
+  status_cmd->add_option("-o,--output", output, "text or json (the local API's JSON)")
+      ->check(CLI::IsMember({"text", "json"}))
+      ->capture_default_str();
+  status_cmd->fallthrough();  // --data and --listen also after the verb
   app.require_subcommand(0, 1);
   CLI11_PARSE(app, argc, argv);
 
@@ -110,7 +113,7 @@ int main(int argc, char** argv) {
     if (!data.empty() && app.get_option("--listen")->count() == 0) {
       if (auto addr = outpost::read_file(data + "/agent.addr")) listen = *addr;
     }
-    return print_status(listen, as_json);
+    return print_status(listen, output == "json");
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   if (data.empty()) return fail(kExitUsage, "--data is required (see --help)");
