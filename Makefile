@@ -4,7 +4,7 @@ ASAN_BUILD ?= build-asan
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=RelWithDebInfo
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-agent format clean
 
 deps:
 	@scripts/install-deps
@@ -37,6 +37,10 @@ demo-stop:
 
 bench: build
 	bench/sync/run.sh
+	bench/agent/footprint.sh
+
+bench-agent: build
+	bench/agent/footprint.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')

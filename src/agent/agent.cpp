@@ -188,7 +188,10 @@ void Agent::run(const std::atomic<bool>& stop) {
     std::deque<std::function<void()>> batch;
     {
       std::unique_lock lock(inbox_mu_);
-      inbox_cv_.wait_for(lock, std::chrono::milliseconds(500), [this] { return !inbox_.empty(); });
+      // Something in motion (a start deadline, a retry, a download) is looked at twice a
+      // second; a settled device sleeps until an event (sync, fetch, workload) or 5 s.
+      inbox_cv_.wait_for(lock, std::chrono::milliseconds(settled() ? 5'000 : 500),
+                         [this] { return !inbox_.empty(); });
       batch.swap(inbox_);
     }
     for (auto& fn : batch) fn();
@@ -212,7 +215,18 @@ void Agent::run(const std::atomic<bool>& stop) {
   outbox_->stop();
 }
 
+bool Agent::settled() const {
+  for (const auto& [name, rt] : deployments_) {
+    if (rt->retry_at != 0 ||
+        (rt->phase != "running" && rt->phase != "rolled-back" && rt->phase != "completed")) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void Agent::apply_desired(const json& doc, int64_t generation) {
+  // verify_desired checked the shape; entries are objects with a safe name and a revision.
   generation_ = generation;
   std::map<std::string, json> wanted;
   for (const auto& entry : doc["deployments"]) {
@@ -257,7 +271,13 @@ void Agent::reconcile() {
       collect_garbage();
       continue;
     }
-    reconcile_one(rt);
+    try {
+      reconcile_one(rt);
+    } catch (const std::exception& e) {
+      // A signed but malformed entry (wrong JSON types) fails that deployment, not the agent.
+      rt.phase = "failed";
+      rt.message = std::string("malformed desired state entry: ") + e.what();
+    }
     ++it;
   }
 }
@@ -328,6 +348,7 @@ void Agent::reconcile_one(Runtime& rt) {
     return;
   }
   if (rt.retry_at > now_ms()) return;
+  rt.retry_at = 0;
 
   if (auto prepared = rt.dir.prepare(key, rt.entry, artifacts_); !prepared) {
     rt.phase = "failed";
@@ -357,6 +378,7 @@ void Agent::reconcile_one(Runtime& rt) {
 void Agent::ensure_running(Runtime& rt, const std::string& key) {
   if (rt.process && rt.process_key == key) return;
   if (rt.retry_at > now_ms()) return;
+  rt.retry_at = 0;
   auto entry = rt.entry_of(key);
   if (!entry) {
     fail_revision(rt, entry.error().message);
@@ -655,8 +677,13 @@ void Agent::publish_snapshot() {
 }
 
 json Agent::status() const {
-  std::lock_guard lock(snapshot_mu_);
-  return snapshot_;
+  json out;
+  {
+    std::lock_guard lock(snapshot_mu_);
+    out = snapshot_;
+  }
+  if (outbox_) out["status_queued"] = outbox_->pending();  // live: the sender moves on its own
+  return out;
 }
 
 }  // namespace outpost::agent

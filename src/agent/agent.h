@@ -61,6 +61,7 @@ class Agent {
  private:
   struct Runtime;
   void post(std::function<void()> fn);
+  bool settled() const;  // nothing waits on a timer: the loop may sleep longer
   void on_desired(const DesiredState& state);
   void apply_desired(const nlohmann::json& doc, int64_t generation);
   void reconcile();

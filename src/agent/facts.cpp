@@ -1,6 +1,5 @@
 #include "agent/facts.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/statvfs.h>
 #include <sys/utsname.h>
@@ -12,6 +11,8 @@
 #include <map>
 #include <optional>
 #include <vector>
+
+#include "common/durable_file.h"
 
 namespace outpost::agent {
 namespace {
@@ -78,14 +79,7 @@ std::optional<int64_t> leading_int(std::string_view s) {
 
 // Sorted names in a directory; empty when it cannot be read.
 std::vector<std::string> list_names(const std::string& dir) {
-  std::vector<std::string> names;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return names;
-  while (const dirent* e = ::readdir(d)) {
-    std::string_view name = e->d_name;
-    if (name != "." && name != "..") names.emplace_back(name);
-  }
-  ::closedir(d);
+  std::vector<std::string> names = list_directory(dir);
   std::sort(names.begin(), names.end());
   return names;
 }

@@ -4,6 +4,7 @@
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "common/error.h"
 
@@ -21,6 +22,9 @@ namespace outpost {
 
 // Reads a whole file. kNotFound when it does not exist.
 [[nodiscard]] Result<std::string> read_file(const std::string& path);
+
+// Names in a directory (without "." and ".."), unsorted; empty when it cannot be read.
+std::vector<std::string> list_directory(const std::string& dir);
 
 // mkdir -p with the given mode for created directories.
 [[nodiscard]] Status make_dirs(const std::string& path, unsigned mode = 0755);

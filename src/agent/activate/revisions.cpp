@@ -1,6 +1,5 @@
 #include "agent/activate/revisions.h"
 
-#include <dirent.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,18 +14,6 @@ namespace {
 
 using json = nlohmann::json;
 namespace fs = std::filesystem;
-
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> out;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return out;
-  while (dirent* e = ::readdir(d)) {
-    std::string name = e->d_name;
-    if (name != "." && name != "..") out.push_back(name);
-  }
-  ::closedir(d);
-  return out;
-}
 
 void remove_tree(const std::string& path) {
   std::error_code ec;
@@ -44,19 +31,27 @@ std::string model_file_name(const json& entry) {
 }  // namespace
 
 std::string revision_key(const json& entry) {
-  return "r" + std::to_string(entry.value("revision", static_cast<int64_t>(0))) + "-" +
-         sha256_hex(entry.dump()).substr(0, 10);
+  int64_t revision = 0;
+  if (entry.is_object() && entry.contains("revision") && entry["revision"].is_number_integer()) {
+    revision = entry["revision"].get<int64_t>();
+  }
+  return "r" + std::to_string(revision) + "-" + sha256_hex(entry.dump()).substr(0, 10);
 }
 
 std::vector<std::string> needed_artifacts(const json& entry) {
+  // Only well-formed digests: they become file names under artifacts/.
+  auto digest_at = [](const json& obj, const char* key) -> std::string {
+    if (!obj.is_object() || !obj.contains(key) || !obj[key].is_string()) return "";
+    std::string digest = obj[key].get<std::string>();
+    return is_digest_ref(digest) ? digest : "";
+  };
   std::vector<std::string> out;
-  if (entry.contains("model") && entry["model"].contains("variant")) {
-    std::string digest = entry["model"]["variant"].value("artifact", "");
-    if (!digest.empty()) out.push_back(digest);
+  if (entry.is_object() && entry.contains("model") && entry["model"].is_object() &&
+      entry["model"].contains("variant")) {
+    if (auto d = digest_at(entry["model"]["variant"], "artifact"); !d.empty()) out.push_back(d);
   }
-  if (entry.contains("workload") && entry["workload"].is_object()) {
-    std::string bundle = entry["workload"].value("bundle", "");
-    if (!bundle.empty()) out.push_back(bundle);
+  if (entry.is_object() && entry.contains("workload")) {
+    if (auto d = digest_at(entry["workload"], "bundle"); !d.empty()) out.push_back(d);
   }
   return out;
 }
@@ -103,6 +98,17 @@ std::string DeploymentDir::model_path(const std::string& key, const json& entry)
 
 Status DeploymentDir::prepare(const std::string& key, const json& entry,
                               const ArtifactStore& artifacts) const {
+  try {
+    return prepare_unchecked(key, entry, artifacts);
+  } catch (const json::exception& e) {
+    remove_tree(revision_path(key) + ".tmp");
+    return make_error(Errc::kInvalidArgument,
+                      "preparing " + key + ": malformed deployment entry: " + e.what());
+  }
+}
+
+Status DeploymentDir::prepare_unchecked(const std::string& key, const json& entry,
+                                        const ArtifactStore& artifacts) const {
   if (prepared(key)) return ok();
   const std::string tmp = revision_path(key) + ".tmp";
   remove_tree(tmp);
@@ -148,7 +154,7 @@ Status DeploymentDir::prepare(const std::string& key, const json& entry,
 }
 
 void DeploymentDir::remove_except(const std::vector<std::string>& keep) const {
-  for (const auto& name : list_dir(dir_)) {
+  for (const auto& name : list_directory(dir_)) {
     if (name == "state.json" || name == "logs") continue;
     if (std::find(keep.begin(), keep.end(), name) != keep.end()) continue;
     remove_tree(dir_ + "/" + name);
@@ -164,7 +170,7 @@ Result<json> DeploymentDir::entry(const std::string& key) const {
 }
 
 std::vector<std::string> list_deployment_dirs(const std::string& data_dir) {
-  return list_dir(data_dir + "/deployments");
+  return list_directory(data_dir + "/deployments");
 }
 
 void remove_deployment_dir(const std::string& data_dir, const std::string& name) {

@@ -56,6 +56,8 @@ class DeploymentDir {
   std::string model_path(const std::string& key, const nlohmann::json& entry) const;
 
  private:
+  [[nodiscard]] Status prepare_unchecked(const std::string& key, const nlohmann::json& entry,
+                                         const ArtifactStore& artifacts) const;
   std::string dir_;
 };
 

@@ -1,7 +1,6 @@
 #include "agent/fetch/fetcher.h"
 
 #include <curl/curl.h>
-#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -33,18 +32,6 @@ std::string hex_of(const std::string& digest) {
 int64_t file_size(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : 0;
-}
-
-std::vector<std::string> list_dir(const std::string& dir) {
-  std::vector<std::string> out;
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return out;
-  while (dirent* e = ::readdir(d)) {
-    std::string name = e->d_name;
-    if (name != "." && name != "..") out.push_back(name);
-  }
-  ::closedir(d);
-  return out;
 }
 
 struct Transfer {
@@ -79,7 +66,7 @@ Status ArtifactStore::init() {
   OUTPOST_TRY(make_dirs(dir_ + "/sha256", 0700));
   OUTPOST_TRY(make_dirs(dir_ + "/partial", 0700));
   // A crash between writing and renaming leaves *.tmp files; they are never used.
-  for (const auto& name : list_dir(dir_ + "/sha256")) {
+  for (const auto& name : list_directory(dir_ + "/sha256")) {
     if (name.find('.') != std::string::npos) ::unlink((dir_ + "/sha256/" + name).c_str());
   }
   return ok();
@@ -97,7 +84,7 @@ std::string ArtifactStore::partial_path(const std::string& digest) const {
 
 std::vector<std::string> ArtifactStore::list() const {
   std::vector<std::string> out;
-  for (const auto& name : list_dir(dir_ + "/sha256")) {
+  for (const auto& name : list_directory(dir_ + "/sha256")) {
     if (name.size() == 64) out.push_back("sha256:" + name);
   }
   return out;
@@ -106,7 +93,7 @@ std::vector<std::string> ArtifactStore::list() const {
 int64_t ArtifactStore::used_bytes() const {
   int64_t total = 0;
   for (const char* sub : {"/sha256/", "/partial/"}) {
-    for (const auto& name : list_dir(dir_ + sub)) total += file_size(dir_ + sub + name);
+    for (const auto& name : list_directory(dir_ + sub)) total += file_size(dir_ + sub + name);
   }
   return total;
 }
@@ -158,12 +145,14 @@ void Fetcher::forget(const std::string& digest) {
   std::lock_guard lock(mu_);
   auto it = jobs_.find(digest);
   // A transfer in flight finishes (its worker drops the job after); a waiting one goes now.
-  if (it != jobs_.end() && (it->second.phase == FetchProgress::Phase::kQueued ||
-                            it->second.phase == FetchProgress::Phase::kWaitingRetry ||
-                            it->second.phase == FetchProgress::Phase::kDone)) {
-    jobs_.erase(it);
-    std::erase(queue_, digest);
+  if (it == jobs_.end()) return;
+  if (it->second.phase == FetchProgress::Phase::kDownloading ||
+      it->second.phase == FetchProgress::Phase::kVerifying) {
+    forgotten_.insert(digest);  // its worker drops it when the transfer ends
+    return;
   }
+  jobs_.erase(it);
+  std::erase(queue_, digest);
 }
 
 std::optional<FetchProgress> Fetcher::progress(const std::string& digest) const {
@@ -187,10 +176,24 @@ void Fetcher::set_progress(const std::string& digest,
   if (it != jobs_.end()) edit(it->second);
 }
 
-int64_t Fetcher::rate_per_transfer() const {
-  if (options_.max_rate_bytes_per_s <= 0) return 0;
-  std::lock_guard lock(mu_);
-  return std::max<int64_t>(1024, options_.max_rate_bytes_per_s / std::max(1, active_));
+void Fetcher::pace(int64_t bytes) {
+  const int64_t rate = options_.max_rate_bytes_per_s;
+  if (rate <= 0) return;
+  int64_t wait_us = 0;
+  {
+    // One schedule for every transfer, so the cap holds for all of them together: each chunk
+    // books its share of time; a burst of at most 100 ms is allowed after an idle spell.
+    std::lock_guard lock(rate_mu_);
+    const int64_t now = steady_ms() * 1000;
+    rate_clock_us_ = std::max(rate_clock_us_, now - 100'000);
+    rate_clock_us_ += bytes * 1'000'000 / rate;
+    wait_us = rate_clock_us_ - now;
+  }
+  while (wait_us > 0 && !stopping_) {
+    const int64_t slice = std::min<int64_t>(wait_us, 200'000);
+    std::this_thread::sleep_for(std::chrono::microseconds(slice));
+    wait_us -= slice;
+  }
 }
 
 void Fetcher::worker() {
@@ -233,6 +236,10 @@ void Fetcher::worker() {
       std::lock_guard lock(mu_);
       --active_;
       auto it = jobs_.find(digest);
+      if (forgotten_.erase(digest) > 0 && it != jobs_.end()) {
+        jobs_.erase(it);
+        it = jobs_.end();
+      }
       if (it != jobs_.end()) {
         if (result) {
           it->second.phase = FetchProgress::Phase::kDone;
@@ -345,6 +352,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
         p.have_bytes += n;
         p.fetched_bytes += n;
       });
+      pace(n);
     };
     common();
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, write_to_file);
@@ -353,8 +361,10 @@ Status Fetcher::fetch_once(const std::string& digest) {
     curl_easy_setopt(curl, CURLOPT_XFERINFOFUNCTION, check_stop);
     curl_easy_setopt(curl, CURLOPT_XFERINFODATA, &t);
     if (have > 0) curl_easy_setopt(curl, CURLOPT_RESUME_FROM_LARGE, static_cast<curl_off_t>(have));
-    if (int64_t rate = rate_per_transfer(); rate > 0) {
-      curl_easy_setopt(curl, CURLOPT_MAX_RECV_SPEED_LARGE, static_cast<curl_off_t>(rate));
+    if (options_.max_rate_bytes_per_s > 0) {
+      // Small reads, so the pacing in the write callback is smooth (libcurl's own speed
+      // limit lets the first megabytes through at full speed).
+      curl_easy_setopt(curl, CURLOPT_BUFFERSIZE, 16'384L);
     }
     // A server that ignores Range answers 200 with the whole blob: start the file over.
     curl_easy_setopt(curl, CURLOPT_FAILONERROR, 1L);

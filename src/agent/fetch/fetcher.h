@@ -11,6 +11,7 @@
 #include <map>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -78,7 +79,7 @@ class Fetcher {
   void worker();
   Status fetch_once(const std::string& digest);
   void set_progress(const std::string& digest, const std::function<void(FetchProgress&)>& edit);
-  int64_t rate_per_transfer() const;
+  void pace(int64_t bytes);  // sleeps as the shared rate cap needs
 
   ArtifactStore& store_;
   Identity identity_;
@@ -89,6 +90,9 @@ class Fetcher {
   std::deque<std::string> queue_;
   std::map<std::string, FetchProgress> jobs_;
   int active_ = 0;
+  std::set<std::string> forgotten_;  // in flight, but no longer wanted
+  std::mutex rate_mu_;
+  int64_t rate_clock_us_ = 0;  // guarded by rate_mu_: when the bytes booked so far are due
   std::atomic<bool> stopping_{false};
   std::vector<std::thread> threads_;
 };

@@ -1,6 +1,5 @@
 #include "agent/status/outbox.h"
 
-#include <dirent.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -31,19 +30,14 @@ Status StatusOutbox::init() {
   int64_t last = 0;
   if (auto text = read_file(dir_ + "/last_seq")) last = std::atoll(text->c_str());
   int64_t lowest = 0;
-  DIR* d = ::opendir(dir_.c_str());
-  if (d != nullptr) {
-    while (dirent* e = ::readdir(d)) {
-      std::string name = e->d_name;
-      if (name.size() != 21 || name.substr(16) != ".json") {
-        if (name.find(".tmp") != std::string::npos) ::unlink((dir_ + "/" + name).c_str());
-        continue;
-      }
-      int64_t seq = std::atoll(name.substr(0, 16).c_str());
-      last = std::max(last, seq);  // a crash after the report but before last_seq
-      if (lowest == 0 || seq < lowest) lowest = seq;
+  for (const auto& name : list_directory(dir_)) {
+    if (name.size() != 21 || name.substr(16) != ".json") {
+      if (name.find(".tmp") != std::string::npos) ::unlink((dir_ + "/" + name).c_str());
+      continue;
     }
-    ::closedir(d);
+    int64_t seq = std::atoll(name.substr(0, 16).c_str());
+    last = std::max(last, seq);  // a crash after the report but before last_seq
+    if (lowest == 0 || seq < lowest) lowest = seq;
   }
   std::lock_guard lock(mu_);
   last_seq_ = last;

@@ -1,5 +1,7 @@
 #include "agent/sync/desired_sync.h"
 
+#include <algorithm>
+#include <cctype>
 #include <random>
 
 #include <spdlog/spdlog.h>
@@ -14,6 +16,14 @@ namespace {
 using json = nlohmann::json;
 
 std::string desired_path(const std::string& dir) { return dir + "/desired.json"; }
+
+// Deployment names as the server allows them; never "..", never a path.
+bool is_safe_name(const std::string& name) {
+  if (name.empty() || name.size() > 128 || name.front() == '.') return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
 
 }  // namespace
 
@@ -41,10 +51,30 @@ Result<DesiredState> verify_desired(std::string body, std::string signature, int
                       "desired state: body generation " + state.doc["generation"].dump() +
                           " does not match the announced " + std::to_string(generation));
   }
-  if (state.doc.value("device", "") != identity.device_id) {
-    return make_error(Errc::kPermissionDenied, "desired state: made for device " +
-                                                   state.doc.value("device", "?") + ", this is " +
-                                                   identity.device_id);
+  if (!state.doc.contains("device") || !state.doc["device"].is_string() ||
+      state.doc["device"].get<std::string>() != identity.device_id) {
+    return make_error(Errc::kPermissionDenied,
+                      "desired state: made for device " +
+                          (state.doc.contains("device") ? state.doc["device"].dump() : "(none)") +
+                          ", this is " + identity.device_id);
+  }
+  // Signed by our server, but still checked: names become directory names, and a malformed
+  // entry must be refused here rather than trip the agent on every restart.
+  for (const auto& entry : state.doc["deployments"]) {
+    const json* name = entry.is_object() && entry.contains("name") ? &entry["name"] : nullptr;
+    if (name == nullptr || !name->is_string() || !is_safe_name(name->get<std::string>()) ||
+        !entry.contains("revision") || !entry["revision"].is_number_integer()) {
+      return make_error(Errc::kInvalidArgument,
+                        "desired state: a deployment entry without a valid name and revision: " +
+                            entry.dump().substr(0, 200));
+    }
+    for (const auto& section : {"model", "workload", "serve"}) {
+      if (entry.contains(section) && !entry[section].is_object()) {
+        return make_error(Errc::kInvalidArgument, "desired state: deployment " +
+                                                      name->get<std::string>() + ": " + section +
+                                                      " is not an object");
+      }
+    }
   }
   state.generation = generation;
   state.body = std::move(body);
