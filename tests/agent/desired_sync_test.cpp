@@ -20,56 +20,24 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "test_support.h"
+
 #include "common/crypto.h"
 #include "http/http_server.h"
 
 namespace outpost::agent {
 namespace {
 
+using test_support::exists;
+using test_support::read_text;
+using test_support::TempDir;
+using test_support::wait_until;
+using test_support::write_text;
+
 using namespace std::chrono_literals;
 using json = nlohmann::json;
 using SteadyClock = std::chrono::steady_clock;
 using ::testing::HasSubstr;
-
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/desired_sync_test.XXXXXX";
-    const char* made = ::mkdtemp(name);
-    EXPECT_NE(made, nullptr);
-    path_ = made ? made : "/tmp/desired_sync_test.failed";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
-}
-
-bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
-  auto deadline = SteadyClock::now() + timeout;
-  while (SteadyClock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return done();
-}
 
 std::string desired_body(int64_t generation, const std::string& device) {
   json deployments = json::array();

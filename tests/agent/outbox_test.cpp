@@ -20,51 +20,23 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "test_support.h"
+
 #include "http/http_server.h"
 
 namespace outpost::agent {
 namespace {
 
+using test_support::exists;
+using test_support::read_text;
+using test_support::TempDir;
+using test_support::wait_until;
+using test_support::write_text;
+
 using namespace std::chrono_literals;
 using json = nlohmann::json;
 using SteadyClock = std::chrono::steady_clock;
 using ::testing::ElementsAre;
-
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/outbox_test.XXXXXX";
-    const char* made = ::mkdtemp(name);
-    EXPECT_NE(made, nullptr);
-    path_ = made ? made : "/tmp/outbox_test.failed";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
-bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
-  auto deadline = SteadyClock::now() + timeout;
-  while (SteadyClock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return done();
-}
 
 // The report files in DIR/outbox, as their parsed contents, in file name order.
 std::vector<json> queued_reports(const std::string& data_dir) {

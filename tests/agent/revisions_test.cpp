@@ -16,49 +16,25 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "test_support.h"
+
 #include "agent/activate/bundle.h"
 #include "common/digest.h"
 
 namespace outpost::agent {
 namespace {
 
+using test_support::exists;
+using test_support::read_text;
+using test_support::TempDir;
+using test_support::wait_until;
+using test_support::write_text;
+
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
 using ::testing::UnorderedElementsAre;
-
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/revisions_test.XXXXXX";
-    const char* made = ::mkdtemp(name);
-    EXPECT_NE(made, nullptr);
-    path_ = made ? made : "/tmp/revisions_test.failed";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
-void write_text(const std::string& path, const std::string& text) {
-  fs::create_directories(fs::path(path).parent_path());
-  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
-}
 
 std::vector<std::string> names_in(const std::string& dir) {
   std::vector<std::string> out;

@@ -28,41 +28,16 @@
 
 #include <gtest/gtest.h>
 
+#include "test_support.h"
+
 namespace outpost::agent {
 namespace {
 
-using namespace std::chrono_literals;
-using SteadyClock = std::chrono::steady_clock;
-
-class TempDir {
- public:
-  TempDir() {
-    char name[] = "/tmp/supervisor_test.XXXXXX";
-    const char* made = ::mkdtemp(name);
-    EXPECT_NE(made, nullptr);
-    path_ = made ? made : "/tmp";
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string file(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
-void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
-
-bool exists(const std::string& path) { return std::filesystem::exists(path); }
+using test_support::exists;
+using test_support::read_text;
+using test_support::TempDir;
+using test_support::wait_until;
+using test_support::write_text;
 
 int64_t file_size(const std::string& path) {
   std::error_code ec;
@@ -70,14 +45,8 @@ int64_t file_size(const std::string& path) {
   return ec ? -1 : static_cast<int64_t>(size);
 }
 
-bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
-  auto deadline = SteadyClock::now() + timeout;
-  while (SteadyClock::now() < deadline) {
-    if (done()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return done();
-}
+using namespace std::chrono_literals;
+using SteadyClock = std::chrono::steady_clock;
 
 // Running and not a zombie (an orphan's zombie may linger where pid 1 does not reap).
 bool process_running(pid_t pid) {

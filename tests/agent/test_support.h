@@ -1,0 +1,66 @@
+// Small helpers shared by the agent's unit tests: a temporary directory that cleans up after
+// itself, whole-file reads and writes, and polling for a condition with a deadline.
+#pragma once
+
+#include <stdlib.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+namespace outpost::agent::test_support {
+
+class TempDir {
+ public:
+  TempDir() {
+    char name[] = "/tmp/outpost_agent_test.XXXXXX";
+    const char* made = ::mkdtemp(name);
+    EXPECT_NE(made, nullptr);
+    path_ = made ? made : "/tmp/outpost_agent_test.failed";
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+inline std::string read_text(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+// Creates missing parent directories.
+inline void write_text(const std::string& path, const std::string& text) {
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(path).parent_path(), ec);
+  std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+}
+
+inline bool exists(const std::string& path) { return std::filesystem::exists(path); }
+
+// Polls `done` every 5 ms until it holds or `timeout` passes; returns its last answer.
+inline bool wait_until(const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (done()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return done();
+}
+
+}  // namespace outpost::agent::test_support
