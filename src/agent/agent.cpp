@@ -544,9 +544,8 @@ void Agent::fail_revision(Runtime& rt, const std::string& reason) {
   }
   // Nothing to go back to: say so, and try again later (the cause may be outside, e.g. a camera).
   ++rt.failures;
-  int64_t delay = options_.retry_initial_ms;
-  for (int i = 1; i < rt.failures && delay < options_.retry_max_ms; ++i) delay *= 2;
-  delay = std::min(delay, options_.retry_max_ms);
+  const int64_t delay =
+      Backoff::capped_ms(rt.failures - 1, options_.retry_initial_ms, options_.retry_max_ms);
   rt.retry_at = now_ms() + delay;
   rt.phase = "failed";
   rt.message = reason + " (trying again in " + format_duration_ms(delay) + ")";

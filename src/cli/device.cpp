@@ -50,7 +50,8 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
         notes += "unschedulable(" + std::to_string(d["unschedulable"].size()) + ")";
       table.add({d["id"], d["site"], labels_text(d["labels"]), fact(d["facts"], "arch"),
                  d["labels"].contains("accelerator") ? d["labels"]["accelerator"].get<std::string>()
-                                                    : fact(d["facts"], "accelerator"), ago(d["last_seen"].get<int64_t>(), now),
+                                                     : fact(d["facts"], "accelerator"),
+                 ago(d["last_seen"].get<int64_t>(), now),
                  std::to_string(d["generation"].get<int64_t>()),
                  std::to_string(d["reported_generation"].get<int64_t>()), notes});
     }

@@ -14,9 +14,9 @@
 
 #include "common/crypto.h"
 #include "common/durable_file.h"
+#include "http/http_server.h"
 #include "server/api/api.h"
 #include "server/desired_states.h"
-#include "http/http_server.h"
 #include "server/operator_auth.h"
 #include "server/registry/blob_store.h"
 #include "server/sync/sync_hub.h"

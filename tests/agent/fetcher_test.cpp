@@ -36,11 +36,7 @@
 namespace outpost::agent {
 namespace {
 
-using test_support::exists;
-using test_support::read_text;
-using test_support::TempDir;
-using test_support::wait_until;
-using test_support::write_text;
+using namespace test_support;  // TempDir, read_text, write_text, exists, wait_until
 
 using namespace std::chrono_literals;
 using SteadyClock = std::chrono::steady_clock;
@@ -463,13 +459,7 @@ class StallingServer {
       if (::poll(&p, 1, 20) <= 0) continue;
       int conn = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (conn < 0) continue;
-      std::string request;
-      char buf[4096];
-      while (request.find("\r\n\r\n") == std::string::npos) {
-        ssize_t n = ::recv(conn, buf, sizeof(buf), 0);
-        if (n <= 0) break;
-        request.append(buf, static_cast<size_t>(n));
-      }
+      std::string request = test_support::read_request_head(conn);
       std::string head =
           "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
           "Connection: close\r\nContent-Length: " +

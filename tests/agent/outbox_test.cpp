@@ -27,11 +27,7 @@
 namespace outpost::agent {
 namespace {
 
-using test_support::exists;
-using test_support::read_text;
-using test_support::TempDir;
-using test_support::wait_until;
-using test_support::write_text;
+using namespace test_support;  // TempDir, read_text, write_text, exists, wait_until
 
 using namespace std::chrono_literals;
 using json = nlohmann::json;

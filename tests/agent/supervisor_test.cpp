@@ -33,11 +33,7 @@
 namespace outpost::agent {
 namespace {
 
-using test_support::exists;
-using test_support::read_text;
-using test_support::TempDir;
-using test_support::wait_until;
-using test_support::write_text;
+using namespace test_support;  // TempDir, read_text, write_text, exists, wait_until
 
 int64_t file_size(const std::string& path) {
   std::error_code ec;
@@ -193,15 +189,7 @@ class HttpListener {
       if (::poll(&pfd, 1, 20) <= 0) continue;
       int client = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
       if (client < 0) continue;
-      std::string request;
-      char buf[1024];
-      while (request.find("\r\n\r\n") == std::string::npos) {
-        pollfd cpfd{client, POLLIN, 0};
-        if (::poll(&cpfd, 1, 1000) <= 0) break;
-        ssize_t n = ::read(client, buf, sizeof buf);
-        if (n <= 0) break;
-        request.append(buf, static_cast<size_t>(n));
-      }
+      std::string request = test_support::read_request_head(client);
       {
         std::lock_guard lock(mu_);
         last_request_line_ = request.substr(0, request.find("\r\n"));

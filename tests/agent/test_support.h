@@ -2,7 +2,9 @@
 // itself, whole-file reads and writes, and polling for a condition with a deadline.
 #pragma once
 
+#include <poll.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -61,6 +63,21 @@ inline bool wait_until(const std::function<bool()>& done, std::chrono::milliseco
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   return done();
+}
+
+// Reads an HTTP request's head (through the blank line) from a connected socket, for the
+// tests' hand-made servers; stops early on EOF or after timeout_ms without data.
+inline std::string read_request_head(int fd, int timeout_ms = 1000) {
+  std::string request;
+  char buf[4096];
+  while (request.find("\r\n\r\n") == std::string::npos) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) <= 0) break;
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) break;
+    request.append(buf, static_cast<size_t>(n));
+  }
+  return request;
 }
 
 }  // namespace outpost::agent::test_support

@@ -13,6 +13,7 @@
 
 #include "agent/activate/bundle.h"
 #include "common/digest.h"
+#include "common/durable_file.h"
 #include "common/http_client.h"
 #include "common/onnx/onnx_builder.h"
 #include "harness.h"
@@ -36,10 +37,8 @@ touch ready
 while :; do sleep 0.2; done
 )SH";
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
+// Whole file, or "" when it cannot be read (the assertions then say what was expected).
+std::string slurp(const std::string& path) { return read_file(path).value_or(""); }
 
 class AgentE2E : public ::testing::Test {
  protected:

@@ -246,9 +246,8 @@ void Fetcher::worker() {
           it->second.last_error.clear();
         } else if (!stopping_) {
           // Backoff per blob: 2 s, 4 s, ... capped, with jitter.
-          Backoff backoff(options_.retry_initial_ms, options_.retry_max_ms);
-          int64_t delay = 0;
-          for (int i = 0; i < it->second.attempts; ++i) delay = backoff.next_ms();
+          const int64_t delay = Backoff(options_.retry_initial_ms, options_.retry_max_ms)
+                                    .delay_for(it->second.attempts - 1);
           it->second.phase = FetchProgress::Phase::kWaitingRetry;
           it->second.last_error = result.error().message;
           it->second.retry_at_ms = steady_ms() + delay;

@@ -107,15 +107,20 @@ Result<std::optional<DesiredState>> load_desired(const std::string& data_dir,
   return std::optional<DesiredState>(std::move(*state));
 }
 
-int64_t Backoff::next_ms() {
-  int64_t delay = initial_ms_;
-  for (int i = 0; i < attempt_ && delay < max_ms_; ++i) delay *= 2;
-  delay = std::min(delay, max_ms_);
-  ++attempt_;
+int64_t Backoff::capped_ms(int attempt, int64_t initial_ms, int64_t max_ms) {
+  int64_t delay = initial_ms;
+  for (int i = 0; i < attempt && delay < max_ms; ++i) delay *= 2;
+  return std::min(delay, max_ms);
+}
+
+int64_t Backoff::delay_for(int attempt) const {
   static thread_local std::mt19937_64 rng{std::random_device{}()};
   std::uniform_real_distribution<double> jitter(0.8, 1.2);
-  return static_cast<int64_t>(static_cast<double>(delay) * jitter(rng));
+  return static_cast<int64_t>(static_cast<double>(capped_ms(attempt, initial_ms_, max_ms_)) *
+                              jitter(rng));
 }
+
+int64_t Backoff::next_ms() { return delay_for(attempt_++); }
 
 DesiredSync::DesiredSync(std::string data_dir, Identity identity, int64_t known_generation,
                          Options options, std::function<void(const DesiredState&)> on_desired,

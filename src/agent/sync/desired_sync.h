@@ -45,6 +45,10 @@ class Backoff {
  public:
   Backoff(int64_t initial_ms, int64_t max_ms) : initial_ms_(initial_ms), max_ms_(max_ms) {}
   int64_t next_ms();  // the delay to wait now; grows each call
+  // The delay before retry number `attempt` (0 = first), with jitter, without moving state.
+  int64_t delay_for(int attempt) const;
+  // initial_ms doubled `attempt` times, capped at max_ms; no jitter.
+  static int64_t capped_ms(int attempt, int64_t initial_ms, int64_t max_ms);
   void reset() { attempt_ = 0; }
   int attempts() const { return attempt_; }
 

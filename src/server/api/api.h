@@ -13,8 +13,8 @@
 
 #include "common/clock.h"
 #include "common/error.h"
-#include "server/device_sessions.h"
 #include "http/http_server.h"
+#include "server/device_sessions.h"
 #include "store/store.h"
 
 namespace outpost::server {
