@@ -5,10 +5,12 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 
 #include <spdlog/spdlog.h>
 
 #include "agent/facts.h"
+#include "agent/serve/onnx_session.h"
 #include "common/durable_file.h"
 #include "common/units.h"
 #include "http/http_server.h"
@@ -78,6 +80,9 @@ struct Agent::Runtime {
   DeploymentDir dir;
   DeploymentPointers ptr;
   std::unique_ptr<Supervisor> process;
+  std::string served_key;  // revision whose model the model server has
+  std::string serve_note;  // what the model server said about it (degraded, no fallback)
+  std::string serve_route;
   std::string process_key;  // revision the process runs
   int64_t process_started = 0;
   int port = 0;
@@ -100,7 +105,17 @@ struct Agent::Runtime {
 };
 
 Agent::Agent(AgentOptions options, Identity identity)
-    : options_(std::move(options)), identity_(std::move(identity)), artifacts_(options_.data_dir) {}
+    : options_(std::move(options)), identity_(std::move(identity)), artifacts_(options_.data_dir) {
+  // Workloads run in their own folders: every path handed to them must be absolute.
+  std::error_code ec;
+  if (auto absolute = std::filesystem::absolute(options_.data_dir, ec); !ec) {
+    options_.data_dir = absolute.lexically_normal().string();
+    artifacts_ = ArtifactStore(options_.data_dir);
+  }
+  serve::SessionLoader loader = options_.session_loader;
+  if (!loader) loader = serve::load_onnx_session;
+  models_ = std::make_unique<serve::ModelServer>(std::move(loader));
+}
 
 Agent::~Agent() {
   if (http_) http_->stop();
@@ -166,9 +181,30 @@ Status Agent::start() {
   router_->add("GET", "/healthz", [](http::Request&&, http::Responder respond) {
     respond(http::Response::json(200, R"({"ok":true})"));
   });
+  router_->add("GET", "/v1/services", [this](http::Request&&, http::Responder respond) {
+    const std::string base = "http://127.0.0.1:" + std::to_string(local_port());
+    respond(http::Response::json(200, models_->services(base).dump(2) + "\n"));
+  });
+  router_->add("GET", "/metrics", [this](http::Request&&, http::Responder respond) {
+    respond(http::Response::text(200, models_->prometheus(), "text/plain; version=0.0.4"));
+  });
+  // Everything else is the model server's: /v2/... and each deployment's serve.route.
+  auto serve_or_404 = [this](http::Request&& request, http::Responder respond) {
+    if (auto answer = models_->handle(request)) {
+      respond(std::move(*answer));
+      return;
+    }
+    respond(http::Response::error(
+        Error{Errc::kNotFound, "nothing is served at " + request.path + " (see GET /v1/services)",
+              ""}));
+  };
+  http::RouteOptions infer_options;
+  infer_options.body_limit = 64u << 20;  // tensors in JSON are wordy
+  router_->add("GET", "/{path...}", serve_or_404);
+  router_->add("POST", "/{path...}", serve_or_404, infer_options);
   http::ServerOptions http_options;
   http_options.listen = options_.listen;
-  http_options.io_threads = 1;
+  http_options.io_threads = std::max(1, options_.serve_threads);
   http_ = std::make_unique<http::HttpServer>(http_options, *router_);
   if (auto started = http_->start(); !started) {
     return make_error(started.error().with_context("local API on " + options_.listen));
@@ -266,6 +302,7 @@ void Agent::reconcile() {
     if (rt.entry.is_null()) {
       spdlog::info("deployment {} removed: stopping it and deleting its files", rt.name);
       stop_process(rt);
+      models_->remove(rt.name);
       remove_deployment_dir(options_.data_dir, rt.name);
       it = deployments_.erase(it);
       collect_garbage();
@@ -307,7 +344,9 @@ void Agent::reconcile_one(Runtime& rt) {
   }
 
   // Keep the current revision running while the new one is fetched and prepared.
-  if (!p.current.empty() && rt.dir.prepared(p.current)) ensure_running(rt, p.current);
+  if (!p.current.empty() && rt.dir.prepared(p.current) && ensure_serving(rt, p.current)) {
+    ensure_running(rt, p.current);
+  }
   bool missing = false;
   std::string waiting_phase = "pending";
   std::string problem;
@@ -471,20 +510,66 @@ void Agent::ensure_running(Runtime& rt, const std::string& key) {
   rt.message.clear();
 }
 
+bool Agent::ensure_serving(Runtime& rt, const std::string& key) {
+  if (rt.served_key == key) return true;
+  auto entry = rt.entry_of(key);
+  if (!entry || !entry->contains("model") || !(*entry)["model"].is_object()) return true;
+  const json& model = (*entry)["model"];
+  const json variant = model.value("variant", json::object());
+  if (variant.value("format", "") != "onnx") return true;  // staged for the workload only
+  if (rt.retry_at > now_ms()) return false;
+  serve::ServiceConfig config;
+  config.deployment = rt.name;
+  config.route = "/models/" + rt.name;
+  config.revision = entry->value("revision", static_cast<int64_t>(0));
+  config.primary = {model.value("name", ""), model.value("version", ""),
+                    rt.dir.model_path(key, *entry)};
+  config.session.intra_op_threads = options_.inference_threads;
+  if (entry->contains("serve") && (*entry)["serve"].is_object()) {
+    const json& serve = (*entry)["serve"];
+    config.route = serve.value("route", config.route);
+    if (serve.contains("fallback") && serve["fallback"].is_object()) {
+      const json& fb = serve["fallback"];
+      if (auto path = rt.dir.fallback_model_path(key, *entry); !path.empty()) {
+        config.fallback = serve::ModelRef{fb.value("model", ""), fb.value("version", ""), path};
+        config.min_confidence = fb.value("min_confidence", 0.0);
+      }
+    }
+  }
+  auto served = models_->activate(config);
+  if (!served) {
+    // A model that cannot be served fails its revision like a workload that cannot start.
+    fail_revision(rt, served.error().message);
+    return false;
+  }
+  rt.served_key = key;
+  rt.serve_note = *served;
+  rt.serve_route = config.route;
+  return true;
+}
+
 void Agent::check_current(Runtime& rt) {
   const std::string key = rt.ptr.current;
   auto entry = rt.entry_of(key);
+  if (!ensure_serving(rt, key)) return;
   const bool has_workload =
       entry && entry->contains("workload") && (*entry)["workload"].is_object();
   if (!has_workload) {
-    // A model without a companion process: staged and verified is as far as it goes here.
+    // A model without a companion process: running once it is served (or staged, for
+    // formats the agent does not serve itself).
     if (rt.ptr.trial) {
       rt.ptr.trial = false;
       (void)save_pointers(rt);
     }
     rt.phase = "running";
-    rt.message =
-        entry && entry->contains("model") ? "model ready at " + rt.dir.model_path(key, *entry) : "";
+    rt.message.clear();
+    if (entry && entry->contains("model")) {
+      rt.message = rt.served_key == key
+                       ? "serving at http://127.0.0.1:" + std::to_string(local_port()) +
+                             rt.serve_route
+                       : "model ready at " + rt.dir.model_path(key, *entry);
+      if (!rt.serve_note.empty()) rt.message += " (" + rt.serve_note + ")";
+    }
     return;
   }
   ensure_running(rt, key);

@@ -17,6 +17,7 @@
 #include "agent/activate/revisions.h"
 #include "agent/fetch/fetcher.h"
 #include "agent/identity.h"
+#include "agent/serve/model_server.h"
 #include "agent/status/outbox.h"
 #include "agent/supervise/supervisor.h"
 #include "agent/sync/desired_sync.h"
@@ -41,6 +42,10 @@ struct AgentOptions {
   int64_t retry_initial_ms = 5'000;  // a failed first install is tried again after this, doubling
   int64_t retry_max_ms = 600'000;
   DesiredSync::Options sync;
+  int serve_threads = 2;      // HTTP threads of the local API, which also run inferences
+  int inference_threads = 1;  // ONNX Runtime intra-op threads per inference
+  // Loads model files for serving; empty = ONNX Runtime (tests swap in a fake).
+  serve::SessionLoader session_loader;
 };
 
 class Agent {
@@ -67,6 +72,7 @@ class Agent {
   void reconcile();
   void reconcile_one(Runtime& rt);
   void ensure_running(Runtime& rt, const std::string& key);
+  bool ensure_serving(Runtime& rt, const std::string& key);
   void check_current(Runtime& rt);
   void fail_revision(Runtime& rt, const std::string& reason);
   void stop_process(Runtime& rt);
@@ -83,6 +89,7 @@ class Agent {
   std::unique_ptr<Fetcher> fetcher_;
   std::unique_ptr<DesiredSync> sync_;
   std::unique_ptr<StatusOutbox> outbox_;
+  std::unique_ptr<serve::ModelServer> models_;
   std::unique_ptr<http::Router> router_;
   std::unique_ptr<http::HttpServer> http_;
 

@@ -151,11 +151,28 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
       ->check(CLI::Range(1, 100000));
   generate->add_option("--seed", gen->seed, "Weight seed: same seed, same model")
       ->capture_default_str();
+  auto probe = std::make_shared<std::vector<double>>();
+  generate->add_option("--answer-for", *probe,
+                       "Also print what the model answers for this input row (comma-separated "
+                       "values, one per input feature): known outputs to check a server with")
+      ->delimiter(',');
   generate->footer(
-      "Example: outpost model gen --out m-1.0.0.onnx --seed 1 && outpost model gen --out "
-      "m-1.1.0.onnx --seed 2");
-  generate->callback([&options, &exit_code, gen, gen_out] {
+      "Example: outpost model gen --out m-1.0.0.onnx --seed 1 --answer-for 0.5,-1,2,0.25\n"
+      "         outpost model gen --out m-1.1.0.onnx --seed 2");
+  generate->callback([&options, &exit_code, gen, gen_out, probe] {
     Session session(options);
+    std::vector<float> answer;
+    if (!probe->empty()) {
+      if (static_cast<int64_t>(probe->size()) != gen->inputs) {
+        exit_code = session.fail(Error{Errc::kInvalidArgument,
+                                       "--answer-for: " + std::to_string(probe->size()) +
+                                           " values, the model has " +
+                                           std::to_string(gen->inputs) + " inputs",
+                                       "--answer-for"});
+        return;
+      }
+      answer = onnx::classifier_reference(*gen, std::vector<float>(probe->begin(), probe->end()));
+    }
     std::string bytes = onnx::build_classifier_onnx(*gen);
     if (auto written = write_file_durably(*gen_out, bytes); !written) {
       exit_code = session.fail(written.error());
@@ -167,11 +184,18 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
                           {"inputs", gen->inputs},
                           {"hidden", gen->hidden},
                           {"classes", gen->classes},
-                          {"seed", gen->seed}});
+                          {"seed", gen->seed},
+                          {"answer", answer.empty() ? nlohmann::json(nullptr)
+                                                    : nlohmann::json(answer)}});
     } else {
       std::cout << "wrote " << *gen_out << " (" << bytes.size() << " bytes): input [batch, "
                 << gen->inputs << "] FLOAT -> probabilities [batch, " << gen->classes << "], seed "
                 << gen->seed << "\n";
+      if (!answer.empty()) {
+        std::cout << "it answers";
+        for (float v : answer) std::cout << " " << v;
+        std::cout << "\n";
+      }
     }
     exit_code = kExitOk;
   });

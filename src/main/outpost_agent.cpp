@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include "agent/agent.h"
+#include "agent/serve/onnx_session.h"
 #include "agent/facts.h"
 #include "agent/identity.h"
 #include "common/crypto.h"
@@ -72,7 +73,8 @@ int main(int argc, char** argv) {
   CLI::App app{
       "Outpost device agent: enrolls this device, keeps its desired state (also offline), fetches\n"
       "and verifies artifacts, activates them atomically with automatic rollback, and supervises\n"
-      "workloads.\n\n"
+      "workloads, and serves deployed ONNX models with the Open Inference Protocol (KServe v2)\n"
+      "on its --listen address (GET /v1/services lists the routes; GET /metrics has the numbers).\n\n"
       "First start:  outpost-agent --server URL --enroll-token TOKEN --data DIR [--label k=v]...\n"
       "Later starts: outpost-agent --data DIR\n"
       "What it runs: outpost-agent status [--listen ADDR]",
@@ -82,6 +84,8 @@ int main(int argc, char** argv) {
                                          log_level = "info", status_period = "60s";
   std::vector<std::string> labels;
   int parallel = 2;
+  int serve_threads = 2, inference_threads = 1;
+  std::string onnxruntime;
   app.add_option("--server", server, "Control plane URL (first start), e.g. http://10.0.0.5:7400");
   app.add_option("--enroll-token", token,
                  "Enrollment token from 'outpost token create' (first start)");
@@ -99,6 +103,17 @@ int main(int argc, char** argv) {
                  "Delegated cgroup v2 directory for workload limits (else rlimits)");
   app.add_option("--status-period", status_period, "Periodic status report interval")
       ->capture_default_str();
+  app.add_option("--serve-threads", serve_threads,
+                 "Threads answering the local API and inference requests at once")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  app.add_option("--inference-threads", inference_threads,
+                 "ONNX Runtime threads one inference may use")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 64));
+  app.add_option("--onnxruntime", onnxruntime,
+                 "Path of libonnxruntime.so.1 (default: $OUTPOST_ONNXRUNTIME, else the one the "
+                 "build found); opened only when a model is served");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
   std::string output = "text";
@@ -124,6 +139,9 @@ int main(int argc, char** argv) {
   options.listen = listen;
   options.cgroup_parent = cgroup;
   options.fetch.max_parallel = parallel;
+  options.serve_threads = serve_threads;
+  options.inference_threads = inference_threads;
+  if (!onnxruntime.empty()) outpost::agent::serve::set_onnxruntime_library(onnxruntime);
   if (!rate.empty()) {
     auto bytes = outpost::parse_size_bytes(rate);
     if (!bytes || *bytes <= 0)

@@ -20,9 +20,17 @@ void remove_tree(const std::string& path) {
   fs::remove_all(path, ec);
 }
 
+// The fallback model of an entry ({"model","version","variant":{..}}), or null.
+const json& fallback_of(const json& entry) {
+  static const json kNone;
+  if (!entry.is_object() || !entry.contains("serve") || !entry["serve"].is_object()) return kNone;
+  const json& serve = entry["serve"];
+  if (!serve.contains("fallback") || !serve["fallback"].is_object()) return kNone;
+  return serve["fallback"];
+}
+
 // Model files get a name a runtime recognises: "<model>.<format>", e.g. defect-net.onnx.
-std::string model_file_name(const json& entry) {
-  const json& model = entry["model"];
+std::string model_file_name(const json& model) {
   std::string name = model.value("name", "model");
   std::string format = model.contains("variant") ? model["variant"].value("format", "bin") : "bin";
   return name + "." + (format.empty() ? "bin" : format);
@@ -49,6 +57,9 @@ std::vector<std::string> needed_artifacts(const json& entry) {
   if (entry.is_object() && entry.contains("model") && entry["model"].is_object() &&
       entry["model"].contains("variant")) {
     if (auto d = digest_at(entry["model"]["variant"], "artifact"); !d.empty()) out.push_back(d);
+  }
+  if (const json& fb = fallback_of(entry); fb.is_object() && fb.contains("variant")) {
+    if (auto d = digest_at(fb["variant"], "artifact"); !d.empty()) out.push_back(d);
   }
   if (entry.is_object() && entry.contains("workload")) {
     if (auto d = digest_at(entry["workload"], "bundle"); !d.empty()) out.push_back(d);
@@ -93,7 +104,15 @@ bool DeploymentDir::prepared(const std::string& key) const {
 
 std::string DeploymentDir::model_path(const std::string& key, const json& entry) const {
   if (!entry.contains("model")) return "";
-  return revision_path(key) + "/model/" + model_file_name(entry);
+  return revision_path(key) + "/model/" + model_file_name(entry["model"]);
+}
+
+std::string DeploymentDir::fallback_model_path(const std::string& key, const json& entry) const {
+  const json& fb = fallback_of(entry);
+  if (!fb.is_object() || !fb.contains("variant")) return "";
+  json named = fb;
+  named["name"] = fb.value("model", "fallback");
+  return revision_path(key) + "/model/fallback/" + model_file_name(named);
 }
 
 Status DeploymentDir::prepare(const std::string& key, const json& entry,
@@ -117,19 +136,32 @@ Status DeploymentDir::prepare_unchecked(const std::string& key, const json& entr
     remove_tree(tmp);
     return make_error(error.with_context("preparing " + key));
   };
-  if (entry.contains("model") && entry["model"].contains("variant")) {
-    const std::string digest = entry["model"]["variant"].value("artifact", "");
+  // A hard link costs no space and the blob is immutable; copy where links are not allowed.
+  auto place_model = [&](const std::string& digest, const std::string& dir,
+                         const std::string& file) -> Status {
     if (!artifacts.has(digest)) {
-      return fail(Error{Errc::kNotFound, "artifact " + digest + " is not on the device", ""});
+      return make_error(Errc::kNotFound, "artifact " + digest + " is not on the device");
     }
-    if (auto made = make_dirs(tmp + "/model", 0755); !made) return fail(made.error());
-    const std::string target = tmp + "/model/" + model_file_name(entry);
-    // A hard link costs no space and the blob is immutable; copy where links are not allowed.
+    OUTPOST_TRY(make_dirs(dir, 0755));
+    const std::string target = dir + "/" + file;
     if (::link(artifacts.path(digest).c_str(), target.c_str()) != 0) {
       std::error_code ec;
       fs::copy_file(artifacts.path(digest), target, ec);
-      if (ec) return fail(Error{Errc::kIo, "cannot place the model file: " + ec.message(), ""});
+      if (ec) return make_error(Errc::kIo, "cannot place the model file: " + ec.message());
     }
+    return ok();
+  };
+  if (entry.contains("model") && entry["model"].contains("variant")) {
+    auto placed = place_model(entry["model"]["variant"].value("artifact", ""), tmp + "/model",
+                              model_file_name(entry["model"]));
+    if (!placed) return fail(placed.error());
+  }
+  if (const json& fb = fallback_of(entry); fb.is_object() && fb.contains("variant")) {
+    json named = fb;
+    named["name"] = fb.value("model", "fallback");
+    auto placed = place_model(fb["variant"].value("artifact", ""), tmp + "/model/fallback",
+                              model_file_name(named));
+    if (!placed) return fail(placed.error());
   }
   if (entry.contains("workload") && entry["workload"].is_object()) {
     const std::string bundle = entry["workload"].value("bundle", "");

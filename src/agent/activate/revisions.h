@@ -3,7 +3,7 @@
 //
 //   DIR/deployments/<name>/state.json
 //   {"current":KEY,"previous":KEY,"trial":bool,"failed":{KEY:why}} DIR/deployments/<name>/<KEY>/
-//   entry.json, config.json, model/<file>, app/ (the bundle)
+//   entry.json, config.json, model/<file>, model/fallback/<file>, app/ (the bundle)
 //
 // A revision directory exists only once it is complete (built as <KEY>.tmp, then renamed), and
 // it is built only from verified artifacts, so whatever a pointer names is safe to run.
@@ -30,7 +30,8 @@ struct DeploymentPointers {
 // "r<revision>-<10 hex of the entry's hash>": a new revision, or the same revision with another
 // variant (the device's hardware changed), gets a new key.
 std::string revision_key(const nlohmann::json& entry);
-// Artifacts an entry needs on the device: the model variant and the workload bundle.
+// Artifacts an entry needs on the device: the model variant, the fallback model's variant
+// (serve.fallback.variant) and the workload bundle.
 std::vector<std::string> needed_artifacts(const nlohmann::json& entry);
 
 class DeploymentDir {
@@ -54,6 +55,8 @@ class DeploymentDir {
   [[nodiscard]] Result<nlohmann::json> entry(const std::string& key) const;
   // Path of the model file of a prepared revision ("" when it has no model).
   std::string model_path(const std::string& key, const nlohmann::json& entry) const;
+  // Path of the fallback model file (model/fallback/<name>.<format>; "" when there is none).
+  std::string fallback_model_path(const std::string& key, const nlohmann::json& entry) const;
 
  private:
   [[nodiscard]] Status prepare_unchecked(const std::string& key, const nlohmann::json& entry,

@@ -1,0 +1,444 @@
+#include "agent/serve/inference_protocol.h"
+
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+
+#include "common/json_fields.h"
+
+namespace outpost::agent::serve {
+namespace {
+
+using json = nlohmann::json;
+
+tl::unexpected<Error> bad(std::string field, std::string message) {
+  return make_error(Errc::kInvalidArgument, std::move(message), std::move(field));
+}
+
+std::string spec_text(const TensorSpec& spec) {
+  return std::string(datatype_name(spec.type)) + " " +
+         (spec.rank_known ? shape_text(spec.shape) : std::string("[...]"));
+}
+
+// One JSON value stored as an element of `type` at `out`; false when it does not fit.
+bool store_element(const json& v, DataType type, uint8_t* out, std::string& why) {
+  auto store_int = [&](auto tag) -> bool {
+    using T = decltype(tag);
+    if (v.is_number_integer()) {
+      if (v.is_number_unsigned()) {
+        uint64_t u = v.get<uint64_t>();
+        if (u > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
+          why = "is out of range";
+          return false;
+        }
+        T t = static_cast<T>(u);
+        std::memcpy(out, &t, sizeof(T));
+        return true;
+      }
+      int64_t i = v.get<int64_t>();
+      if constexpr (std::is_unsigned_v<T>) {
+        if (i < 0) {
+          why = "is negative";
+          return false;
+        }
+        if (static_cast<uint64_t>(i) > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
+          why = "is out of range";
+          return false;
+        }
+      } else {
+        if (i < static_cast<int64_t>(std::numeric_limits<T>::min()) ||
+            i > static_cast<int64_t>(std::numeric_limits<T>::max())) {
+          why = "is out of range";
+          return false;
+        }
+      }
+      T t = static_cast<T>(i);
+      std::memcpy(out, &t, sizeof(T));
+      return true;
+    }
+    if (v.is_number_float()) {
+      double d = v.get<double>();
+      if (std::trunc(d) != d) {
+        why = "is not an integer";
+        return false;
+      }
+      if (d < static_cast<double>(std::numeric_limits<T>::min()) ||
+          d > static_cast<double>(std::numeric_limits<T>::max())) {
+        why = "is out of range";
+        return false;
+      }
+      T t = static_cast<T>(d);
+      std::memcpy(out, &t, sizeof(T));
+      return true;
+    }
+    why = "is " + json_fields::type_name(v) + ", expected a number";
+    return false;
+  };
+  switch (type) {
+    case DataType::kBool: {
+      bool b = false;
+      if (v.is_boolean()) {
+        b = v.get<bool>();
+      } else if (v.is_number_integer() && (v.get<int64_t>() == 0 || v.get<int64_t>() == 1)) {
+        b = v.get<int64_t>() == 1;
+      } else {
+        why = "is " + json_fields::type_name(v) + ", expected true or false";
+        return false;
+      }
+      *out = b ? 1 : 0;
+      return true;
+    }
+    case DataType::kUint8:
+      return store_int(uint8_t{});
+    case DataType::kUint16:
+      return store_int(uint16_t{});
+    case DataType::kUint32:
+      return store_int(uint32_t{});
+    case DataType::kUint64:
+      return store_int(uint64_t{});
+    case DataType::kInt8:
+      return store_int(int8_t{});
+    case DataType::kInt16:
+      return store_int(int16_t{});
+    case DataType::kInt32:
+      return store_int(int32_t{});
+    case DataType::kInt64:
+      return store_int(int64_t{});
+    case DataType::kFp32: {
+      if (!v.is_number()) {
+        why = "is " + json_fields::type_name(v) + ", expected a number";
+        return false;
+      }
+      double d = v.get<double>();
+      if (std::fabs(d) > static_cast<double>(std::numeric_limits<float>::max())) {
+        why = "is out of range for FP32";
+        return false;
+      }
+      float f = static_cast<float>(d);
+      std::memcpy(out, &f, sizeof(float));
+      return true;
+    }
+    case DataType::kFp64: {
+      if (!v.is_number()) {
+        why = "is " + json_fields::type_name(v) + ", expected a number";
+        return false;
+      }
+      double d = v.get<double>();
+      std::memcpy(out, &d, sizeof(double));
+      return true;
+    }
+    case DataType::kFp16:
+    case DataType::kBytes:
+    case DataType::kUnknown:
+      why = "has an unsupported datatype";
+      return false;
+  }
+  return false;
+}
+
+// Flattens nested arrays (row-major) into `out` without recursion.
+Status read_data(const json& data, const std::string& field, const std::string& input,
+                 DataType type, size_t expected, const ProtocolLimits& limits, Tensor& out) {
+  const size_t size = datatype_size(type);
+  out.data.resize(expected * size);
+  size_t count = 0;
+  struct Frame {
+    const json* array;
+    size_t index;
+  };
+  std::vector<Frame> stack{{&data, 0}};
+  while (!stack.empty()) {
+    Frame& top = stack.back();
+    if (top.index == top.array->size()) {
+      stack.pop_back();
+      continue;
+    }
+    const json& v = (*top.array)[top.index++];
+    if (v.is_array()) {
+      if (stack.size() >= limits.max_nesting) {
+        return bad(field, "input '" + input + "': data is nested deeper than " +
+                              std::to_string(limits.max_nesting) + " levels");
+      }
+      stack.push_back({&v, 0});
+      continue;
+    }
+    if (count >= expected) {
+      return bad(field, "input '" + input + "': more values than its shape holds (" +
+                            std::to_string(expected) + " expected)");
+    }
+    std::string why;
+    if (!store_element(v, type, out.data.data() + count * size, why)) {
+      return bad(field, "input '" + input + "': value " + std::to_string(count) + " " + why +
+                            " (datatype " + std::string(datatype_name(type)) + ")");
+    }
+    ++count;
+  }
+  if (count != expected) {
+    return bad(field, "input '" + input + "': " + std::to_string(count) + " values for shape " +
+                          shape_text(out.shape) + " (" + std::to_string(expected) +
+                          " expected)");
+  }
+  return ok();
+}
+
+Result<Tensor> read_input(const json& in, size_t index, const std::vector<TensorSpec>& specs,
+                          const ProtocolLimits& limits, const TensorSpec*& matched) {
+  const std::string at = "inputs[" + std::to_string(index) + "]";
+  if (!in.is_object()) return bad(at, "expected an object, got " + json_fields::type_name(in));
+  auto name = json_fields::required_string(in, "name", at + ".name");
+  if (!name) return make_error(name.error());
+  matched = nullptr;
+  for (const auto& spec : specs) {
+    if (spec.name == *name) matched = &spec;
+  }
+  if (!matched) {
+    std::string known;
+    for (const auto& spec : specs) known += (known.empty() ? "'" : ", '") + spec.name + "'";
+    return bad(at + ".name", "the model has no input '" + *name + "' (it has " + known + ")");
+  }
+  const TensorSpec& spec = *matched;
+  auto datatype = json_fields::required_string(in, "datatype", at + ".datatype");
+  if (!datatype) return make_error(datatype.error());
+  auto type = datatype_from_name(*datatype);
+  if (!type) {
+    return bad(at + ".datatype", "input '" + *name + "': unknown datatype '" + *datatype +
+                                     "' (BOOL, UINT8..UINT64, INT8..INT64, FP32, FP64)");
+  }
+  if (*type != spec.type) {
+    return bad(at + ".datatype", "input '" + *name + "': datatype " + *datatype +
+                                     ", the model expects " +
+                                     std::string(datatype_name(spec.type)));
+  }
+  if (datatype_size(*type) == 0 || *type == DataType::kFp16) {
+    return bad(at + ".datatype", "input '" + *name + "': datatype " + *datatype +
+                                     " is not supported by this server's JSON encoding");
+  }
+  if (!in.contains("shape") || !in["shape"].is_array()) {
+    return bad(at + ".shape", "input '" + *name + "': expected a shape array such as " +
+                                  shape_text(spec.shape));
+  }
+  Tensor tensor;
+  tensor.name = *name;
+  tensor.type = *type;
+  for (const auto& d : in["shape"]) {
+    if (!d.is_number_integer() || d.get<int64_t>() < 1) {
+      return bad(at + ".shape", "input '" + *name + "': dimensions must be integers >= 1");
+    }
+    tensor.shape.push_back(d.get<int64_t>());
+    if (tensor.shape.size() > 64) {
+      return bad(at + ".shape", "input '" + *name + "': more than 64 dimensions");
+    }
+  }
+  bool fits = !spec.rank_known || spec.shape.size() == tensor.shape.size();
+  for (size_t i = 0; fits && spec.rank_known && i < spec.shape.size(); ++i) {
+    if (spec.shape[i] >= 0 && spec.shape[i] != tensor.shape[i]) fits = false;
+  }
+  if (!fits) {
+    return bad(at + ".shape", "input '" + *name + "': shape " + shape_text(tensor.shape) +
+                                  " does not match the model's " + shape_text(spec.shape));
+  }
+  auto count = element_count(tensor.shape, limits.max_elements);
+  if (!count) {
+    return bad(at + ".shape", "input '" + *name + "': shape " + shape_text(tensor.shape) +
+                                  " holds more than " + std::to_string(limits.max_elements) +
+                                  " values");
+  }
+  if (!in.contains("data") || !in["data"].is_array()) {
+    return bad(at + ".data", "input '" + *name + "': expected a data array");
+  }
+  OUTPOST_TRY(read_data(in["data"], at + ".data", *name, *type, *count, limits, tensor));
+  return tensor;
+}
+
+void append_number(std::string& out, double value, DataType type) {
+  char buf[64];
+  std::to_chars_result r{};
+  if (type == DataType::kFp32) {
+    float f = static_cast<float>(value);
+    if (!std::isfinite(f)) {
+      out += "null";
+      return;
+    }
+    r = std::to_chars(buf, buf + sizeof(buf), f);
+  } else if (!std::isfinite(value)) {
+    out += "null";
+    return;
+  } else {
+    r = std::to_chars(buf, buf + sizeof(buf), value);
+  }
+  out.append(buf, r.ptr);
+}
+
+void append_element(std::string& out, const Tensor& t, size_t i) {
+  const uint8_t* p = t.data.data() + i * datatype_size(t.type);
+  char buf[32];
+  auto integer = [&](auto tag) {
+    using T = decltype(tag);
+    T v;
+    std::memcpy(&v, p, sizeof(T));
+    auto r = std::to_chars(buf, buf + sizeof(buf), v);
+    out.append(buf, r.ptr);
+  };
+  switch (t.type) {
+    case DataType::kBool:
+      out += *p ? "true" : "false";
+      return;
+    case DataType::kUint8:
+      return integer(uint8_t{});
+    case DataType::kUint16:
+      return integer(uint16_t{});
+    case DataType::kUint32:
+      return integer(uint32_t{});
+    case DataType::kUint64:
+      return integer(uint64_t{});
+    case DataType::kInt8:
+      return integer(int8_t{});
+    case DataType::kInt16:
+      return integer(int16_t{});
+    case DataType::kInt32:
+      return integer(int32_t{});
+    case DataType::kInt64:
+      return integer(int64_t{});
+    case DataType::kFp32:
+    case DataType::kFp64:
+      return append_number(out, t.value_as_double(i), t.type);
+    case DataType::kFp16:
+    case DataType::kBytes:
+    case DataType::kUnknown:
+      out += "null";
+      return;
+  }
+}
+
+json shape_json(const TensorSpec& spec) {
+  return spec.rank_known ? json(spec.shape) : json::array({-1});
+}
+
+}  // namespace
+
+Result<InferRequest> parse_infer_request(std::string_view body,
+                                         const std::vector<TensorSpec>& inputs,
+                                         const std::vector<TensorSpec>& outputs,
+                                         const ProtocolLimits& limits) {
+  json doc;
+  try {
+    doc = json::parse(body);
+  } catch (const json::parse_error& e) {
+    return bad("", "the request body is not valid JSON (at byte " + std::to_string(e.byte) + ")");
+  }
+  if (!doc.is_object()) {
+    return bad("", "the request body must be a JSON object, got " + json_fields::type_name(doc));
+  }
+  InferRequest request;
+  if (doc.contains("id")) {
+    if (!doc["id"].is_string()) return bad("id", "expected a string");
+    request.id = doc["id"].get<std::string>();
+  }
+  if (!doc.contains("inputs") || !doc["inputs"].is_array()) {
+    return bad("inputs", "expected an array of input tensors");
+  }
+  const json& list = doc["inputs"];
+  request.inputs.resize(inputs.size());
+  std::vector<bool> seen(inputs.size(), false);
+  for (size_t i = 0; i < list.size(); ++i) {
+    const TensorSpec* spec = nullptr;
+    auto tensor = read_input(list[i], i, inputs, limits, spec);
+    if (!tensor) return make_error(tensor.error());
+    size_t slot = static_cast<size_t>(spec - inputs.data());
+    if (seen[slot]) {
+      return bad("inputs[" + std::to_string(i) + "].name",
+                 "input '" + spec->name + "' is given twice");
+    }
+    seen[slot] = true;
+    request.inputs[slot] = std::move(*tensor);
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    if (!seen[i]) {
+      return bad("inputs", "missing input '" + inputs[i].name + "' (" + spec_text(inputs[i]) + ")");
+    }
+  }
+  if (doc.contains("outputs")) {
+    if (!doc["outputs"].is_array()) return bad("outputs", "expected an array of {\"name\": ...}");
+    for (size_t i = 0; i < doc["outputs"].size(); ++i) {
+      const json& o = doc["outputs"][i];
+      const std::string at = "outputs[" + std::to_string(i) + "]";
+      if (!o.is_object()) return bad(at, "expected an object, got " + json_fields::type_name(o));
+      auto name = json_fields::required_string(o, "name", at + ".name");
+      if (!name) return make_error(name.error());
+      bool known = false;
+      for (const auto& spec : outputs) known = known || spec.name == *name;
+      if (!known) return bad(at + ".name", "the model has no output '" + *name + "'");
+      request.outputs.push_back(*name);
+    }
+  }
+  return request;
+}
+
+std::string encode_infer_response(std::string_view model_name, std::string_view model_version,
+                                  std::string_view id, const std::vector<Tensor>& outputs,
+                                  const json& parameters) {
+  std::string out;
+  size_t values = 0;
+  for (const auto& t : outputs) values += t.element_count();
+  out.reserve(128 + values * 14);
+  out += "{\"model_name\":";
+  out += json(std::string(model_name)).dump();
+  out += ",\"model_version\":";
+  out += json(std::string(model_version)).dump();
+  if (!id.empty()) {
+    out += ",\"id\":";
+    out += json(std::string(id)).dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  if (parameters.is_object() && !parameters.empty()) {
+    out += ",\"parameters\":";
+    out += parameters.dump(-1, ' ', false, json::error_handler_t::replace);
+  }
+  out += ",\"outputs\":[";
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    const Tensor& t = outputs[k];
+    if (k > 0) out += ',';
+    out += "{\"name\":";
+    out += json(t.name).dump(-1, ' ', false, json::error_handler_t::replace);
+    out += ",\"datatype\":\"";
+    out += datatype_name(t.type);
+    out += "\",\"shape\":";
+    out += shape_text(t.shape);
+    out += ",\"data\":[";
+    const size_t n = t.element_count();
+    for (size_t i = 0; i < n; ++i) {
+      if (i > 0) out += ',';
+      append_element(out, t, i);
+    }
+    out += "]}";
+  }
+  out += "]}";
+  return out;
+}
+
+json model_metadata(const std::string& name, const std::string& version,
+                    const std::vector<TensorSpec>& inputs, const std::vector<TensorSpec>& outputs) {
+  auto list = [](const std::vector<TensorSpec>& specs) {
+    json out = json::array();
+    for (const auto& s : specs) {
+      out.push_back({{"name", s.name},
+                     {"datatype", std::string(datatype_name(s.type))},
+                     {"shape", shape_json(s)}});
+    }
+    return out;
+  };
+  return {{"name", name},
+          {"versions", json::array({version})},
+          {"platform", "onnxruntime_onnx"},
+          {"inputs", list(inputs)},
+          {"outputs", list(outputs)}};
+}
+
+std::string protocol_error_body(const Error& error) {
+  json body = {{"error", error.describe()}};
+  if (!error.field.empty()) body["field"] = error.field;
+  return body.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+}  // namespace outpost::agent::serve
