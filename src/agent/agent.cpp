@@ -194,9 +194,8 @@ Status Agent::start() {
       respond(std::move(*answer));
       return;
     }
-    respond(http::Response::error(
-        Error{Errc::kNotFound, "nothing is served at " + request.path + " (see GET /v1/services)",
-              ""}));
+    respond(http::Response::error(Error{
+        Errc::kNotFound, "nothing is served at " + request.path + " (see GET /v1/services)", ""}));
   };
   http::RouteOptions infer_options;
   infer_options.body_limit = 64u << 20;  // tensors in JSON are wordy
@@ -564,10 +563,10 @@ void Agent::check_current(Runtime& rt) {
     rt.phase = "running";
     rt.message.clear();
     if (entry && entry->contains("model")) {
-      rt.message = rt.served_key == key
-                       ? "serving at http://127.0.0.1:" + std::to_string(local_port()) +
-                             rt.serve_route
-                       : "model ready at " + rt.dir.model_path(key, *entry);
+      rt.message =
+          rt.served_key == key
+              ? "serving at http://127.0.0.1:" + std::to_string(local_port()) + rt.serve_route
+              : "model ready at " + rt.dir.model_path(key, *entry);
       if (!rt.serve_note.empty()) rt.message += " (" + rt.serve_note + ")";
     }
     return;

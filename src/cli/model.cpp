@@ -152,9 +152,10 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   generate->add_option("--seed", gen->seed, "Weight seed: same seed, same model")
       ->capture_default_str();
   auto probe = std::make_shared<std::vector<double>>();
-  generate->add_option("--answer-for", *probe,
-                       "Also print what the model answers for this input row (comma-separated "
-                       "values, one per input feature): known outputs to check a server with")
+  generate
+      ->add_option("--answer-for", *probe,
+                   "Also print what the model answers for this input row (comma-separated "
+                   "values, one per input feature): known outputs to check a server with")
       ->delimiter(',');
   generate->footer(
       "Example: outpost model gen --out m-1.0.0.onnx --seed 1 --answer-for 0.5,-1,2,0.25\n"
@@ -166,8 +167,8 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
       if (static_cast<int64_t>(probe->size()) != gen->inputs) {
         exit_code = session.fail(Error{Errc::kInvalidArgument,
                                        "--answer-for: " + std::to_string(probe->size()) +
-                                           " values, the model has " +
-                                           std::to_string(gen->inputs) + " inputs",
+                                           " values, the model has " + std::to_string(gen->inputs) +
+                                           " inputs",
                                        "--answer-for"});
         return;
       }
@@ -179,14 +180,14 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
       return;
     }
     if (session.json_output()) {
-      session.print_json({{"file", *gen_out},
-                          {"bytes", bytes.size()},
-                          {"inputs", gen->inputs},
-                          {"hidden", gen->hidden},
-                          {"classes", gen->classes},
-                          {"seed", gen->seed},
-                          {"answer", answer.empty() ? nlohmann::json(nullptr)
-                                                    : nlohmann::json(answer)}});
+      session.print_json(
+          {{"file", *gen_out},
+           {"bytes", bytes.size()},
+           {"inputs", gen->inputs},
+           {"hidden", gen->hidden},
+           {"classes", gen->classes},
+           {"seed", gen->seed},
+           {"answer", answer.empty() ? nlohmann::json(nullptr) : nlohmann::json(answer)}});
     } else {
       std::cout << "wrote " << *gen_out << " (" << bytes.size() << " bytes): input [batch, "
                 << gen->inputs << "] FLOAT -> probabilities [batch, " << gen->classes << "], seed "

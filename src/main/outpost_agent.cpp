@@ -7,9 +7,9 @@
 #include <CLI/CLI.hpp>
 
 #include "agent/agent.h"
-#include "agent/serve/onnx_session.h"
 #include "agent/facts.h"
 #include "agent/identity.h"
+#include "agent/serve/onnx_session.h"
 #include "common/crypto.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
@@ -74,7 +74,8 @@ int main(int argc, char** argv) {
       "Outpost device agent: enrolls this device, keeps its desired state (also offline), fetches\n"
       "and verifies artifacts, activates them atomically with automatic rollback, and supervises\n"
       "workloads, and serves deployed ONNX models with the Open Inference Protocol (KServe v2)\n"
-      "on its --listen address (GET /v1/services lists the routes; GET /metrics has the numbers).\n\n"
+      "on its --listen address (GET /v1/services lists the routes; GET /metrics has the "
+      "numbers).\n\n"
       "First start:  outpost-agent --server URL --enroll-token TOKEN --data DIR [--label k=v]...\n"
       "Later starts: outpost-agent --data DIR\n"
       "What it runs: outpost-agent status [--listen ADDR]",

@@ -86,6 +86,8 @@ class AgentProcess {
   const std::string& data_dir() const { return data_dir_; }
   std::string log() const;
   std::string device_id() const;  // from identity.json
+  // Base URL of its local API (and model server): "http://127.0.0.1:<port>".
+  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
 
  private:
   std::string data_dir_;

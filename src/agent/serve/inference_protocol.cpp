@@ -177,8 +177,7 @@ Status read_data(const json& data, const std::string& field, const std::string& 
   }
   if (count != expected) {
     return bad(field, "input '" + input + "': " + std::to_string(count) + " values for shape " +
-                          shape_text(out.shape) + " (" + std::to_string(expected) +
-                          " expected)");
+                          shape_text(out.shape) + " (" + std::to_string(expected) + " expected)");
   }
   return ok();
 }
@@ -216,8 +215,8 @@ Result<Tensor> read_input(const json& in, size_t index, const std::vector<Tensor
                                      " is not supported by this server's JSON encoding");
   }
   if (!in.contains("shape") || !in["shape"].is_array()) {
-    return bad(at + ".shape", "input '" + *name + "': expected a shape array such as " +
-                                  shape_text(spec.shape));
+    return bad(at + ".shape",
+               "input '" + *name + "': expected a shape array such as " + shape_text(spec.shape));
   }
   Tensor tensor;
   tensor.name = *name;

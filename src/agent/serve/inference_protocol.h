@@ -16,8 +16,8 @@
 namespace outpost::agent::serve {
 
 struct InferRequest {
-  std::string id;                  // echoed in the response ("" when absent)
-  std::vector<Tensor> inputs;      // in the model's input order, one per model input
+  std::string id;                    // echoed in the response ("" when absent)
+  std::vector<Tensor> inputs;        // in the model's input order, one per model input
   std::vector<std::string> outputs;  // requested outputs; empty = all
 };
 

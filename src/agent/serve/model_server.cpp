@@ -11,7 +11,8 @@ namespace {
 using json = nlohmann::json;
 
 bool ends_with(const std::string& s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 http::Response protocol_error(int status, const Error& error) {
@@ -45,7 +46,8 @@ std::optional<double> answer_confidence(const std::vector<Tensor>& outputs) {
   if (t.type != DataType::kFp32 && t.type != DataType::kFp64) return std::nullopt;
   const size_t count = t.element_count();
   if (count == 0) return std::nullopt;
-  const size_t rows = t.shape.size() >= 2 ? static_cast<size_t>(std::max<int64_t>(t.shape[0], 1)) : 1;
+  const size_t rows =
+      t.shape.size() >= 2 ? static_cast<size_t>(std::max<int64_t>(t.shape[0], 1)) : 1;
   const size_t width = count / rows;
   if (width == 0) return std::nullopt;
   double lowest = 1.0;
@@ -132,12 +134,12 @@ Result<std::string> ModelServer::activate(const ServiceConfig& config) {
     const bool fallback_ok = service->fallback && service->fallback->session;
     if (!fallback_ok) {
       return make_error(Errc::kInvalidArgument, "model " + config.primary.name + " " +
-                                                    config.primary.version + " cannot be loaded: " +
-                                                    service->primary.error);
+                                                    config.primary.version +
+                                                    " cannot be loaded: " + service->primary.error);
     }
-    note = "primary " + config.primary.name + " " + config.primary.version +
-           " cannot be loaded (" + service->primary.error + "); the fallback " +
-           config.fallback->name + " " + config.fallback->version + " answers";
+    note = "primary " + config.primary.name + " " + config.primary.version + " cannot be loaded (" +
+           service->primary.error + "); the fallback " + config.fallback->name + " " +
+           config.fallback->version + " answers";
   } else if (service->fallback && !service->fallback->session) {
     note = "fallback " + config.fallback->name + " " + config.fallback->version +
            " cannot be loaded: " + service->fallback->error;
@@ -221,8 +223,8 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
 
   if (primary.session) {
     primary.metrics->count_request();
-    auto request = parse_infer_request(body, primary.session->inputs(),
-                                       primary.session->outputs(), limits_);
+    auto request =
+        parse_infer_request(body, primary.session->inputs(), primary.session->outputs(), limits_);
     if (!request) {
       primary.metrics->count_invalid();
       return protocol_error(400, request.error());
@@ -240,8 +242,8 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
         json params = json::object();
         if (primary_confidence) params["confidence"] = *primary_confidence;
         return http::Response::json(
-            200, encode_infer_response(primary.ref.name, primary.ref.version, request->id,
-                                       *outputs, params));
+            200, encode_infer_response(primary.ref.name, primary.ref.version, request->id, *outputs,
+                                       params));
       }
       reason = "confidence " + confidence_text(*primary_confidence) + " is under " +
                confidence_text(min);
@@ -264,8 +266,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
   }
   const Loaded& fb = *service.fallback;
   fb.metrics->count_request();
-  auto request =
-      parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
+  auto request = parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
   if (!request) {
     fb.metrics->count_invalid();
     return protocol_error(400, request.error());
@@ -278,9 +279,8 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
       // The primary did answer, only with low confidence: better that than nothing.
       json params = {{"confidence", *primary_confidence},
                      {"fallback_error", outputs.error().message}};
-      return http::Response::json(
-          200, encode_infer_response(primary.ref.name, primary.ref.version, request->id,
-                                     primary_answer, params));
+      return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
+                                                             request->id, primary_answer, params));
     }
     return protocol_error(500, outputs.error().with_context("the fallback failed"));
   }
@@ -345,14 +345,16 @@ std::optional<http::Response> ModelServer::handle(const http::Request& request) 
     if (rest.empty() || rest.find('/') != std::string::npos) return std::nullopt;
     service = find_by_name(rest);
     if (!service) {
-      return protocol_error(404, Error{Errc::kNotFound, "no model '" + rest + "' is served here", ""});
+      return protocol_error(404,
+                            Error{Errc::kNotFound, "no model '" + rest + "' is served here", ""});
     }
     if (!version.empty() && version != service->config.primary.version &&
         !(service->fallback && version == service->fallback->ref.version)) {
-      return protocol_error(404, Error{Errc::kNotFound, "model '" + rest + "' version " + version +
-                                                            " is not served here (serving " +
-                                                            service->config.primary.version + ")",
-                                       ""});
+      return protocol_error(
+          404, Error{Errc::kNotFound,
+                     "model '" + rest + "' version " + version + " is not served here (serving " +
+                         service->config.primary.version + ")",
+                     ""});
     }
   } else {
     service = find_by_route(base);
@@ -392,7 +394,9 @@ json ModelServer::services(const std::string& base_url) const {
                   {"revision", svc->config.revision},
                   {"model", svc->config.primary.name},
                   {"version", svc->config.primary.version},
-                  {"state", primary_ok ? "ready" : fallback_ok ? "degraded" : "unavailable"},
+                  {"state", primary_ok    ? "ready"
+                            : fallback_ok ? "degraded"
+                                          : "unavailable"},
                   {"primary", model_json(svc->primary)},
                   {"fallback", svc->fallback ? model_json(*svc->fallback) : json(nullptr)},
                   {"min_confidence", svc->config.min_confidence}};
@@ -422,10 +426,11 @@ std::string ModelServer::prometheus() const {
     served = services_.size();
   }
   std::string out = prometheus_header();
-  out += "# HELP outpost_models_served Deployments with a model being served.\n"
-         "# TYPE outpost_models_served gauge\n"
-         "outpost_models_served " +
-         std::to_string(served) + "\n";
+  out +=
+      "# HELP outpost_models_served Deployments with a model being served.\n"
+      "# TYPE outpost_models_served gauge\n"
+      "outpost_models_served " +
+      std::to_string(served) + "\n";
   for (const auto& m : list) m->append_prometheus(out);
   return out;
 }

@@ -21,9 +21,9 @@ struct OrtRuntime {
 };
 
 std::mutex g_mu;
-std::string g_library;     // guarded by g_mu
+std::string g_library;            // guarded by g_mu
 OrtRuntime* g_runtime = nullptr;  // guarded by g_mu; never freed once set
-std::string g_open_error;  // guarded by g_mu: why opening failed (tried again on next load)
+std::string g_open_error;         // guarded by g_mu: why opening failed (tried again on next load)
 
 std::string take_status(const OrtApi* api, OrtStatus* status) {
   std::string message = api->GetErrorMessage(status);
@@ -83,8 +83,8 @@ Result<OrtRuntime*> open_runtime() {
   if (OrtStatus* s = api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "outpost", &runtime->env)) {
     return make_error(Errc::kUnavailable, "ONNX Runtime environment: " + take_status(api, s));
   }
-  if (OrtStatus* s = api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault,
-                                              &runtime->cpu)) {
+  if (OrtStatus* s =
+          api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &runtime->cpu)) {
     return make_error(Errc::kUnavailable, "ONNX Runtime memory info: " + take_status(api, s));
   }
   g_runtime = runtime.release();
@@ -207,7 +207,8 @@ class OnnxSession final : public InferenceSession {
         if (kind != ONNX_TYPE_TENSOR) {
           return make_error(Errc::kInvalidArgument,
                             "model " + path + ": " + (is_input ? "input '" : "output '") +
-                                spec.name + "' is not a tensor (sequences and maps are not served)");
+                                spec.name +
+                                "' is not a tensor (sequences and maps are not served)");
         }
         (is_input ? inputs_ : outputs_).push_back(std::move(spec));
         (is_input ? input_names_ : output_names_).push_back(nullptr);
@@ -226,7 +227,8 @@ class OnnxSession final : public InferenceSession {
     const OrtApi* api = rt_->api;
     if (inputs.size() != inputs_.size()) {
       return make_error(Errc::kInvalidArgument, "expected " + std::to_string(inputs_.size()) +
-                                                    " inputs, got " + std::to_string(inputs.size()));
+                                                    " inputs, got " +
+                                                    std::to_string(inputs.size()));
     }
     std::vector<OrtValue*> in(inputs.size(), nullptr);
     std::vector<const char*> out_names;
@@ -252,12 +254,11 @@ class OnnxSession final : public InferenceSession {
       const Tensor& t = inputs[i];
       // The runtime reads inputs only; the cast is what its C signature asks for.
       void* data = const_cast<uint8_t*>(t.data.data());
-      if (OrtStatus* s = api->CreateTensorWithDataAsOrtValue(
-              rt_->cpu, data, t.data.size(), t.shape.data(), t.shape.size(), to_onnx(t.type),
-              &in[i])) {
+      if (OrtStatus* s =
+              api->CreateTensorWithDataAsOrtValue(rt_->cpu, data, t.data.size(), t.shape.data(),
+                                                  t.shape.size(), to_onnx(t.type), &in[i])) {
         release();
-        return make_error(Errc::kInvalidArgument,
-                          "input '" + t.name + "': " + take_status(api, s));
+        return make_error(Errc::kInvalidArgument, "input '" + t.name + "': " + take_status(api, s));
       }
     }
     if (OrtStatus* s = api->Run(session_, nullptr, input_names_.data(), in.data(), in.size(),

@@ -11,8 +11,7 @@ using json = nlohmann::json;
 const std::vector<double> kLatencyBounds = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                                             0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
                                             1,      2.5,     5,      10};
-const std::vector<double> kConfidenceBounds = {0.1, 0.2, 0.3, 0.4, 0.5,
-                                               0.6, 0.7, 0.8, 0.9, 1.0};
+const std::vector<double> kConfidenceBounds = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0};
 
 // Prometheus label values escape backslash, quote and newline.
 std::string label_value(const std::string& v) {
@@ -44,8 +43,8 @@ json histogram_json(const Histogram::Snapshot& s) {
     json le = i < s.bounds.size() ? json(s.bounds[i]) : json("+Inf");
     buckets.push_back({le, s.counts[i]});
   }
-  return {{"count", s.count},     {"sum", s.sum},
-          {"p50", s.quantile(0.5)}, {"p95", s.quantile(0.95)},
+  return {{"count", s.count},        {"sum", s.sum},
+          {"p50", s.quantile(0.5)},  {"p95", s.quantile(0.95)},
           {"p99", s.quantile(0.99)}, {"buckets", std::move(buckets)}};
 }
 
