@@ -301,6 +301,107 @@ TEST_F(ServingE2E, FallbackAnswersWhenThePrimaryIsUnderMinConfidence) {
       << metrics->body;
 }
 
+// A model the registry accepts (valid ONNX) but the runtime refuses: an operator that does
+// not exist. Same length as "Softmax", so the protobuf stays well-formed.
+std::string broken_model(const onnx::ClassifierSpec& spec) {
+  std::string bytes = onnx::build_classifier_onnx(spec);
+  auto at = bytes.find("Softmax");
+  EXPECT_NE(at, std::string::npos);
+  if (at != std::string::npos) bytes.replace(at, 7, "Softmix");
+  return bytes;
+}
+
+TEST_F(ServingE2E, AModelTheRuntimeRefusesRollsBackAndTheOldVersionKeepsServing) {
+  onnx::ClassifierSpec spec;
+  spec.seed = 4;
+  push_classifier("defect-net", "1.0.0", spec);
+  push("defect-net", "1.1.0", write("broken.onnx", broken_model(spec)));
+  apply("detector", "defect-net", "1.0.0", "/models/detector");
+  ASSERT_FALSE(wait_serving("detector", "1.0.0").is_null());
+
+  apply("detector", "defect-net", "1.1.0", "/models/detector");
+  json last;
+  ASSERT_TRUE(agent_->wait_for(
+      [](const json& s) {
+        for (const auto& d : s.value("deployments", json::array())) {
+          if (d.value("name", "") == "detector" && d.value("phase", "") == "rolled-back")
+            return true;
+        }
+        return false;
+      },
+      60, &last))
+      << last.dump(2);
+  const json d = agent_->deployment("detector");
+  EXPECT_NE(d.value("message", "").find("cannot be loaded"), std::string::npos) << d.dump();
+  EXPECT_NE(d.value("message", "").find("Softmix"), std::string::npos) << d.dump();
+  EXPECT_EQ(d.value("current_revision", 0), 1);
+
+  HttpClient client(agent_->url(), "");
+  HttpResponse r = post(client, "/models/detector/infer", infer_body({{1, 2, 3, 4}}).dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  EXPECT_EQ(json::parse(r.body)["model_version"], "1.0.0");
+  expect_near_all(answer_values(json::parse(r.body)),
+                  onnx::classifier_reference(spec, {1, 2, 3, 4}));
+  // The operator sees it too.
+  auto shown = server_->cli({"device", "show", agent_->device_id()});
+  EXPECT_NE(shown.out.find("rolled-back"), std::string::npos) << shown.out;
+}
+
+TEST_F(ServingE2E, APrimaryThatCannotLoadLeavesTheFallbackAnswering) {
+  onnx::ClassifierSpec spec;
+  spec.seed = 8;
+  onnx::ClassifierSpec tiny;
+  tiny.seed = 9;
+  push("defect-net", "3.0.0", write("broken.onnx", broken_model(spec)));
+  push_classifier("defect-net-tiny", "1.0.0", tiny);
+  apply("detector", "defect-net", "3.0.0", "/models/detector",
+        {{"model", "defect-net-tiny"}, {"version", "1.0.0"}});
+  json service = wait_serving("detector", "3.0.0");
+  ASSERT_FALSE(service.is_null());
+  EXPECT_EQ(service["state"], "degraded") << service.dump(2);
+  EXPECT_FALSE(service["primary"]["loaded"].get<bool>());
+
+  HttpClient client(agent_->url(), "");
+  HttpResponse r = post(client, "/models/detector/infer", infer_body({{1, 0, 0, 1}}).dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  json answer = json::parse(r.body);
+  EXPECT_EQ(answer["model_name"], "defect-net-tiny");
+  EXPECT_NE(answer["parameters"].value("fallback_reason", "").find("not loaded"), std::string::npos)
+      << r.body;
+  expect_near_all(answer_values(answer), onnx::classifier_reference(tiny, {1, 0, 0, 1}));
+  json status;
+  ASSERT_TRUE(agent_->wait_for(
+      [](const json& s) {
+        for (const auto& d : s.value("deployments", json::array())) {
+          if (d.value("name", "") == "detector" && d.value("phase", "") == "running") return true;
+        }
+        return false;
+      },
+      30, &status))
+      << status.dump(2);
+  EXPECT_NE(agent_->deployment("detector").value("message", "").find("fallback"),
+            std::string::npos);
+}
+
+TEST_F(ServingE2E, AnAgentRestartedWithoutTheServerServesAgain) {
+  onnx::ClassifierSpec spec;
+  spec.seed = 12;
+  push_classifier("defect-net", "1.0.0", spec);
+  apply("detector", "defect-net", "1.0.0", "/models/detector");
+  ASSERT_FALSE(wait_serving("detector", "1.0.0").is_null());
+  server_->stop();
+  agent_->stop();
+  agent_->start();
+  ASSERT_FALSE(wait_serving("detector", "1.0.0", 30).is_null());
+  HttpClient client(agent_->url(), "");
+  HttpResponse r =
+      post(client, "/models/detector/infer", infer_body({{0.1f, 0.2f, 0.3f, 0.4f}}).dump());
+  ASSERT_EQ(r.status, 200) << r.body;
+  expect_near_all(answer_values(json::parse(r.body)),
+                  onnx::classifier_reference(spec, {0.1f, 0.2f, 0.3f, 0.4f}));
+  EXPECT_FALSE(agent_->status().value("online", true));
+}
+
 TEST_F(ServingE2E, SileroVadIsServedAndAnswersLikeTheRuntimeDirectly) {
   const std::string model =
       std::string(OUTPOST_SOURCE_DIR) + "/third_party/models/silero_vad_v5.onnx";
