@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 # -O2 without debug info: quicker to compile and link on CI's 2 cores.
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG"
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-agent format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-agent bench-serve format clean
 
 deps:
 	@scripts/install-deps
@@ -27,7 +27,7 @@ $(ASAN_BUILD)/build.ninja: | deps
 
 test-asan: deps $(ASAN_BUILD)/build.ninja
 	cmake --build $(ASAN_BUILD) -j $(JOBS)
-	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	cd $(ASAN_BUILD) && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  ctest --output-on-failure -j $(JOBS) --timeout 600
 
 demo: build
@@ -39,9 +39,13 @@ demo-stop:
 bench: build
 	bench/sync/run.sh
 	bench/agent/footprint.sh
+	BUILD=0 bench/serve/run.sh
 
 bench-agent: build
 	bench/agent/footprint.sh
+
+bench-serve: build
+	BUILD=0 bench/serve/run.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')

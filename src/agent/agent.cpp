@@ -624,6 +624,10 @@ void Agent::fail_revision(Runtime& rt, const std::string& reason) {
     (void)save_pointers(rt);
     ensure_running(rt, p.current);
     rt.phase = "rolled-back";
+    // The same words reconcile_one uses while the failed revision stays off, so the report
+    // sent right now already says why.
+    rt.message = "revision " + std::to_string(rt.entry.value("revision", static_cast<int64_t>(0))) +
+                 " failed: " + reason + "; running " + p.current + " instead";
     return;
   }
   // Nothing to go back to: say so, and try again later (the cause may be outside, e.g. a camera).
