@@ -64,8 +64,10 @@ bool store_element(const json& v, DataType type, uint8_t* out, std::string& why)
         why = "is not an integer";
         return false;
       }
-      if (d < static_cast<double>(std::numeric_limits<T>::min()) ||
-          d > static_cast<double>(std::numeric_limits<T>::max())) {
+      // max() + 1 is a power of two and exact as a double; max() itself is not for 64-bit
+      // types (it rounds up to 2^63 or 2^64, which a `d > max` test lets through to the cast).
+      const double past_max = static_cast<double>(std::numeric_limits<T>::max() / 2 + 1) * 2.0;
+      if (d < static_cast<double>(std::numeric_limits<T>::min()) || d >= past_max) {
         why = "is out of range";
         return false;
       }
@@ -111,8 +113,11 @@ bool store_element(const json& v, DataType type, uint8_t* out, std::string& why)
         why = "is " + json_fields::type_name(v) + ", expected a number";
         return false;
       }
+      // Anything under FLT_MAX + half an ulp (2^128 - 2^103) rounds to FLT_MAX, including
+      // FLT_MAX's own shortest form 3.4028235e+38 that the encoder writes; beyond, infinity.
+      constexpr double kFp32Overflow = 0x1.ffffffp127;
       double d = v.get<double>();
-      if (std::fabs(d) > static_cast<double>(std::numeric_limits<float>::max())) {
+      if (!(std::fabs(d) < kFp32Overflow)) {
         why = "is out of range for FP32";
         return false;
       }
@@ -142,7 +147,9 @@ bool store_element(const json& v, DataType type, uint8_t* out, std::string& why)
 Status read_data(const json& data, const std::string& field, const std::string& input,
                  DataType type, size_t expected, const ProtocolLimits& limits, Tensor& out) {
   const size_t size = datatype_size(type);
-  out.data.resize(expected * size);
+  // Grown as values arrive, not sized from the shape: a 60-byte body claiming [16777216]
+  // doubles must not cost 128 MB before its values are counted.
+  out.data.clear();
   size_t count = 0;
   struct Frame {
     const json* array;
@@ -169,6 +176,7 @@ Status read_data(const json& data, const std::string& field, const std::string& 
                             std::to_string(expected) + " expected)");
     }
     std::string why;
+    out.data.resize((count + 1) * size);
     if (!store_element(v, type, out.data.data() + count * size, why)) {
       return bad(field, "input '" + input + "': value " + std::to_string(count) + " " + why +
                             " (datatype " + std::string(datatype_name(type)) + ")");
@@ -326,6 +334,9 @@ Result<InferRequest> parse_infer_request(std::string_view body,
     doc = json::parse(body);
   } catch (const json::parse_error& e) {
     return bad("", "the request body is not valid JSON (at byte " + std::to_string(e.byte) + ")");
+  } catch (const json::exception&) {
+    // nlohmann reports a number beyond a double (1e400) as out_of_range, not parse_error.
+    return bad("", "the request body has a number out of range for a double");
   }
   if (!doc.is_object()) {
     return bad("", "the request body must be a JSON object, got " + json_fields::type_name(doc));
