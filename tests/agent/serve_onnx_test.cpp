@@ -401,11 +401,11 @@ void check_silero(const std::string& file, const std::string& expected_inputs,
     const auto values = floats_of(want);
     ASSERT_EQ(got["data"].size(), values.size());
     for (size_t i = 0; i < values.size(); ++i) {
-      // Bit for bit, but for the sign of zero: the server writes -0.0f as "-0", which JSON
-      // readers (nlohmann's included) take for the integer 0.
+      // Bit for bit, the sign of zero included (written "-0.0": "-0" would read as the
+      // integer 0).
       const float f = static_cast<float>(got["data"][i].get<double>());
-      const bool same = values[i] == 0.0f ? f == 0.0f : std::memcmp(&f, &values[i], sizeof f) == 0;
-      ASSERT_TRUE(same) << i << ": " << got["data"][i].dump() << " vs " << values[i];
+      ASSERT_EQ(std::memcmp(&f, &values[i], sizeof f), 0)
+          << i << ": " << got["data"][i].dump() << " vs " << values[i];
     }
   }
   for (size_t k = 0; k < expected_shapes.size(); ++k) {

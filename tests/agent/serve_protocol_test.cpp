@@ -605,6 +605,15 @@ TEST(ServeProtocol, EncodesFloatsInTheirShortestForm) {
   EXPECT_NE(out.find(R"("shape":[1,5])"), std::string::npos) << out;
 }
 
+TEST(ServeProtocol, NegativeZeroKeepsItsSign) {
+  const Tensor f32 = tensor_of<float>("p", DataType::kFp32, {3}, {-0.0f, 0.0f, -1.0f});
+  const Tensor f64 = tensor_of<double>("d", DataType::kFp64, {1}, {-0.0});
+  const json doc = json::parse(encode_infer_response("m", "1", "", {f32, f64}, json::object()));
+  EXPECT_EQ(doc["outputs"][0]["data"].dump(), "[-0.0,0,-1]");
+  EXPECT_TRUE(std::signbit(doc["outputs"][0]["data"][0].get<double>()));
+  EXPECT_TRUE(std::signbit(doc["outputs"][1]["data"][0].get<double>()));
+}
+
 TEST(ServeProtocol, EncodedFloatsReadBackBitForBit) {
   // A spread of float bit patterns, including subnormals and values near the extremes.
   uint32_t state = 12345;

@@ -1,7 +1,7 @@
 // Stand-in for libFuzzer's main where the compiler has none (g++): runs the fuzz target over
 // every file of the given corpus folders (or single files), then over deterministic
 // mutations of each: bit flips, truncations, byte overwrites, insertions and deletions.
-// Usage: onnx_fuzz <dir or file>... [--mutations N]   (N per file, default 2000)
+// Usage: <target> <dir or file>... [--mutations N]   (N per file, default 2000)
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -80,6 +80,7 @@ std::string mutate(const std::string& seed, SplitMix64& rng) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  const std::string name = std::filesystem::path(argv[0]).filename().string();
   size_t mutations = 2000;
   std::vector<std::filesystem::path> files;
   for (int i = 1; i < argc; ++i) {
@@ -96,12 +97,12 @@ int main(int argc, char** argv) {
     } else if (std::filesystem::is_regular_file(arg, ec)) {
       files.emplace_back(arg);
     } else {
-      std::fprintf(stderr, "onnx_fuzz: %s is neither a file nor a folder\n", arg.c_str());
+      std::fprintf(stderr, "%s: %s is neither a file nor a folder\n", name.c_str(), arg.c_str());
       return 2;
     }
   }
   if (files.empty()) {
-    std::fprintf(stderr, "usage: onnx_fuzz <corpus dir or file>... [--mutations N]\n");
+    std::fprintf(stderr, "usage: %s <corpus dir or file>... [--mutations N]\n", name.c_str());
     return 2;
   }
   std::sort(files.begin(), files.end());
@@ -115,6 +116,6 @@ int main(int argc, char** argv) {
     SplitMix64 rng{0x6f6e6e78u + f};
     for (size_t m = 0; m < mutations; ++m, ++runs) run(mutate(seed, rng));
   }
-  std::printf("onnx_fuzz: %zu inputs from %zu corpus files, no crash\n", runs, files.size());
+  std::printf("%s: %zu inputs from %zu corpus files, no crash\n", name.c_str(), runs, files.size());
   return 0;
 }

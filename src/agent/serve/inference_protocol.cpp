@@ -276,6 +276,9 @@ void append_number(std::string& out, double value, DataType type) {
     r = std::to_chars(buf, buf + sizeof(buf), value);
   }
   out.append(buf, r.ptr);
+  // "-0" reads back as the integer 0 in most JSON libraries; "-0.0" keeps the sign (a
+  // recurrent state sent back must be the same bits).
+  if (r.ptr - buf == 2 && buf[0] == '-' && buf[1] == '0') out += ".0";
 }
 
 void append_element(std::string& out, const Tensor& t, size_t i) {

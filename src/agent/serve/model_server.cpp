@@ -19,24 +19,44 @@ http::Response protocol_error(int status, const Error& error) {
   return http::Response::json(status, protocol_error_body(error));
 }
 
-// One inference of zeros with every dynamic dimension 1, so the first real request does not
-// pay for lazy initialisation. Models with unknown ranks or unsupported types are skipped.
-void warm_up(InferenceSession& session, const std::string& what) {
+// Inputs of zeros for a warm-up: dynamic dimensions 1, except the last one of each input
+// when `wide` (models such as Silero VAD refuse a 1-sample frame). Empty when the model's
+// inputs cannot be made up (unknown ranks, unsupported types).
+std::vector<Tensor> warm_up_inputs(const InferenceSession& session, bool wide) {
   std::vector<Tensor> inputs;
   for (const auto& spec : session.inputs()) {
-    if (!spec.rank_known || datatype_size(spec.type) == 0) return;
+    if (!spec.rank_known || datatype_size(spec.type) == 0) return {};
     Tensor t;
     t.name = spec.name;
     t.type = spec.type;
-    for (int64_t d : spec.shape) t.shape.push_back(d < 0 ? 1 : d);
+    for (size_t i = 0; i < spec.shape.size(); ++i) {
+      const bool last = i + 1 == spec.shape.size() && i > 0;
+      t.shape.push_back(spec.shape[i] >= 0 ? spec.shape[i] : (wide && last ? 256 : 1));
+    }
     auto count = element_count(t.shape, size_t{1} << 26);
-    if (!count) return;
+    if (!count) return {};
     t.data.assign(*count * datatype_size(t.type), 0);
     inputs.push_back(std::move(t));
   }
-  if (auto ran = session.run(inputs, {}); !ran) {
-    spdlog::warn("{}: warm-up inference failed (serving anyway): {}", what, ran.error().message);
+  return inputs;
+}
+
+// One inference before the first request, so it does not pay for lazy initialisation.
+void warm_up(InferenceSession& session, const std::string& what) {
+  std::string why = "its inputs cannot be made up";
+  std::vector<std::vector<int64_t>> tried;
+  for (bool wide : {false, true}) {
+    auto inputs = warm_up_inputs(session, wide);
+    if (inputs.empty()) break;
+    std::vector<std::vector<int64_t>> shapes;
+    for (const auto& t : inputs) shapes.push_back(t.shape);
+    if (shapes == tried) break;  // no dynamic last dimension: nothing else to try
+    tried = shapes;
+    auto ran = session.run(inputs, {});
+    if (ran) return;
+    why = ran.error().message;
   }
+  spdlog::info("{}: no warm-up inference ({}); serving anyway", what, why);
 }
 
 // Top value per row of the first output when it looks like probabilities; the lowest row's.
@@ -267,6 +287,16 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
   const Loaded& fb = *service.fallback;
   fb.metrics->count_request();
   auto request = parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
+  if (!request && !primary_answer.empty()) {
+    // The primary answered, only under min_confidence, and the fallback takes other inputs:
+    // the primary's answer stands.
+    json params = {
+        {"confidence", *primary_confidence},
+        {"fallback_error", "the fallback cannot take this request: " + request.error().describe()}};
+    return http::Response::json(
+        200, encode_infer_response(primary.ref.name, primary.ref.version, request_id.value_or(""),
+                                   primary_answer, params));
+  }
   if (!request) {
     fb.metrics->count_invalid();
     return protocol_error(400, request.error());

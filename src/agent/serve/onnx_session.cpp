@@ -80,7 +80,9 @@ Result<OrtRuntime*> open_runtime() {
                                               std::to_string(ORT_API_VERSION) + " (1.30 or newer)");
   }
   const OrtApi* api = runtime->api;
-  if (OrtStatus* s = api->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "outpost", &runtime->env)) {
+  // The runtime's own log would repeat on stderr what every failing call returns to us (and
+  // we report with context); only its fatal messages are let through.
+  if (OrtStatus* s = api->CreateEnv(ORT_LOGGING_LEVEL_FATAL, "outpost", &runtime->env)) {
     return make_error(Errc::kUnavailable, "ONNX Runtime environment: " + take_status(api, s));
   }
   if (OrtStatus* s =
