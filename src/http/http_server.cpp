@@ -362,6 +362,12 @@ class Session : public std::enable_shared_from_this<Session> {
   }
 
   void read_body(const RouteOptions& options) {
+    // Beast reads at most the buffer's free space (512 bytes when it is empty), so a 12 KB
+    // body would take 24 reads, each re-arming the timer. Room for the body (up to 64 KB)
+    // makes it one or two; sessions without a body (long-polls) keep their small buffer.
+    if (auto length = header_parser_->content_length(); length && *length > 512) {
+      buffer_.reserve(static_cast<size_t>(std::min<uint64_t>(*length, 64 * 1024)));
+    }
     if (options.stream_body_to_file) {
       file_parser_.emplace(std::move(*header_parser_));
       file_parser_->body_limit(options.body_limit);
