@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 # -O2 without debug info: quicker to compile and link on CI's 2 cores.
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG"
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-agent bench-serve format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve format clean
 
 deps:
 	@scripts/install-deps
@@ -36,7 +36,10 @@ demo: build
 demo-stop:
 	scripts/demo stop
 
-bench: build
+bench-build: build
+	cmake --build $(BUILD) -j $(JOBS) --target benchmarks
+
+bench: bench-build
 	bench/sync/run.sh
 	bench/agent/footprint.sh
 	BUILD=0 bench/serve/run.sh
@@ -44,7 +47,7 @@ bench: build
 bench-agent: build
 	bench/agent/footprint.sh
 
-bench-serve: build
+bench-serve: bench-build
 	BUILD=0 bench/serve/run.sh
 
 format:

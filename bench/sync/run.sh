@@ -4,7 +4,7 @@
 # outpost-sync-bench against it and stops it; then it prints the medians (min–max) and
 # appends them, with date, machine, commit and command, to bench/RESULTS.md.
 #
-# Builds nothing: run `make build` first (or point BUILD_DIR at another build).
+# Builds nothing: run `make bench-build` first (or point BUILD_DIR at another build).
 # Knobs (environment): BUILD_DIR (or SERVER_BIN and BENCH_BIN), HELD, REPS, DURATION, CLIENTS,
 # RATE, MIN_DEVICES, SERVER_ARGS, DATA_PARENT, RECORD, KEEP. See bench/README.md.
 set -euo pipefail
