@@ -33,6 +33,8 @@ KEEP=${KEEP:-0}
 SILERO=$root/third_party/models/silero_vad_v5.onnx
 
 log() { echo "serve/run.sh: $*" >&2; }
+# shellcheck source=bench/lib.sh
+. "$root/bench/lib.sh"
 for tool in curl jq awk; do
   command -v "$tool" >/dev/null || { log "needs $tool"; exit 1; }
 done
@@ -138,35 +140,9 @@ measure() {
   out "agent_${1}_onnxruntime_mapped" "$(grep -c libonnxruntime "/proc/$agent_pid/maps" || true)"
 }
 
-"$server_bin" server --listen 127.0.0.1:0 --data "$work/server" >"$work/server.log" 2>&1 &
-server_pid=$!
-url=""
-for _ in $(seq 1 100); do
-  url=$(sed -n 's/.*listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$work/server.log" |
-    head -n 1)
-  if [ -n "$url" ] && [ -s "$work/server/admin.token" ]; then break; fi
-  kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
-  url=""
-  sleep 0.1
-done
-[ -n "$url" ] || { log "the server did not start within 10 s"; cat "$work/server.log" >&2; exit 1; }
-export OUTPOST_SERVER=$url
-OUTPOST_TOKEN=$(cat "$work/server/admin.token")
-export OUTPOST_TOKEN
-enroll_token=$("$server_bin" token create --site s1 --uses 1 2>"$work/token.err")
-log "control plane $url (pid $server_pid)"
+start_control_plane s1 1
 
-"$agent_bin" --server "$url" --enroll-token "$enroll_token" --data "$work/agent" \
-  --listen 127.0.0.1:0 >"$work/agent.log" 2>&1 &
-agent_pid=$!
-for _ in $(seq 1 300); do
-  [ -s "$work/agent/agent.addr" ] && break
-  kill -0 "$agent_pid" 2>/dev/null || { log "the agent exited:"; cat "$work/agent.log" >&2; exit 1; }
-  sleep 0.1
-done
-[ -s "$work/agent/agent.addr" ] || { log "no agent.addr within 30 s"; cat "$work/agent.log" >&2; exit 1; }
-agent_addr=$(cat "$work/agent/agent.addr")
-log "agent pid $agent_pid, local API $agent_addr"
+start_agent
 measure idle
 
 # Pushes $2 as model $1 version $3, applies deployment $1 serving it at /models/$1, waits

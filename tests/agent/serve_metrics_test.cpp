@@ -14,23 +14,13 @@
 
 #include "agent/serve/serving_metrics.h"
 #include "agent/serve/tensor.h"
+#include "test_support.h"
 
 namespace outpost::agent::serve {
 namespace {
 
 using json = nlohmann::json;
-
-template <typename T>
-Tensor tensor_of(std::string name, DataType type, std::vector<int64_t> shape,
-                 const std::vector<T>& values) {
-  Tensor t;
-  t.name = std::move(name);
-  t.type = type;
-  t.shape = std::move(shape);
-  t.data.resize(values.size() * sizeof(T));
-  if (!values.empty()) std::memcpy(t.data.data(), values.data(), t.data.size());
-  return t;
-}
+using test_support::tensor_of;
 
 // "name{labels} value" lines of a Prometheus text, by "name{labels}".
 std::map<std::string, std::string> series_of(const std::string& text) {

@@ -14,11 +14,13 @@
 
 #include "agent/serve/inference_protocol.h"
 #include "agent/serve/tensor.h"
+#include "test_support.h"
 
 namespace outpost::agent::serve {
 namespace {
 
 using json = nlohmann::json;
+using test_support::tensor_of;
 
 TensorSpec spec(std::string name, DataType type, std::vector<int64_t> shape) {
   return TensorSpec{std::move(name), type, std::move(shape), true};
@@ -54,18 +56,6 @@ std::vector<T> values_of(const Tensor& t) {
   std::vector<T> out(t.data.size() / sizeof(T));
   if (!out.empty()) std::memcpy(out.data(), t.data.data(), t.data.size());
   return out;
-}
-
-template <typename T>
-Tensor tensor_of(std::string name, DataType type, std::vector<int64_t> shape,
-                 const std::vector<T>& values) {
-  Tensor t;
-  t.name = std::move(name);
-  t.type = type;
-  t.shape = std::move(shape);
-  t.data.resize(values.size() * sizeof(T));
-  if (!values.empty()) std::memcpy(t.data.data(), values.data(), t.data.size());
-  return t;
 }
 
 // Checks a refusal: kInvalidArgument, exactly this field, and every fragment in the message.

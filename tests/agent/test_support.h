@@ -7,14 +7,18 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
+
+#include "agent/serve/tensor.h"
 
 namespace outpost::agent::test_support {
 
@@ -78,6 +82,19 @@ inline std::string read_request_head(int fd, int timeout_ms = 1000) {
     request.append(buf, static_cast<size_t>(n));
   }
   return request;
+}
+
+// A tensor holding `values` (of the C++ type matching `type`).
+template <typename T>
+serve::Tensor tensor_of(std::string name, serve::DataType type, std::vector<int64_t> shape,
+                        const std::vector<T>& values) {
+  serve::Tensor t;
+  t.name = std::move(name);
+  t.type = type;
+  t.shape = std::move(shape);
+  t.data.resize(values.size() * sizeof(T));
+  if (!values.empty()) std::memcpy(t.data.data(), values.data(), t.data.size());
+  return t;
 }
 
 }  // namespace outpost::agent::test_support

@@ -114,7 +114,7 @@ bool is_valid_utf8(std::string_view s) {
   return true;
 }
 
-std::string at(size_t offset) { return " at byte offset " + std::to_string(offset); }
+std::string offset_text(size_t offset) { return " at byte offset " + std::to_string(offset); }
 
 tl::unexpected<Error> not_onnx(const std::string& message) {
   return make_error(Errc::kInvalidArgument, "not an ONNX model: " + message);
@@ -126,8 +126,9 @@ tl::unexpected<Error> not_onnx(const Error& wire_error) { return not_onnx(wire_e
 Status expect_wire_type(const WireField& field, WireType expected, std::string_view what) {
   if (field.type == expected) return ok();
   return not_onnx(std::string(what) + " (field " + std::to_string(field.number) + ")" +
-                  at(field.offset) + " has wire type " + std::string(wire_type_name(field.type)) +
-                  ", expected " + std::string(wire_type_name(expected)));
+                  offset_text(field.offset) + " has wire type " +
+                  std::string(wire_type_name(field.type)) + ", expected " +
+                  std::string(wire_type_name(expected)));
 }
 
 Result<int64_t> read_int(const WireField& field, std::string_view what) {
@@ -138,7 +139,7 @@ Result<int64_t> read_int(const WireField& field, std::string_view what) {
 Result<std::string_view> read_string(const WireField& field, std::string_view what) {
   OUTPOST_TRY(expect_wire_type(field, WireType::kLen, what));
   if (!is_valid_utf8(field.bytes)) {
-    return not_onnx(std::string(what) + at(field.payload_offset) + " is not valid UTF-8");
+    return not_onnx(std::string(what) + offset_text(field.payload_offset) + " is not valid UTF-8");
   }
   return field.bytes;
 }

@@ -73,6 +73,9 @@ void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
 
 http::Response json_response(int status, const nlohmann::json& doc);
 
+// A JSON document stored by us (manifest, schedule, status), or {} when it does not parse.
+nlohmann::json parse_or_empty(const std::string& text);
+
 // Registers a route whose handler runs on the worker pool after the caller authenticated.
 using AuthedHandler =
     std::function<Result<http::Response>(ApiContext&, const http::Request&, const Caller&)>;

@@ -10,6 +10,11 @@
 
 namespace outpost::server::api {
 
+nlohmann::json parse_or_empty(const std::string& text) {
+  auto doc = nlohmann::json::parse(text, nullptr, false);
+  return doc.is_discarded() ? nlohmann::json::object() : doc;
+}
+
 http::Response json_response(int status, const nlohmann::json& doc) {
   return http::Response::json(status, doc.dump());
 }

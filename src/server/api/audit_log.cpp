@@ -25,7 +25,7 @@ Result<int64_t> since_param(ApiContext& ctx, const http::Request& req) {
   return ctx.clock.now_ms() - *ms;
 }
 
-Result<http::Response> list(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> list_audit(ApiContext& ctx, const http::Request& req, const Caller&) {
   auto since = since_param(ctx, req);
   if (!since) return make_error(since.error());
   int64_t limit = 1000;
@@ -65,7 +65,7 @@ Result<http::Response> verify(ApiContext& ctx, const http::Request&, const Calle
 }  // namespace
 
 void register_audit_routes(http::Router& router, ApiContext& ctx) {
-  add_operator_route(router, ctx, "GET", "/api/v1/audit", Role::kViewer, list);
+  add_operator_route(router, ctx, "GET", "/api/v1/audit", Role::kViewer, list_audit);
   add_operator_route(router, ctx, "GET", "/api/v1/audit/verify", Role::kViewer, verify);
 }
 

@@ -9,11 +9,6 @@
 namespace outpost::server::api {
 namespace {
 
-nlohmann::json parse_or_empty(const std::string& text) {
-  auto doc = nlohmann::json::parse(text, nullptr, false);
-  return doc.is_discarded() ? nlohmann::json::object() : doc;
-}
-
 nlohmann::json deployment_json(const store::Deployment& d) {
   nlohmann::json manifest = parse_or_empty(d.manifest_json);
   nlohmann::json model = manifest.contains("spec")
@@ -69,7 +64,7 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
                        out);
 }
 
-Result<http::Response> list(ApiContext& ctx, const http::Request&, const Caller&) {
+Result<http::Response> list_deployments(ApiContext& ctx, const http::Request&, const Caller&) {
   auto all = ctx.store.list_deployments();
   if (!all) return make_error(all.error());
   nlohmann::json out = nlohmann::json::array();
@@ -77,7 +72,7 @@ Result<http::Response> list(ApiContext& ctx, const http::Request&, const Caller&
   return json_response(200, {{"deployments", out}});
 }
 
-Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req, const Caller&) {
   const std::string& name = req.params.at("name");
   auto found = ctx.store.get_deployment(name);
   if (!found) return make_error(found.error());
@@ -139,8 +134,9 @@ Result<http::Response> remove(ApiContext& ctx, const http::Request& req, const C
 
 void register_deployment_routes(http::Router& router, ApiContext& ctx) {
   add_operator_route(router, ctx, "POST", "/api/v1/deployments", Role::kOperator, apply);
-  add_operator_route(router, ctx, "GET", "/api/v1/deployments", Role::kViewer, list);
-  add_operator_route(router, ctx, "GET", "/api/v1/deployments/{name}", Role::kViewer, show);
+  add_operator_route(router, ctx, "GET", "/api/v1/deployments", Role::kViewer, list_deployments);
+  add_operator_route(router, ctx, "GET", "/api/v1/deployments/{name}", Role::kViewer,
+                     show_deployment);
   add_operator_route(router, ctx, "DELETE", "/api/v1/deployments/{name}", Role::kOperator, remove);
 }
 

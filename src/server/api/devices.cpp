@@ -7,11 +7,6 @@
 namespace outpost::server::api {
 namespace {
 
-nlohmann::json parse_or_empty(const std::string& text) {
-  auto doc = nlohmann::json::parse(text, nullptr, false);
-  return doc.is_discarded() ? nlohmann::json::object() : doc;
-}
-
 nlohmann::json device_summary(const store::Device& d, int64_t now_ms) {
   nlohmann::json schedule = parse_or_empty(d.schedule_json);
   nlohmann::json unschedulable = nlohmann::json::array();
@@ -59,7 +54,7 @@ Result<store::Labels> parse_label_selector(const std::string& text) {
   return labels;
 }
 
-Result<http::Response> list(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> list_devices(ApiContext& ctx, const http::Request& req, const Caller&) {
   store::DeviceFilter filter;
   if (auto site = req.query_param("site"); site && !site->empty()) filter.site = *site;
   if (auto selector = req.query_param("selector"); selector && !selector->empty()) {
@@ -75,7 +70,7 @@ Result<http::Response> list(ApiContext& ctx, const http::Request& req, const Cal
   return json_response(200, {{"devices", out}});
 }
 
-Result<http::Response> show(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, const Caller&) {
   const std::string& id = req.params.at("id");
   auto device = ctx.store.get_device(id);
   if (!device) return make_error(device.error());
@@ -127,8 +122,8 @@ Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, con
 }  // namespace
 
 void register_device_routes(http::Router& router, ApiContext& ctx) {
-  add_operator_route(router, ctx, "GET", "/api/v1/devices", Role::kViewer, list);
-  add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}", Role::kViewer, show);
+  add_operator_route(router, ctx, "GET", "/api/v1/devices", Role::kViewer, list_devices);
+  add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}", Role::kViewer, show_device);
   add_operator_route(router, ctx, "GET", "/api/v1/devices/{id}/status-log", Role::kViewer,
                      status_log);
   add_operator_route(router, ctx, "POST", "/api/v1/devices/{id}/cordon", Role::kOperator,
