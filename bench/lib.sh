@@ -1,6 +1,24 @@
-# Shared by the bench scripts that need a control plane and one agent (sourced, not run).
+# Shared by the bench scripts that need a control plane and one agent (sourced, not run):
+# stop_pid, start_control_plane, start_agent.
 # The caller defines log(), $work (a scratch folder), $server_bin and $agent_bin, and cleans
 # up $server_pid and $agent_pid on exit.
+
+# Stops a process: SIGTERM, up to 10 s, then SIGKILL.
+stop_pid() {
+  local pid=$1
+  [ -n "$pid" ] || return 0
+  kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    log "pid $pid ignored SIGTERM for 10 s; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
 
 # start_control_plane SITE USES: `outpost server` on a free loopback port with data in
 # $work/server; sets url, server_pid, enroll_token (for SITE, USES uses) and exports

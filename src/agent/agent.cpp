@@ -64,6 +64,15 @@ std::string expand(const std::string& text, const std::map<std::string, std::str
   return out;
 }
 
+// Where the model server answers for a deployment: serve.route, else /models/<name>.
+std::string serve_route(const json& entry, const std::string& name) {
+  std::string route = "/models/" + name;
+  if (entry.contains("serve") && entry["serve"].is_object()) {
+    route = entry["serve"].value("route", route);
+  }
+  return route;
+}
+
 int64_t duration_field(const json& obj, const char* key, int64_t fallback) {
   if (!obj.is_object() || !obj.contains(key) || !obj[key].is_string()) return fallback;
   auto ms = parse_duration_ms(obj[key].get<std::string>());
@@ -80,9 +89,8 @@ struct Agent::Runtime {
   DeploymentDir dir;
   DeploymentPointers ptr;
   std::unique_ptr<Supervisor> process;
-  std::string served_key;  // revision whose model the model server has
-  std::string serve_note;  // what the model server said about it (degraded, no fallback)
-  std::string serve_route;
+  std::string served_key;   // revision whose model the model server has
+  std::string serve_note;   // what the model server said about it (degraded, no fallback)
   std::string process_key;  // revision the process runs
   int64_t process_started = 0;
   int port = 0;
@@ -446,11 +454,8 @@ void Agent::ensure_running(Runtime& rt, const std::string& key) {
   };
   if (entry->contains("model")) {
     env["OUTPOST_MODEL_PATH"] = rt.dir.model_path(key, *entry);
-    std::string route = "/models/" + rt.name;
-    if (entry->contains("serve") && (*entry)["serve"].is_object()) {
-      route = (*entry)["serve"].value("route", route);
-    }
-    env["OUTPOST_MODEL_URL"] = "http://127.0.0.1:" + std::to_string(local_port()) + route;
+    env["OUTPOST_MODEL_URL"] =
+        "http://127.0.0.1:" + std::to_string(local_port()) + serve_route(*entry, rt.name);
   }
   if (w.contains("env") && w["env"].is_object()) {
     for (const auto& [k, v] : w["env"].items()) {
@@ -519,14 +524,13 @@ bool Agent::ensure_serving(Runtime& rt, const std::string& key) {
   if (rt.retry_at > now_ms()) return false;
   serve::ServiceConfig config;
   config.deployment = rt.name;
-  config.route = "/models/" + rt.name;
+  config.route = serve_route(*entry, rt.name);
   config.revision = entry->value("revision", static_cast<int64_t>(0));
   config.primary = {model.value("name", ""), model.value("version", ""),
                     rt.dir.model_path(key, *entry)};
   config.session.intra_op_threads = options_.inference_threads;
   if (entry->contains("serve") && (*entry)["serve"].is_object()) {
     const json& serve = (*entry)["serve"];
-    config.route = serve.value("route", config.route);
     if (serve.contains("fallback") && serve["fallback"].is_object()) {
       const json& fb = serve["fallback"];
       if (auto path = rt.dir.fallback_model_path(key, *entry); !path.empty()) {
@@ -543,7 +547,6 @@ bool Agent::ensure_serving(Runtime& rt, const std::string& key) {
   }
   rt.served_key = key;
   rt.serve_note = *served;
-  rt.serve_route = config.route;
   return true;
 }
 
@@ -563,10 +566,10 @@ void Agent::check_current(Runtime& rt) {
     rt.phase = "running";
     rt.message.clear();
     if (entry && entry->contains("model")) {
-      rt.message =
-          rt.served_key == key
-              ? "serving at http://127.0.0.1:" + std::to_string(local_port()) + rt.serve_route
-              : "model ready at " + rt.dir.model_path(key, *entry);
+      rt.message = rt.served_key == key
+                       ? "serving at http://127.0.0.1:" + std::to_string(local_port()) +
+                             serve_route(*entry, rt.name)
+                       : "model ready at " + rt.dir.model_path(key, *entry);
       if (!rt.serve_note.empty()) rt.message += " (" + rt.serve_note + ")";
     }
     return;

@@ -124,6 +124,21 @@ class ServingE2E : public ::testing::Test {
     return nullptr;
   }
 
+  // Polls the agent's status until the deployment is in `phase`; says what it saw if not.
+  bool wait_phase(const std::string& deployment, const std::string& phase, int timeout_s) {
+    json last;
+    const bool reached = agent_->wait_for(
+        [&](const json& status) {
+          for (const auto& d : status.value("deployments", json::array())) {
+            if (d.value("name", "") == deployment && d.value("phase", "") == phase) return true;
+          }
+          return false;
+        },
+        timeout_s, &last);
+    if (!reached) ADD_FAILURE() << deployment << " never " << phase << ": " << last.dump(2);
+    return reached;
+  }
+
   HttpResponse post(HttpClient& client, const std::string& path, const std::string& body) {
     auto r = client.request("POST", path, body);
     EXPECT_TRUE(r) << (r ? "" : r.error().message);
@@ -320,17 +335,7 @@ TEST_F(ServingE2E, AModelTheRuntimeRefusesRollsBackAndTheOldVersionKeepsServing)
   ASSERT_FALSE(wait_serving("detector", "1.0.0").is_null());
 
   apply("detector", "defect-net", "1.1.0", "/models/detector");
-  json last;
-  ASSERT_TRUE(agent_->wait_for(
-      [](const json& s) {
-        for (const auto& d : s.value("deployments", json::array())) {
-          if (d.value("name", "") == "detector" && d.value("phase", "") == "rolled-back")
-            return true;
-        }
-        return false;
-      },
-      60, &last))
-      << last.dump(2);
+  ASSERT_TRUE(wait_phase("detector", "rolled-back", 60));
   const json d = agent_->deployment("detector");
   EXPECT_NE(d.value("message", "").find("cannot be loaded"), std::string::npos) << d.dump();
   EXPECT_NE(d.value("message", "").find("Softmix"), std::string::npos) << d.dump();
@@ -369,16 +374,7 @@ TEST_F(ServingE2E, APrimaryThatCannotLoadLeavesTheFallbackAnswering) {
   EXPECT_NE(answer["parameters"].value("fallback_reason", "").find("not loaded"), std::string::npos)
       << r.body;
   expect_near_all(answer_values(answer), onnx::classifier_reference(tiny, {1, 0, 0, 1}));
-  json status;
-  ASSERT_TRUE(agent_->wait_for(
-      [](const json& s) {
-        for (const auto& d : s.value("deployments", json::array())) {
-          if (d.value("name", "") == "detector" && d.value("phase", "") == "running") return true;
-        }
-        return false;
-      },
-      30, &status))
-      << status.dump(2);
+  ASSERT_TRUE(wait_phase("detector", "running", 30));
   EXPECT_NE(agent_->deployment("detector").value("message", "").find("fallback"),
             std::string::npos);
 }

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <filesystem>
+#include <optional>
 
 #include "agent/activate/bundle.h"
 #include "common/digest.h"
@@ -20,20 +21,50 @@ void remove_tree(const std::string& path) {
   fs::remove_all(path, ec);
 }
 
-// The fallback model of an entry ({"model","version","variant":{..}}), or null.
-const json& fallback_of(const json& entry) {
-  static const json kNone;
-  if (!entry.is_object() || !entry.contains("serve") || !entry["serve"].is_object()) return kNone;
-  const json& serve = entry["serve"];
-  if (!serve.contains("fallback") || !serve["fallback"].is_object()) return kNone;
-  return serve["fallback"];
+// Model files get a name a runtime recognises: "<model>.<format>", e.g. defect-net.onnx.
+std::string model_file_name(const std::string& name, const json& variant) {
+  std::string format = variant.is_object() ? variant.value("format", "bin") : "bin";
+  return name + "." + (format.empty() ? "bin" : format);
 }
 
-// Model files get a name a runtime recognises: "<model>.<format>", e.g. defect-net.onnx.
-std::string model_file_name(const json& model) {
-  std::string name = model.value("name", "model");
-  std::string format = model.contains("variant") ? model["variant"].value("format", "bin") : "bin";
-  return name + "." + (format.empty() ? "bin" : format);
+// obj[key] when it is a string, else "" (signed entries are still checked, never trusted).
+std::string string_at(const json& obj, const char* key) {
+  return obj.is_object() && obj.contains(key) && obj[key].is_string() ? obj[key].get<std::string>()
+                                                                      : "";
+}
+
+// A model file of a revision: where it goes (relative to the revision directory) and the
+// blob it is made from; `placed` is false when the entry names no variant (nothing to place).
+struct ModelFile {
+  std::string rel_path;
+  std::string digest;
+  bool placed = true;
+};
+
+// The served model: model/<name>.<format>.
+std::optional<ModelFile> primary_model_file(const json& entry) {
+  if (!entry.is_object() || !entry.contains("model") || !entry["model"].is_object()) {
+    return std::nullopt;
+  }
+  const json& model = entry["model"];
+  static const json kNone;
+  const json& variant = model.contains("variant") ? model["variant"] : kNone;
+  return ModelFile{"model/" + model_file_name(model.value("name", "model"), variant),
+                   string_at(variant, "artifact"), model.contains("variant")};
+}
+
+// The fallback model (serve.fallback, with its variant): model/fallback/<name>.<format>.
+std::optional<ModelFile> fallback_model_file(const json& entry) {
+  if (!entry.is_object() || !entry.contains("serve") || !entry["serve"].is_object()) {
+    return std::nullopt;
+  }
+  const json& serve = entry["serve"];
+  if (!serve.contains("fallback") || !serve["fallback"].is_object()) return std::nullopt;
+  const json& fb = serve["fallback"];
+  if (!fb.contains("variant") || !fb["variant"].is_object()) return std::nullopt;
+  return ModelFile{
+      "model/fallback/" + model_file_name(fb.value("model", "fallback"), fb["variant"]),
+      string_at(fb["variant"], "artifact")};
 }
 
 }  // namespace
@@ -48,22 +79,13 @@ std::string revision_key(const json& entry) {
 
 std::vector<std::string> needed_artifacts(const json& entry) {
   // Only well-formed digests: they become file names under artifacts/.
-  auto digest_at = [](const json& obj, const char* key) -> std::string {
-    if (!obj.is_object() || !obj.contains(key) || !obj[key].is_string()) return "";
-    std::string digest = obj[key].get<std::string>();
-    return is_digest_ref(digest) ? digest : "";
-  };
   std::vector<std::string> out;
-  if (entry.is_object() && entry.contains("model") && entry["model"].is_object() &&
-      entry["model"].contains("variant")) {
-    if (auto d = digest_at(entry["model"]["variant"], "artifact"); !d.empty()) out.push_back(d);
-  }
-  if (const json& fb = fallback_of(entry); fb.is_object() && fb.contains("variant")) {
-    if (auto d = digest_at(fb["variant"], "artifact"); !d.empty()) out.push_back(d);
-  }
-  if (entry.is_object() && entry.contains("workload")) {
-    if (auto d = digest_at(entry["workload"], "bundle"); !d.empty()) out.push_back(d);
-  }
+  auto add = [&](const std::string& digest) {
+    if (is_digest_ref(digest)) out.push_back(digest);
+  };
+  if (auto file = primary_model_file(entry)) add(file->digest);
+  if (auto file = fallback_model_file(entry)) add(file->digest);
+  if (entry.is_object() && entry.contains("workload")) add(string_at(entry["workload"], "bundle"));
   return out;
 }
 
@@ -103,16 +125,13 @@ bool DeploymentDir::prepared(const std::string& key) const {
 }
 
 std::string DeploymentDir::model_path(const std::string& key, const json& entry) const {
-  if (!entry.contains("model")) return "";
-  return revision_path(key) + "/model/" + model_file_name(entry["model"]);
+  auto file = primary_model_file(entry);
+  return file ? revision_path(key) + "/" + file->rel_path : "";
 }
 
 std::string DeploymentDir::fallback_model_path(const std::string& key, const json& entry) const {
-  const json& fb = fallback_of(entry);
-  if (!fb.is_object() || !fb.contains("variant")) return "";
-  json named = fb;
-  named["name"] = fb.value("model", "fallback");
-  return revision_path(key) + "/model/fallback/" + model_file_name(named);
+  auto file = fallback_model_file(entry);
+  return file ? revision_path(key) + "/" + file->rel_path : "";
 }
 
 Status DeploymentDir::prepare(const std::string& key, const json& entry,
@@ -137,31 +156,22 @@ Status DeploymentDir::prepare_unchecked(const std::string& key, const json& entr
     return make_error(error.with_context("preparing " + key));
   };
   // A hard link costs no space and the blob is immutable; copy where links are not allowed.
-  auto place_model = [&](const std::string& digest, const std::string& dir,
-                         const std::string& file) -> Status {
-    if (!artifacts.has(digest)) {
-      return make_error(Errc::kNotFound, "artifact " + digest + " is not on the device");
+  auto place_model = [&](const ModelFile& file) -> Status {
+    if (!artifacts.has(file.digest)) {
+      return make_error(Errc::kNotFound, "artifact " + file.digest + " is not on the device");
     }
-    OUTPOST_TRY(make_dirs(dir, 0755));
-    const std::string target = dir + "/" + file;
-    if (::link(artifacts.path(digest).c_str(), target.c_str()) != 0) {
+    const std::string target = tmp + "/" + file.rel_path;
+    OUTPOST_TRY(make_dirs(fs::path(target).parent_path().string(), 0755));
+    if (::link(artifacts.path(file.digest).c_str(), target.c_str()) != 0) {
       std::error_code ec;
-      fs::copy_file(artifacts.path(digest), target, ec);
+      fs::copy_file(artifacts.path(file.digest), target, ec);
       if (ec) return make_error(Errc::kIo, "cannot place the model file: " + ec.message());
     }
     return ok();
   };
-  if (entry.contains("model") && entry["model"].contains("variant")) {
-    auto placed = place_model(entry["model"]["variant"].value("artifact", ""), tmp + "/model",
-                              model_file_name(entry["model"]));
-    if (!placed) return fail(placed.error());
-  }
-  if (const json& fb = fallback_of(entry); fb.is_object() && fb.contains("variant")) {
-    json named = fb;
-    named["name"] = fb.value("model", "fallback");
-    auto placed = place_model(fb["variant"].value("artifact", ""), tmp + "/model/fallback",
-                              model_file_name(named));
-    if (!placed) return fail(placed.error());
+  for (const auto& file : {primary_model_file(entry), fallback_model_file(entry)}) {
+    if (!file || !file->placed) continue;
+    if (auto placed = place_model(*file); !placed) return fail(placed.error());
   }
   if (entry.contains("workload") && entry["workload"].is_object()) {
     const std::string bundle = entry["workload"].value("bundle", "");

@@ -237,7 +237,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
   };
   const Loaded& primary = service.primary;
   std::string reason;
-  std::optional<std::string> request_id;
+  std::optional<InferRequest> parsed;  // the primary's parse, reused when the fallback fits it
   std::vector<Tensor> primary_answer;  // kept when the fallback is asked only for confidence
   std::optional<double> primary_confidence;
 
@@ -249,7 +249,6 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
       primary.metrics->count_invalid();
       return protocol_error(400, request.error());
     }
-    request_id = request->id;
     primary.metrics->observe_inputs(request->inputs);
     auto outputs = primary.session->run(request->inputs, request->outputs);
     if (outputs) {
@@ -268,6 +267,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
       reason = "confidence " + confidence_text(*primary_confidence) + " is under " +
                confidence_text(min);
       primary_answer = std::move(*outputs);
+      parsed = std::move(*request);
     } else {
       primary.metrics->count_error();
       reason = "the primary failed: " + outputs.error().message;
@@ -275,6 +275,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
         primary.metrics->observe_latency(elapsed());
         return protocol_error(500, outputs.error());
       }
+      parsed = std::move(*request);
     }
     primary.metrics->count_fallback();
   } else {
@@ -286,16 +287,21 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
   }
   const Loaded& fb = *service.fallback;
   fb.metrics->count_request();
-  auto request = parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
+  const std::string id = parsed ? parsed->id : "";
+  const bool same_signature = parsed && fb.session->inputs() == primary.session->inputs() &&
+                              fb.session->outputs() == primary.session->outputs();
+  Result<InferRequest> request =
+      same_signature
+          ? Result<InferRequest>(std::move(*parsed))
+          : parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
   if (!request && !primary_answer.empty()) {
     // The primary answered, only under min_confidence, and the fallback takes other inputs:
     // the primary's answer stands.
     json params = {
         {"confidence", *primary_confidence},
         {"fallback_error", "the fallback cannot take this request: " + request.error().describe()}};
-    return http::Response::json(
-        200, encode_infer_response(primary.ref.name, primary.ref.version, request_id.value_or(""),
-                                   primary_answer, params));
+    return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
+                                                           id, primary_answer, params));
   }
   if (!request) {
     fb.metrics->count_invalid();

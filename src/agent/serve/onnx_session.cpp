@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <utility>
 
 #include <onnxruntime_c_api.h>
 
@@ -93,69 +94,33 @@ Result<OrtRuntime*> open_runtime() {
   return g_runtime;
 }
 
+// Our datatypes and ONNX Runtime's element types, both ways.
+constexpr std::pair<DataType, ONNXTensorElementDataType> kOnnxTypes[] = {
+    {DataType::kFp32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
+    {DataType::kFp64, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE},
+    {DataType::kFp16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16},
+    {DataType::kBool, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},
+    {DataType::kUint8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
+    {DataType::kUint16, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16},
+    {DataType::kUint32, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32},
+    {DataType::kUint64, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64},
+    {DataType::kInt8, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8},
+    {DataType::kInt16, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16},
+    {DataType::kInt32, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32},
+    {DataType::kInt64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64},
+    {DataType::kBytes, ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING},
+};
+
 std::optional<DataType> from_onnx(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
-      return DataType::kFp32;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE:
-      return DataType::kFp64;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16:
-      return DataType::kFp16;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL:
-      return DataType::kBool;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8:
-      return DataType::kUint8;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16:
-      return DataType::kUint16;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32:
-      return DataType::kUint32;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64:
-      return DataType::kUint64;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8:
-      return DataType::kInt8;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16:
-      return DataType::kInt16;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32:
-      return DataType::kInt32;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64:
-      return DataType::kInt64;
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING:
-      return DataType::kBytes;
-    default:
-      return std::nullopt;
+  for (const auto& [ours, theirs] : kOnnxTypes) {
+    if (theirs == t) return ours;
   }
+  return std::nullopt;
 }
 
 ONNXTensorElementDataType to_onnx(DataType t) {
-  switch (t) {
-    case DataType::kFp32:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-    case DataType::kFp64:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
-    case DataType::kFp16:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-    case DataType::kBool:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
-    case DataType::kUint8:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
-    case DataType::kUint16:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16;
-    case DataType::kUint32:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT32;
-    case DataType::kUint64:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
-    case DataType::kInt8:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-    case DataType::kInt16:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT16;
-    case DataType::kInt32:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
-    case DataType::kInt64:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
-    case DataType::kBytes:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING;
-    case DataType::kUnknown:
-      return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  for (const auto& [ours, theirs] : kOnnxTypes) {
+    if (ours == t) return theirs;
   }
   return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
 }

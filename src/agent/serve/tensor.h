@@ -44,6 +44,8 @@ struct TensorSpec {
   DataType type = DataType::kUnknown;
   std::vector<int64_t> shape;
   bool rank_known = true;
+
+  bool operator==(const TensorSpec&) const = default;
 };
 
 struct Tensor {
