@@ -17,6 +17,11 @@ struct HttpResponse {
   long status = 0;
   std::string body;
   std::map<std::string, std::string> headers;  // lower-case names
+  // With HttpRequestOptions::count_bytes: the bytes of this exchange each way (request line,
+  // headers and body; TLS records when over TLS; not TCP/IP headers), for what telemetry
+  // costs on the link.
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_received = 0;
 };
 
 struct HttpRequestOptions {
@@ -27,6 +32,7 @@ struct HttpRequestOptions {
   // When set and it turns true, the request is abandoned (kUnavailable, "cancelled") within ~1 s:
   // lets a thread parked in a long-poll shut down promptly.
   const std::atomic<bool>* cancel = nullptr;
+  bool count_bytes = false;  // fill HttpResponse::bytes_sent/bytes_received
 };
 
 // Not thread-safe: one client per thread (it reuses one connection).
