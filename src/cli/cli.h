@@ -88,6 +88,7 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_audit_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_telemetry_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 
 // Exit codes shared by all verbs.
 constexpr int kExitOk = 0;

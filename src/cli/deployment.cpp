@@ -1,4 +1,5 @@
 // `outpost deployment list|show|delete`.
+#include <cstdio>
 #include <iostream>
 
 #include "cli/cli.h"
@@ -44,6 +45,19 @@ void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_co
     const auto& s = d["summary"];
     std::cout << "Devices:    " << s["scheduled"] << " scheduled, " << s["unschedulable"]
               << " unschedulable, " << s["in_sync"] << " reporting the current state\n";
+    if (d.contains("fleet") && d["fleet"].is_object()) {
+      const auto& f = d["fleet"];
+      char line[256];
+      const double p95 =
+          f["p95_latency_seconds"].is_number() ? f["p95_latency_seconds"].get<double>() * 1000 : 0;
+      std::snprintf(line, sizeof line,
+                    "Last hour:  %.0f requests, %.2f%% errors, p95 %.1f ms, %.0f fallbacks, "
+                    "%lld devices reporting\n",
+                    f.value("requests", 0.0), f.value("error_rate", 0.0) * 100, p95,
+                    f.value("fallbacks", 0.0),
+                    static_cast<long long>(f.value("devices_reporting", int64_t{0})));
+      std::cout << line;
+    }
     if (!d["devices"].empty()) {
       Table table({"DEVICE", "SITE", "STATE", "IN SYNC", "REASON"});
       for (const auto& t : d["devices"]) {

@@ -3,6 +3,7 @@
 #include <map>
 
 #include "common/clock.h"
+#include "common/units.h"
 
 #include "cli/cli.h"
 
@@ -41,21 +42,40 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
         "/api/v1/devices?site=" + url_encode(*site) + "&selector=" + url_encode(*selector);
     auto result = session.fetch(path, exit_code, "devices");
     if (!result) return;
-    Table table({"ID", "SITE", "LABELS", "ARCH", "ACCEL", "LAST SEEN", "GEN", "REPORTED", "NOTES"});
+    Table table({"ID", "SITE", "STATE", "LAST SEEN", "SYNC LAG", "LABELS", "ARCH", "ACCEL", "GEN",
+                 "REPORTED", "NOTES"});
     const int64_t now = now_ms();
+    size_t online = 0;
     for (const auto& d : (*result)["devices"]) {
       std::string notes;
       if (d.value("cordoned", false)) notes += "cordoned ";
       if (!d["unschedulable"].empty())
-        notes += "unschedulable(" + std::to_string(d["unschedulable"].size()) + ")";
-      table.add({d["id"], d["site"], labels_text(d["labels"]), fact(d["facts"], "arch"),
+        notes += "unschedulable(" + std::to_string(d["unschedulable"].size()) + ") ";
+      // Fleet health from the device's telemetry: lag of its last sync, records it dropped.
+      std::string lag = "-";
+      const auto& t = d.value("telemetry", nlohmann::json());
+      if (t.is_object()) {
+        if (t["sync_lag_s"].is_number()) {
+          lag = format_duration_ms(static_cast<int64_t>(t["sync_lag_s"].get<double>() * 1000));
+        }
+        if (t.value("dropped", int64_t{0}) > 0) {
+          notes += "telemetry dropped " + std::to_string(t["dropped"].get<int64_t>()) + " ";
+        }
+      }
+      const bool is_online = d.value("online", false);
+      if (is_online) ++online;
+      table.add({d["id"], d["site"], is_online ? "ONLINE" : "OFFLINE",
+                 ago(d["last_seen"].get<int64_t>(), now), lag, labels_text(d["labels"]),
+                 fact(d["facts"], "arch"),
                  d["labels"].contains("accelerator") ? d["labels"]["accelerator"].get<std::string>()
                                                      : fact(d["facts"], "accelerator"),
-                 ago(d["last_seen"].get<int64_t>(), now),
                  std::to_string(d["generation"].get<int64_t>()),
                  std::to_string(d["reported_generation"].get<int64_t>()), notes});
     }
     std::cout << table.render();
+    if (!table.empty()) {
+      std::cout << online << " of " << (*result)["devices"].size() << " online\n";
+    }
     if (table.empty())
       std::cerr << "no devices; enroll one with 'outpost token create --site SITE'\n";
     exit_code = kExitOk;

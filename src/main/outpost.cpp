@@ -1,11 +1,14 @@
 // `outpost`: the control plane (`outpost server`) and the operator CLI in one binary.
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <tuple>
 
 #include <spdlog/spdlog.h>
 #include <CLI/CLI.hpp>
 
 #include "cli/cli.h"
+#include "common/units.h"
 #include "server/control_plane.h"
 
 int main(int argc, char** argv) {
@@ -50,8 +53,32 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   server->add_option("--log-level", log_level, "trace|debug|info|warn|error")
       ->capture_default_str();
+  std::string telemetry_retention = "7d";
+  std::string telemetry_rollup_retention = "400d";
+  server
+      ->add_option("--telemetry-retention", telemetry_retention,
+                   "How long raw telemetry points and events are kept")
+      ->capture_default_str();
+  server
+      ->add_option("--telemetry-rollup-retention", telemetry_rollup_retention,
+                   "How long hourly telemetry rollups are kept")
+      ->capture_default_str();
   server->callback([&] {
     spdlog::set_level(spdlog::level::from_str(log_level));
+    for (auto [text, slot, flag] :
+         {std::tuple{&telemetry_retention, &server_options.telemetry_retention_ms,
+                     "--telemetry-retention"},
+          std::tuple{&telemetry_rollup_retention, &server_options.telemetry_rollup_retention_ms,
+                     "--telemetry-rollup-retention"}}) {
+      auto ms = outpost::parse_duration_ms(*text);
+      if (!ms || *ms <= 0) {
+        std::fprintf(stderr, "error: %s: expected a duration like 7d or 400d, got \"%s\"\n", flag,
+                     text->c_str());
+        exit_code = outpost::cli::kExitUsage;
+        return;
+      }
+      *slot = *ms;
+    }
     exit_code = outpost::server::run_server(server_options);
   });
 
@@ -63,6 +90,7 @@ int main(int argc, char** argv) {
   outpost::cli::add_apply_command(app, globals, exit_code);
   outpost::cli::add_deployment_commands(app, globals, exit_code);
   outpost::cli::add_audit_commands(app, globals, exit_code);
+  outpost::cli::add_telemetry_commands(app, globals, exit_code);
 
   try {
     app.parse(argc, argv);

@@ -67,6 +67,7 @@ struct ControlPlane::Impl {
   // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
   std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
   std::unique_ptr<boost::asio::steady_timer> flush_timer;
+  std::unique_ptr<boost::asio::steady_timer> telemetry_timer;
 
   void schedule_flush() {
     flush_timer->expires_after(std::chrono::milliseconds(options.last_seen_flush_ms));
@@ -75,6 +76,28 @@ struct ControlPlane::Impl {
       flush_last_seen();
       schedule_flush();
     });
+  }
+  // Rolls telemetry up into hours and expires old rows, on the same strand (a worker thread:
+  // it is store work).
+  void schedule_telemetry_maintenance() {
+    telemetry_timer->expires_after(std::chrono::milliseconds(options.telemetry_maintenance_ms));
+    telemetry_timer->async_wait([this](const boost::system::error_code& ec) {
+      if (ec || stopped) return;
+      maintain_telemetry();
+      schedule_telemetry_maintenance();
+    });
+  }
+  void maintain_telemetry() {
+    store::TelemetryRetention retention;
+    retention.raw_ms = options.telemetry_retention_ms;
+    retention.rollup_ms = options.telemetry_rollup_retention_ms;
+    auto done = store->maintain_telemetry(clock.now_ms(), retention);
+    if (!done) {
+      spdlog::warn("telemetry rollup and retention: {}", done.error().message);
+    } else if (done->hours_rolled_up > 0 || done->points_deleted > 0) {
+      spdlog::info("telemetry: {} hours rolled up, {} points and {} rollups expired",
+                   done->hours_rolled_up, done->points_deleted, done->rollups_deleted);
+    }
   }
   void flush_last_seen() {
     auto written = sessions->flush();
@@ -131,29 +154,39 @@ Status ControlPlane::start() {
   api::register_model_routes(d.router, *d.ctx);
   api::register_deployment_routes(d.router, *d.ctx);
   api::register_audit_routes(d.router, *d.ctx);
+  api::register_telemetry_routes(d.router, *d.ctx);
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));
   });
   d.router.add("GET", "/metrics", [&d](http::Request&&, http::Responder respond) {
-    std::string text;
-    text += "# HELP outpost_sync_waiting Device long-polls currently held.\n";
-    text += "# TYPE outpost_sync_waiting gauge\n";
-    text += "outpost_sync_waiting " + std::to_string(d.hub->waiting()) + "\n";
-    auto counts = d.hub->counts();
-    text += "# HELP outpost_sync_answers_total Device long-polls answered, by how.\n";
-    text += "# TYPE outpost_sync_answers_total counter\n";
-    text += "outpost_sync_answers_total{how=\"at_once\"} " + std::to_string(counts.at_once) + "\n";
-    text += "outpost_sync_answers_total{how=\"woken\"} " + std::to_string(counts.woken) + "\n";
-    text +=
-        "outpost_sync_answers_total{how=\"timed_out\"} " + std::to_string(counts.timed_out) + "\n";
-    text += "outpost_sync_answers_total{how=\"hung_up\"} " + std::to_string(counts.hung_up) + "\n";
-    text +=
-        "# HELP outpost_last_seen_writes_skipped_total Device syncs that needed no store write.\n";
-    text += "# TYPE outpost_last_seen_writes_skipped_total counter\n";
-    text += "outpost_last_seen_writes_skipped_total " + std::to_string(d.sessions->writes_saved()) +
-            "\n";
-    respond(http::Response::text(200, text, "text/plain; version=0.0.4"));
+    // Fleet numbers come from the store: a worker builds the page.
+    api::run_on_worker(*d.ctx, std::move(respond), [&d]() -> Result<http::Response> {
+      std::string text;
+      text += "# HELP outpost_sync_waiting Device long-polls currently held.\n";
+      text += "# TYPE outpost_sync_waiting gauge\n";
+      text += "outpost_sync_waiting " + std::to_string(d.hub->waiting()) + "\n";
+      auto counts = d.hub->counts();
+      text += "# HELP outpost_sync_answers_total Device long-polls answered, by how.\n";
+      text += "# TYPE outpost_sync_answers_total counter\n";
+      text +=
+          "outpost_sync_answers_total{how=\"at_once\"} " + std::to_string(counts.at_once) + "\n";
+      text += "outpost_sync_answers_total{how=\"woken\"} " + std::to_string(counts.woken) + "\n";
+      text += "outpost_sync_answers_total{how=\"timed_out\"} " + std::to_string(counts.timed_out) +
+              "\n";
+      text +=
+          "outpost_sync_answers_total{how=\"hung_up\"} " + std::to_string(counts.hung_up) + "\n";
+      text +=
+          "# HELP outpost_last_seen_writes_skipped_total Device syncs that needed no store "
+          "write.\n";
+      text += "# TYPE outpost_last_seen_writes_skipped_total counter\n";
+      text += "outpost_last_seen_writes_skipped_total " +
+              std::to_string(d.sessions->writes_saved()) + "\n";
+      auto fleet = api::fleet_metrics_text(*d.ctx);
+      if (!fleet) return make_error(fleet.error());
+      text += *fleet;
+      return http::Response::text(200, text, "text/plain; version=0.0.4");
+    });
   });
 
   // Bring every device's desired state up to date with what is stored (e.g. after an upgrade
@@ -165,6 +198,8 @@ Status ControlPlane::start() {
       d.workers.get_executor());
   d.flush_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
   d.schedule_flush();
+  d.telemetry_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
+  d.schedule_telemetry_maintenance();
   d.ready = true;
   return ok();
 }
@@ -175,6 +210,9 @@ void ControlPlane::stop() {
   d.ready = false;
   if (d.hub) d.hub->shutdown();  // held long-polls get 304 and come back to the next server
   if (d.flush_timer) boost::asio::post(*d.flush_strand, [&d] { d.flush_timer->cancel(); });
+  if (d.telemetry_timer) {
+    boost::asio::post(*d.flush_strand, [&d] { d.telemetry_timer->cancel(); });
+  }
   d.workers.join();
   if (d.sessions) d.flush_last_seen();
   if (d.http) d.http->stop();

@@ -20,6 +20,11 @@ struct ControlPlaneOptions {
   // Devices' last_seen times are written to the store in one batch this often (a sync itself
   // costs no store write); `device list` may lag by this much.
   int64_t last_seen_flush_ms = 2'000;
+  // Telemetry: raw points and events are kept this long, hourly rollups this long; the
+  // rollup and expiry job runs this often.
+  int64_t telemetry_retention_ms = 7LL * 24 * 3'600'000;
+  int64_t telemetry_rollup_retention_ms = 400LL * 24 * 3'600'000;
+  int64_t telemetry_maintenance_ms = 60'000;
 };
 
 class ControlPlane {

@@ -1,6 +1,8 @@
 // Backend selection by URL, and the audit hash every backend and verifier shares.
 #include "store/store.h"
 
+#include <algorithm>
+#include <cmath>
 #include <exception>
 #include <string_view>
 
@@ -47,6 +49,76 @@ std::string audit_entry_hash(const AuditEntry& entry) {
   add(entry.details_json);
   add(entry.prev_hash);
   return sha256_hex(text);
+}
+
+void TelemetryStats::add_value(int64_t time, double value) {
+  if (points == 0) {
+    min = max = value;
+  } else {
+    min = std::min(min, value);
+    max = std::max(max, value);
+  }
+  ++points;
+  sum += value;
+  if (time >= last_time) {
+    last_time = time;
+    last = value;
+  }
+}
+
+void TelemetryStats::add_histogram(int64_t time, uint64_t n, double s,
+                                   const std::vector<std::pair<double, uint64_t>>& b) {
+  add_value(time, static_cast<double>(n));
+  count += n;
+  hist_sum += s;
+  for (const auto& [le, c] : b) buckets[le] += c;
+}
+
+void TelemetryStats::merge(const TelemetryStats& other) {
+  if (other.points == 0) return;
+  if (points == 0) {
+    min = other.min;
+    max = other.max;
+  } else {
+    min = std::min(min, other.min);
+    max = std::max(max, other.max);
+  }
+  points += other.points;
+  sum += other.sum;
+  if (other.last_time >= last_time) {
+    last_time = other.last_time;
+    last = other.last;
+  }
+  count += other.count;
+  hist_sum += other.hist_sum;
+  for (const auto& [le, c] : other.buckets) buckets[le] += c;
+}
+
+double TelemetryStats::mean() const {
+  if (count > 0) return hist_sum / static_cast<double>(count);
+  return points > 0 ? sum / static_cast<double>(points) : 0;
+}
+
+double TelemetryStats::quantile(double q) const {
+  uint64_t total = 0;
+  for (const auto& [le, c] : buckets) total += c;
+  if (total == 0) return 0;
+  const double rank = q * static_cast<double>(total);
+  uint64_t seen = 0;
+  double lower = 0;
+  double last_finite = 0;
+  for (const auto& [le, c] : buckets) {
+    if (c == 0) continue;
+    if (static_cast<double>(seen + c) >= rank) {
+      if (std::isinf(le)) return lower;  // open bucket: the last finite bound is all we know
+      const double within = (rank - static_cast<double>(seen)) / static_cast<double>(c);
+      return lower + (le - lower) * std::clamp(within, 0.0, 1.0);
+    }
+    seen += c;
+    if (!std::isinf(le)) last_finite = le;
+    lower = le;
+  }
+  return last_finite;
 }
 
 Result<std::unique_ptr<Store>> open_store(const std::string& url) {

@@ -15,6 +15,8 @@
 #include <vector>
 
 #include "common/error.h"
+#include "common/telemetry_batch.h"
+#include "common/telemetry_metrics.h"
 
 namespace outpost::store {
 
@@ -124,6 +126,124 @@ struct AuditEntry {
                           // details, prev_hash)
 };
 
+// ---- Telemetry (see ingest_telemetry and query_telemetry below) ----
+//
+// A *point* is one stored value of one series at one time: one row of telemetry_points. A
+// series is (device, site, metric, deployment, revision, model, version, role, detail). A
+// health record gives 8-10 points (one per gauge), an inference record 6 (requests, errors,
+// invalid, fallbacks, and the latency and confidence histograms, each histogram one point
+// carrying its count, sum and buckets), an event or a sample record 1.
+
+struct TelemetryIngestOutcome {
+  int64_t acked = 0;       // the device's watermark after this batch: highest seq stored or acked
+  int64_t stored = 0;      // records stored from this batch
+  int64_t duplicates = 0;  // records at or below the watermark, skipped
+  int64_t points = 0;      // points written
+};
+
+// One device's batch for ingest_telemetry_batches (the batch is borrowed for the call).
+struct TelemetryIngest {
+  std::string device_id;
+  std::string site;
+  const telemetry::Batch* batch = nullptr;
+};
+
+struct TelemetryRetention {
+  int64_t raw_ms = 7LL * 24 * 3600 * 1000;       // raw points and events
+  int64_t rollup_ms = 400LL * 24 * 3600 * 1000;  // hourly rollups
+};
+
+struct TelemetryMaintenanceOutcome {
+  int64_t hours_rolled_up = 0;
+  int64_t rollups_written = 0;
+  int64_t points_deleted = 0;
+  int64_t rollups_deleted = 0;
+  int64_t events_deleted = 0;
+};
+
+// Merge of points (of one series, bucket or group). Counters: `sum` is the total. Gauges:
+// sum/points is the mean. Histograms: `count`, `hist_sum` and `buckets` are the merged
+// histogram (per-bucket counts, le ascending, +infinity for the open bucket).
+struct TelemetryStats {
+  int64_t points = 0;
+  double sum = 0;
+  double min = 0;
+  double max = 0;
+  double last = 0;
+  int64_t last_time = -1;
+  uint64_t count = 0;
+  double hist_sum = 0;
+  std::map<double, uint64_t> buckets;
+
+  void add_value(int64_t time, double value);
+  void add_histogram(int64_t time, uint64_t count, double sum,
+                     const std::vector<std::pair<double, uint64_t>>& buckets);
+  void merge(const TelemetryStats& other);
+  double mean() const;  // gauges: of the values; histograms: of the observations
+  // Histogram quantile (0..1) from the merged buckets, interpolated linearly inside the
+  // bucket the rank falls in (between the previous bucket's bound, or 0, and its own); in the
+  // open bucket the last finite bound is the answer. 0 when empty.
+  double quantile(double q) const;
+};
+
+struct TelemetryQuery {
+  std::string metric;  // one of telemetry::kMetrics
+  std::optional<std::string> device;
+  std::optional<std::string> site;
+  std::optional<std::string> deployment;
+  int64_t since_ms = 0;  // inclusive
+  int64_t until_ms = 0;  // exclusive
+  int64_t step_ms = 0;   // width of the time buckets; at most kMaxTelemetryBuckets of them
+  // Group series by: "" (one group), device, site, deployment, revision, model, version, role
+  // or detail.
+  std::string by;
+};
+
+inline constexpr int64_t kMaxTelemetryBuckets = 10'000;
+
+struct TelemetrySeriesResult {
+  std::string group;                  // the `by` value ("" when not grouped)
+  std::vector<TelemetryStats> steps;  // one per step: [since + i*step, since + (i+1)*step)
+  TelemetryStats total;
+  std::vector<std::string> devices;  // devices with points in the range, sorted
+};
+
+struct TelemetryQueryResult {
+  telemetry::MetricKind kind = telemetry::MetricKind::kGauge;
+  std::vector<TelemetrySeriesResult> series;  // sorted by group
+  TelemetryStats total;
+  int64_t devices = 0;        // distinct devices with points in the range
+  bool from_rollups = false;  // part of the range was answered from hourly rollups
+};
+
+// Running totals per (deployment, model, version, role) since the first record: what the
+// fleet served, exact however long ago raw points expired.
+struct TelemetryTotal {
+  std::string deployment;
+  std::string model;
+  std::string version;
+  std::string role;
+  uint64_t requests = 0;
+  uint64_t served = 0;
+  uint64_t errors = 0;
+  uint64_t invalid = 0;
+  uint64_t fallbacks = 0;
+  TelemetryStats latency;     // histogram fields only
+  TelemetryStats confidence;  // histogram fields only
+};
+
+// What the control plane knows about one device's telemetry stream.
+struct TelemetryDeviceState {
+  std::string device_id;
+  int64_t acked_seq = 0;
+  telemetry::DropCounts dropped;  // as last reported (cumulative on the device)
+  int64_t last_ingest_at = 0;
+  int64_t last_health_at = 0;        // time of the newest health record
+  std::optional<double> sync_lag_s;  // from the newest health record
+  int64_t batches = 0;
+  int64_t records = 0;
+};
+
 // Outcome of apply_deployment.
 struct ApplyOutcome {
   Deployment deployment;
@@ -225,6 +345,41 @@ class Store {
   // Entries with time >= since_ms, oldest first, at most limit.
   [[nodiscard]] virtual Result<std::vector<AuditEntry>> list_audit(int64_t since_ms,
                                                                    int64_t limit) = 0;
+
+  // Telemetry. ingest_telemetry stores a device's decoded batch in one transaction: records
+  // with seq above the device's watermark are stored (points tagged with `site`), the rest are
+  // counted as duplicates; the watermark becomes max(watermark, batch.last_seq) (gaps are
+  // records the device dropped); the device's drop counts, last-ingest time and the fleet
+  // totals (TelemetryTotal) move with it. A resent, replayed or overlapping batch therefore
+  // stores and counts each record once. Points of hours already rolled up also merge into
+  // the rollup, so late data from a device that was offline is not lost to queries.
+  [[nodiscard]] virtual Result<TelemetryIngestOutcome> ingest_telemetry(
+      const std::string& device_id, const std::string& site, const telemetry::Batch& batch,
+      int64_t now_ms) = 0;
+  // Several devices' batches in one transaction (group commit: one fsync for all), each
+  // exactly as ingest_telemetry would store it, each in its own savepoint: a batch that fails
+  // leaves no trace and gets its error in its slot, the others are stored. The outer error is
+  // for a failure of the transaction itself (nothing stored).
+  [[nodiscard]] virtual Result<std::vector<Result<TelemetryIngestOutcome>>>
+  ingest_telemetry_batches(const std::vector<TelemetryIngest>& batches, int64_t now_ms) = 0;
+  // Rolls every complete hour (before now_ms's hour) not yet rolled up into hourly rollups,
+  // then deletes raw points and events older than retention.raw_ms (only hours already
+  // rolled up) and rollups older than retention.rollup_ms. Each hour's rollup is one
+  // transaction, the deletions another: an interrupted run leaves a consistent store and the
+  // next run continues. Call it periodically (e.g. every minute; it is cheap when idle).
+  [[nodiscard]] virtual Result<TelemetryMaintenanceOutcome> maintain_telemetry(
+      int64_t now_ms, const TelemetryRetention& retention) = 0;
+  // Time series and aggregates of one metric; kInvalidArgument naming the field for an
+  // unknown metric (the message lists the known ones), a bad `by`, an empty range or too
+  // many steps. Raw points answer hours not yet expired; hourly rollups answer older hours
+  // (and any rolled-up hour when step is a whole number of hours). Rollups have hour
+  // granularity: an hour served from them counts whole, in the step its start falls in.
+  [[nodiscard]] virtual Result<TelemetryQueryResult> query_telemetry(
+      const TelemetryQuery& query) = 0;
+  // Fleet running totals, sorted by deployment, model, version, role.
+  [[nodiscard]] virtual Result<std::vector<TelemetryTotal>> list_telemetry_totals() = 0;
+  // Per-device telemetry state, sorted by device id (devices that never sent telemetry absent).
+  [[nodiscard]] virtual Result<std::vector<TelemetryDeviceState>> list_telemetry_devices() = 0;
 
   // Schema version after migrations (the number of the last applied migration).
   [[nodiscard]] virtual Result<int> schema_version() = 0;

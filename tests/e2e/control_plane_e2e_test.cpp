@@ -13,6 +13,7 @@
 #include "common/digest.h"
 #include "common/http_client.h"
 #include "common/onnx/onnx_builder.h"
+#include "common/telemetry_batch.h"
 #include "harness.h"
 
 namespace outpost::e2e {
@@ -369,6 +370,141 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   auto emptied = device.desired(server_->url(), gen2, 5);
   ASSERT_EQ(emptied.status, 200);
   EXPECT_EQ(nlohmann::json::parse(emptied.body)["deployments"].size(), 0u);
+}
+
+// Telemetry from a device as the agent would send it: zstd batches, acknowledged by seq,
+// counted once however often they arrive; malformed ones refused; visible in queries,
+// /metrics, `device list` and `deployment show`.
+TEST_F(ControlPlaneE2E, TelemetryIsStoredOnceAndShowsInQueriesMetricsAndCli) {
+  auto device = FakeDevice::enroll(server_->url(), create_token("plant-7"),
+                                   {{"arch", "x86_64"}, {"memory_mb", 4096}});
+  HttpClient client(server_->url(), device.credential);
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  auto record = [&](int64_t seq, uint64_t served) {
+    nlohmann::json r = {{"seq", seq},
+                        {"t", now - 120'000 + seq * 1000},
+                        {"kind", "inference"},
+                        {"deployment", "defect-detector"},
+                        {"revision", 1},
+                        {"model", "defect-net"},
+                        {"version", "1.0.0"},
+                        {"role", "primary"},
+                        {"interval_ms", 1000},
+                        {"requests", served},
+                        {"served", served},
+                        {"errors", 1},
+                        {"invalid", 0},
+                        {"fallbacks", 0},
+                        {"latency",
+                         {{"count", served},
+                          {"sum", 0.02 * static_cast<double>(served)},
+                          {"buckets", {{0.01, served / 2}, {0.05, served - served / 2}}}}},
+                        {"confidence",
+                         {{"count", served},
+                          {"sum", 0.9 * static_cast<double>(served)},
+                          {"buckets", {{1.0, served}}}}}};
+    return r.dump();
+  };
+  auto send = [&](int64_t first, int64_t last, const std::string& encoding = "zstd") {
+    std::vector<std::string> records;
+    for (int64_t seq = first; seq <= last; ++seq) records.push_back(record(seq, 10));
+    auto body = telemetry::compress(
+        telemetry::batch_json(first, last, telemetry::DropCounts{.samples = 2}, records));
+    EXPECT_TRUE(body.has_value());
+    HttpRequestOptions options;
+    options.headers.emplace_back("Content-Encoding", encoding);
+    auto resp = client.request("POST", "/api/v1/device/telemetry", body ? *body : "",
+                               "application/json", options);
+    EXPECT_TRUE(resp.has_value());
+    return resp ? *resp : HttpResponse{};
+  };
+
+  auto first = send(1, 5);
+  ASSERT_EQ(first.status, 200) << first.body;
+  auto doc = nlohmann::json::parse(first.body);
+  EXPECT_EQ(doc["acked"], 5);
+  EXPECT_EQ(doc["stored"], 5);
+  auto replay = send(1, 5);
+  ASSERT_EQ(replay.status, 200);
+  EXPECT_EQ(nlohmann::json::parse(replay.body)["duplicates"], 5);
+  auto overlap = send(4, 7);
+  ASSERT_EQ(overlap.status, 200);
+  EXPECT_EQ(nlohmann::json::parse(overlap.body)["stored"], 2);
+
+  // Not zstd: 415 saying so. Garbage: 400. Over the size limit: 413. None stores anything.
+  auto plain = send(8, 9, "identity");
+  EXPECT_EQ(plain.status, 415) << plain.body;
+  EXPECT_NE(plain.body.find("zstd"), std::string::npos) << plain.body;
+  HttpRequestOptions zstd;
+  zstd.headers.emplace_back("Content-Encoding", "zstd");
+  auto garbage =
+      client.request("POST", "/api/v1/device/telemetry", "not zstd", "application/json", zstd);
+  ASSERT_TRUE(garbage.has_value());
+  EXPECT_EQ(garbage->status, 400) << garbage->body;
+  auto huge = client.request("POST", "/api/v1/device/telemetry",
+                             std::string(telemetry::kMaxCompressedBatch + 1, 'x'),
+                             "application/json", zstd);
+  ASSERT_TRUE(huge.has_value());
+  EXPECT_EQ(huge->status, 413) << huge->body;
+
+  // 7 records of 10 requests each, once.
+  HttpClient op(server_->url(), server_->admin_token());
+  auto q =
+      op.request("GET", "/api/v1/telemetry/query?metric=inference_requests&since=1h&by=deployment");
+  ASSERT_TRUE(q.has_value());
+  ASSERT_EQ(q->status, 200) << q->body;
+  auto result = nlohmann::json::parse(q->body);
+  EXPECT_EQ(result["aggregate"]["sum"], 70.0) << q->body;
+  EXPECT_EQ(result["series"][0]["deployment"], "defect-detector");
+  auto unknown = op.request("GET", "/api/v1/telemetry/query?metric=latency");
+  ASSERT_TRUE(unknown.has_value());
+  EXPECT_EQ(unknown->status, 400);
+  EXPECT_NE(unknown->body.find("inference_latency_seconds"), std::string::npos) << unknown->body;
+
+  auto metrics = HttpClient(server_->url(), "").request("GET", "/metrics");
+  ASSERT_TRUE(metrics.has_value());
+  EXPECT_NE(metrics->body.find("outpost_inference_requests_total{deployment=\"defect-detector\","
+                               "model=\"defect-net\",version=\"1.0.0\",role=\"primary\"} 70\n"),
+            std::string::npos)
+      << metrics->body;
+  EXPECT_NE(metrics->body.find("outpost_devices{site=\"plant-7\",state=\"online\"} 1\n"),
+            std::string::npos)
+      << metrics->body;
+  EXPECT_NE(metrics->body.find("outpost_telemetry_dropped_total{class=\"samples\"} 2\n"),
+            std::string::npos);
+  EXPECT_NE(metrics->body.find("outpost_telemetry_refused_batches_total{reason=\"encoding\"} 1\n"),
+            std::string::npos);
+  EXPECT_NE(metrics->body.find("outpost_inference_latency_seconds_bucket{deployment=\"defect-"
+                               "detector\",model=\"defect-net\",version=\"1.0.0\",role=\"primary\","
+                               "le=\"+Inf\"} 70\n"),
+            std::string::npos)
+      << metrics->body;
+
+  auto cli = server_->cli({"telemetry", "query", "inference_latency_seconds", "--by", "version"});
+  EXPECT_EQ(cli.exit_code, 0) << cli.err;
+  EXPECT_NE(cli.out.find("1.0.0"), std::string::npos) << cli.out;
+  EXPECT_NE(cli.out.find("P95"), std::string::npos) << cli.out;
+  auto cli_json = server_->cli({"telemetry", "query", "inference_requests", "-o", "json"});
+  EXPECT_EQ(cli_json.exit_code, 0) << cli_json.err;
+  EXPECT_EQ(cli_json.json()["aggregate"]["sum"], 70.0);
+  auto list = server_->cli({"device", "list"});
+  EXPECT_EQ(list.exit_code, 0) << list.err;
+  EXPECT_NE(list.out.find("ONLINE"), std::string::npos) << list.out;
+  EXPECT_NE(list.out.find("telemetry dropped 2"), std::string::npos) << list.out;
+  auto help = server_->cli({"telemetry", "query", "--help"});
+  EXPECT_NE(help.out.find("sync_lag_seconds"), std::string::npos) << help.out;
+
+  ASSERT_EQ(server_
+                ->cli({"model", "push", "defect-net", "1.0.0", "--variant",
+                       "accelerator=cpu=" + model_file("m.onnx", 1)})
+                .exit_code,
+            0);
+  ASSERT_EQ(server_->cli({"apply", "-f", write("d.yaml", kManifest)}).exit_code, 0);
+  auto show = server_->cli({"deployment", "show", "defect-detector"});
+  EXPECT_EQ(show.exit_code, 0) << show.err;
+  EXPECT_NE(show.out.find("Last hour:  70 requests, 10.00% errors"), std::string::npos) << show.out;
 }
 
 TEST_F(ControlPlaneE2E, VariantsPerHardwareAndUnschedulable) {

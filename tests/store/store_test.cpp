@@ -778,6 +778,341 @@ TEST_P(StoreTest, TwoStoresOnTheSameDataShareOneChain) {
   expect_valid_chain(*entries);
 }
 
+// ---- Telemetry ----
+
+constexpr int64_t kT0 = 1'700'000'000'000 - 1'700'000'000'000 % 3'600'000;  // an hour start
+constexpr int64_t kMinute = 60'000;
+constexpr int64_t kHour = 3'600'000;
+
+telemetry::Record health_record(int64_t seq, int64_t time, double cpu) {
+  telemetry::HealthRecord h;
+  h.cpu_percent = cpu;
+  h.mem_used = 100;
+  h.mem_total = 1000;
+  h.sync_lag_s = 2.5;
+  return telemetry::Record{seq, time, h};
+}
+
+// An inference aggregate: `served` requests, one error, latencies in the 0.01 and 0.1 buckets.
+telemetry::Record inference_record(int64_t seq, int64_t time, uint64_t served,
+                                   const std::string& version = "1.0.0") {
+  telemetry::InferenceRecord r;
+  r.deployment = "det";
+  r.revision = 1;
+  r.model = "net";
+  r.version = version;
+  r.interval_ms = kMinute;
+  r.requests = served;
+  r.served = served;
+  r.errors = 1;
+  r.latency.count = served;
+  r.latency.sum = 0.05 * static_cast<double>(served);
+  r.latency.buckets = {{0.01, served / 2}, {0.1, served - served / 2}};
+  r.confidence.count = served;
+  r.confidence.sum = 0.9 * static_cast<double>(served);
+  r.confidence.buckets = {{1.0, served}};
+  return telemetry::Record{seq, time, r};
+}
+
+telemetry::Record event_record(int64_t seq, int64_t time, const std::string& event) {
+  telemetry::EventRecord e;
+  e.deployment = "det";
+  e.revision = 1;
+  e.event = event;
+  return telemetry::Record{seq, time, e};
+}
+
+telemetry::Batch batch_of(std::vector<telemetry::Record> records) {
+  telemetry::Batch batch;
+  batch.first_seq = records.front().seq;
+  batch.last_seq = records.back().seq;
+  batch.records = std::move(records);
+  return batch;
+}
+
+// Records seq from..to, one per minute from kT0: inference (served = seq) and, every 4th,
+// an event instead.
+telemetry::Batch mixed_batch(int64_t from, int64_t to) {
+  std::vector<telemetry::Record> records;
+  for (int64_t seq = from; seq <= to; ++seq) {
+    const int64_t time = kT0 + seq * kMinute;
+    records.push_back(seq % 4 == 0 ? event_record(seq, time, "restart")
+                                   : inference_record(seq, time, static_cast<uint64_t>(seq)));
+  }
+  return batch_of(std::move(records));
+}
+
+TelemetryQuery query_of(const std::string& metric, int64_t since, int64_t until,
+                        int64_t step = kHour, const std::string& by = "") {
+  TelemetryQuery q;
+  q.metric = metric;
+  q.since_ms = since;
+  q.until_ms = until;
+  q.step_ms = step;
+  q.by = by;
+  return q;
+}
+
+TEST_P(StoreTest, TelemetryIngestStoresEachRecordOnce) {
+  // Served counts are the seqs, so which records were stored shows in the sums.
+  auto first = store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 6), kT0);
+  ASSERT_OK(first);
+  EXPECT_EQ(first->acked, 6);
+  EXPECT_EQ(first->stored, 6);
+  EXPECT_EQ(first->duplicates, 0);
+  EXPECT_EQ(first->points, 5 * 6 + 1);  // 5 inference records of 6 points, 1 event
+
+  auto again = store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 6), kT0);
+  ASSERT_OK(again);
+  EXPECT_EQ(again->acked, 6);
+  EXPECT_EQ(again->stored, 0);
+  EXPECT_EQ(again->duplicates, 6);
+  EXPECT_EQ(again->points, 0);
+
+  auto overlapping = store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(5, 9), kT0);
+  ASSERT_OK(overlapping);
+  EXPECT_EQ(overlapping->acked, 9);
+  EXPECT_EQ(overlapping->stored, 3);
+  EXPECT_EQ(overlapping->duplicates, 2);
+
+  auto older = store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(2, 3), kT0);
+  ASSERT_OK(older);
+  EXPECT_EQ(older->acked, 9);
+  EXPECT_EQ(older->stored, 0);
+  EXPECT_EQ(older->duplicates, 2);
+
+  // Another device's seqs are its own.
+  auto other = store_->ingest_telemetry("cam-02", "plant-b", mixed_batch(1, 2), kT0);
+  ASSERT_OK(other);
+  EXPECT_EQ(other->stored, 2);
+
+  auto served = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served);
+  // cam-01: 1+2+3+5+6+7+9 (4 and 8 are events); cam-02: 1+2.
+  EXPECT_EQ(served->total.sum, 33 + 3);
+  EXPECT_EQ(served->devices, 2);
+  auto events = store_->query_telemetry(query_of("events", kT0, kT0 + kHour, kHour, "detail"));
+  ASSERT_OK(events);
+  ASSERT_EQ(events->series.size(), 1u);
+  EXPECT_EQ(events->series[0].group, "restart");
+  EXPECT_EQ(events->series[0].total.sum, 2);
+
+  auto devices = store_->list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 2u);
+  EXPECT_EQ((*devices)[0].device_id, "cam-01");
+  EXPECT_EQ((*devices)[0].acked_seq, 9);
+  EXPECT_EQ((*devices)[0].records, 9);
+  EXPECT_EQ((*devices)[0].batches, 4);
+}
+
+TEST_P(StoreTest, TelemetryWatermarkCoversRecordsTheDeviceDropped) {
+  // seq 3..5 were dropped on the device: last_seq 6 acknowledges them with the batch.
+  telemetry::Batch batch = batch_of({inference_record(1, kT0, 1), inference_record(2, kT0, 2)});
+  batch.last_seq = 5;
+  batch.dropped.samples = 3;
+  auto first = store_->ingest_telemetry("cam-01", "plant-a", batch, kT0);
+  ASSERT_OK(first);
+  EXPECT_EQ(first->acked, 5);
+
+  // A replay of an old batch with older drop counts does not move them back.
+  telemetry::Batch old = batch_of({inference_record(1, kT0, 1)});
+  old.dropped.samples = 1;
+  ASSERT_OK(store_->ingest_telemetry("cam-01", "plant-a", old, kT0));
+  auto devices = store_->list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 1u);
+  EXPECT_EQ((*devices)[0].acked_seq, 5);
+  EXPECT_EQ((*devices)[0].dropped.samples, 3);
+}
+
+TEST_P(StoreTest, TelemetryTotalsEqualTheSumOfRecords) {
+  uint64_t served = 0;
+  int64_t seq = 0;
+  for (const char* device : {"cam-01", "cam-02", "cam-03"}) {
+    std::vector<telemetry::Record> records;
+    for (int i = 0; i < 10; ++i) {
+      const uint64_t n = static_cast<uint64_t>(10 + i);
+      records.push_back(inference_record(++seq, kT0 + i * kMinute, n, i % 2 ? "1.0.0" : "1.1.0"));
+      served += n;
+    }
+    // Sent twice: the totals must not notice.
+    ASSERT_OK(store_->ingest_telemetry(device, "plant-a", batch_of(records), kT0));
+    ASSERT_OK(store_->ingest_telemetry(device, "plant-a", batch_of(records), kT0));
+  }
+  auto totals = store_->list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_EQ(totals->size(), 2u);  // versions 1.0.0 and 1.1.0
+  uint64_t total_served = 0;
+  uint64_t total_errors = 0;
+  uint64_t bucket_sum = 0;
+  for (const TelemetryTotal& t : *totals) {
+    EXPECT_EQ(t.deployment, "det");
+    total_served += t.served;
+    total_errors += t.errors;
+    EXPECT_EQ(t.latency.count, t.served);
+    for (const auto& [le, count] : t.latency.buckets) bucket_sum += count;
+  }
+  EXPECT_EQ(total_served, served);
+  EXPECT_EQ(total_errors, 30u);
+  EXPECT_EQ(bucket_sum, served);
+
+  auto by_version =
+      store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
+  ASSERT_OK(by_version);
+  ASSERT_EQ(by_version->series.size(), 2u);
+  EXPECT_EQ(by_version->series[0].group, "1.0.0");
+  EXPECT_EQ(static_cast<uint64_t>(by_version->total.sum), served);
+  EXPECT_EQ(by_version->series[0].devices.size(), 3u);
+
+  auto latency = store_->query_telemetry(query_of("inference_latency_seconds", kT0, kT0 + kHour));
+  ASSERT_OK(latency);
+  EXPECT_EQ(latency->kind, telemetry::MetricKind::kHistogram);
+  EXPECT_EQ(latency->total.count, served);
+  // Half the observations are at or below 0.01, the rest in (0.01, 0.1].
+  EXPECT_LE(latency->total.quantile(0.25), 0.01);
+  EXPECT_GT(latency->total.quantile(0.95), 0.01);
+  EXPECT_LE(latency->total.quantile(0.95), 0.1);
+  EXPECT_NEAR(latency->total.mean(), 0.05, 1e-9);
+}
+
+TEST_P(StoreTest, TelemetryRollupsAndRetentionKeepQueryAnswers) {
+  // Six hours of one record a minute (inference and health alternating).
+  std::vector<telemetry::Record> records;
+  for (int64_t seq = 1; seq <= 6 * 60; ++seq) {
+    const int64_t time = kT0 + (seq - 1) * kMinute;
+    records.push_back(seq % 2 ? inference_record(seq, time, 3)
+                              : health_record(seq, time, static_cast<double>(seq % 50)));
+  }
+  ASSERT_OK(store_->ingest_telemetry("cam-01", "plant-a", batch_of(records), kT0));
+  const int64_t until = kT0 + 6 * kHour;
+  auto ask = [&](const std::string& metric) {
+    auto result = store_->query_telemetry(query_of(metric, kT0, until, kHour));
+    EXPECT_TRUE(result.has_value()) << result.error().describe();
+    return result ? *result : TelemetryQueryResult{};
+  };
+  const auto requests = ask("inference_requests");
+  const auto latency = ask("inference_latency_seconds");
+  const auto cpu = ask("cpu_percent");
+  EXPECT_EQ(requests.total.sum, 3 * 180);
+  EXPECT_FALSE(requests.from_rollups);
+
+  // An hour later: the six complete hours are rolled up, nothing expires yet.
+  auto maintained = store_->maintain_telemetry(until + kHour, TelemetryRetention{});
+  ASSERT_OK(maintained);
+  EXPECT_EQ(maintained->hours_rolled_up, 6);
+  EXPECT_EQ(maintained->points_deleted, 0);
+  // Idle runs do nothing.
+  auto idle = store_->maintain_telemetry(until + kHour, TelemetryRetention{});
+  ASSERT_OK(idle);
+  EXPECT_EQ(idle->hours_rolled_up, 0);
+
+  // Ten days later: raw points are gone, the rollups answer the same.
+  maintained = store_->maintain_telemetry(until + 10 * 24 * kHour, TelemetryRetention{});
+  ASSERT_OK(maintained);
+  EXPECT_GT(maintained->points_deleted, 0);
+  const auto requests_after = ask("inference_requests");
+  const auto latency_after = ask("inference_latency_seconds");
+  const auto cpu_after = ask("cpu_percent");
+  EXPECT_TRUE(requests_after.from_rollups);
+  EXPECT_EQ(requests_after.total.sum, requests.total.sum);
+  EXPECT_EQ(latency_after.total.count, latency.total.count);
+  EXPECT_EQ(latency_after.total.buckets, latency.total.buckets);
+  EXPECT_DOUBLE_EQ(latency_after.total.quantile(0.95), latency.total.quantile(0.95));
+  EXPECT_DOUBLE_EQ(cpu_after.total.mean(), cpu.total.mean());
+  EXPECT_EQ(cpu_after.total.min, cpu.total.min);
+  EXPECT_EQ(cpu_after.total.max, cpu.total.max);
+  ASSERT_EQ(requests_after.series.size(), 1u);
+  for (size_t i = 0; i < 6; ++i) {
+    EXPECT_EQ(requests_after.series[0].steps[i].sum, requests.series[0].steps[i].sum) << i;
+  }
+
+  // A device that was offline sends data for a rolled-up, expired hour: it still counts.
+  ASSERT_OK(store_->ingest_telemetry("cam-02", "plant-a",
+                                     batch_of({inference_record(1, kT0 + 5, 7)}), until));
+  EXPECT_EQ(ask("inference_requests").total.sum, 3 * 180 + 7);
+
+  // After the rollup retention, nothing is left.
+  TelemetryRetention short_rollups;
+  short_rollups.rollup_ms = 24 * kHour;
+  ASSERT_OK(store_->maintain_telemetry(until + 10 * 24 * kHour, short_rollups));
+  EXPECT_EQ(ask("inference_requests").total.points, 0);
+  // The fleet totals never expire.
+  auto totals = store_->list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_EQ(totals->size(), 1u);
+  EXPECT_EQ((*totals)[0].served, 3u * 180 + 7);
+}
+
+TEST_P(StoreTest, TelemetryBatchThatFailsLeavesNoTrace) {
+  // Two records with one seq: the second point collides, the transaction rolls back. (The
+  // batch decoder refuses such a batch; this stands for any failure half-way.)
+  auto broken = store_->ingest_telemetry(
+      "cam-01", "plant-a", batch_of({inference_record(1, kT0, 5), inference_record(1, kT0, 5)}),
+      kT0);
+  ASSERT_FALSE(broken);
+  auto devices = store_->list_telemetry_devices();
+  ASSERT_OK(devices);
+  EXPECT_TRUE(devices->empty());
+  auto totals = store_->list_telemetry_totals();
+  ASSERT_OK(totals);
+  EXPECT_TRUE(totals->empty());
+  auto served = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served);
+  EXPECT_EQ(served->total.points, 0);
+
+  // The same records, sent right, are stored once (series ids of the failed batch forgotten).
+  auto good = store_->ingest_telemetry(
+      "cam-01", "plant-a", batch_of({inference_record(1, kT0, 5), health_record(2, kT0, 1)}), kT0);
+  ASSERT_OK(good);
+  EXPECT_EQ(good->stored, 2);
+  served = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served);
+  EXPECT_EQ(served->total.sum, 5);
+}
+
+TEST_P(StoreTest, TelemetryBatchesOfSeveralDevicesCommitTogetherButFailAlone) {
+  const telemetry::Batch good = mixed_batch(1, 3);
+  const telemetry::Batch bad = batch_of({inference_record(1, kT0, 5), inference_record(1, kT0, 5)});
+  auto outcomes = store_->ingest_telemetry_batches({{"cam-01", "plant-a", &good},
+                                                    {"cam-02", "plant-a", &bad},
+                                                    {"cam-03", "plant-b", &good},
+                                                    {"cam-01", "plant-a", &good}},
+                                                   kT0);
+  ASSERT_OK(outcomes);
+  ASSERT_EQ(outcomes->size(), 4u);
+  ASSERT_OK((*outcomes)[0]);
+  EXPECT_EQ((*outcomes)[0]->stored, 3);
+  EXPECT_FALSE((*outcomes)[1]);
+  ASSERT_OK((*outcomes)[2]);
+  EXPECT_EQ((*outcomes)[2]->stored, 3);
+  ASSERT_OK((*outcomes)[3]);  // the same device twice in one group: the second is a duplicate
+  EXPECT_EQ((*outcomes)[3]->duplicates, 3);
+
+  auto devices = store_->list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 2u);
+  EXPECT_EQ((*devices)[0].device_id, "cam-01");
+  EXPECT_EQ((*devices)[1].device_id, "cam-03");
+  auto served = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served);
+  EXPECT_EQ(served->total.sum, 2 * (1 + 2 + 3));
+}
+
+TEST_P(StoreTest, TelemetryQueryRefusesUnknownMetricsAndGroupings) {
+  auto unknown = store_->query_telemetry(query_of("inference_latency", kT0, kT0 + kHour));
+  ASSERT_FALSE(unknown);
+  EXPECT_EQ(unknown.error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(unknown.error().field, "metric");
+  EXPECT_NE(unknown.error().message.find("inference_latency_seconds"), std::string::npos);
+  auto by = store_->query_telemetry(query_of("cpu_percent", kT0, kT0 + kHour, kHour, "colour"));
+  ASSERT_FALSE(by);
+  EXPECT_EQ(by.error().field, "by");
+  auto steps = store_->query_telemetry(query_of("cpu_percent", kT0, kT0 + 365 * 24 * kHour, 1000));
+  ASSERT_FALSE(steps);
+  EXPECT_EQ(steps.error().field, "step");
+}
+
 // ---- Opening by URL ----
 
 TEST(OpenStoreTest, RejectsUnsupportedSchemesNamingTheUrl) {

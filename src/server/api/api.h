@@ -3,6 +3,8 @@
 // only the long-poll wait stays on the I/O side, as a parked callback.
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -38,6 +40,19 @@ struct Caller {
   std::string device_id;
 };
 
+// Telemetry ingest counters for /metrics; shared by the workers.
+struct TelemetryIngestCounters {
+  std::atomic<uint64_t> batches{0};
+  std::atomic<uint64_t> records{0};
+  std::atomic<uint64_t> duplicates{0};
+  std::atomic<uint64_t> points{0};
+  std::atomic<uint64_t> bytes{0};
+  std::atomic<uint64_t> refused_encoding{0};
+  std::atomic<uint64_t> refused_too_large{0};
+  std::atomic<uint64_t> refused_invalid{0};
+  std::atomic<uint64_t> refused_store{0};
+};
+
 struct ApiContext {
   store::Store& store;
   registry::BlobStore& blobs;
@@ -49,7 +64,22 @@ struct ApiContext {
   boost::asio::thread_pool& workers;
   std::string server_public_key_b64;
   int64_t long_poll_ms = 55'000;
+  std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
 };
+
+// A device counts as online when it was seen this recently (a healthy agent long-polls about
+// once a minute).
+inline constexpr int64_t kOnlineWindowMs = 3 * 60'000;
+bool device_online(int64_t last_seen, int64_t now_ms);
+
+// /metrics lines for telemetry ingest and the fleet (devices by site, deployment phases,
+// inference totals, latency histograms, drops). Blocking: reads the store.
+[[nodiscard]] Result<std::string> fleet_metrics_text(ApiContext& ctx);
+// A deployment's fleet numbers over the last `window_ms`: requests, errors, error_rate,
+// fallbacks, p95_latency_seconds, devices_reporting. Blocking.
+[[nodiscard]] Result<nlohmann::json> deployment_fleet_summary(ApiContext& ctx,
+                                                              const std::string& deployment,
+                                                              int64_t window_ms);
 
 // Runs `work` on the worker pool and answers with its result (errors as JSON errors).
 void run_on_worker(ApiContext& ctx, http::Responder respond,
@@ -93,5 +123,6 @@ void register_artifact_routes(http::Router& router, ApiContext& ctx);
 void register_model_routes(http::Router& router, ApiContext& ctx);
 void register_deployment_routes(http::Router& router, ApiContext& ctx);
 void register_audit_routes(http::Router& router, ApiContext& ctx);
+void register_telemetry_routes(http::Router& router, ApiContext& ctx);
 
 }  // namespace outpost::server::api

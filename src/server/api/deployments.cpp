@@ -118,6 +118,10 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
   out["devices"] = targets;
   out["summary"] = {
       {"scheduled", scheduled}, {"unschedulable", unschedulable}, {"in_sync", reported}};
+  // What the fleet reported for it in the last hour (telemetry).
+  auto fleet = deployment_fleet_summary(ctx, name, 3'600'000);
+  if (!fleet) return make_error(fleet.error());
+  out["fleet"] = std::move(*fleet);
   return json_response(200, out);
 }
 

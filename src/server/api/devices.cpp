@@ -1,5 +1,6 @@
 // /api/v1/devices: what the fleet looks like, device by device.
 #include <cstdlib>
+#include <map>
 
 #include "server/api/api.h"
 #include "server/desired_states.h"
@@ -7,7 +8,25 @@
 namespace outpost::server::api {
 namespace {
 
-nlohmann::json device_summary(const store::Device& d, int64_t now_ms) {
+// Fleet health from the device's telemetry stream (null when it never sent any).
+nlohmann::json telemetry_summary(const store::TelemetryDeviceState* t) {
+  if (t == nullptr) return nlohmann::json();
+  const int64_t dropped =
+      t->dropped.samples + t->dropped.health + t->dropped.aggregates + t->dropped.events;
+  return {{"acked_seq", t->acked_seq},
+          {"last_ingest_at", t->last_ingest_at},
+          {"last_health_at", t->last_health_at},
+          {"sync_lag_s", t->sync_lag_s ? nlohmann::json(*t->sync_lag_s) : nlohmann::json()},
+          {"dropped", dropped},
+          {"dropped_by_class",
+           {{"samples", t->dropped.samples},
+            {"health", t->dropped.health},
+            {"aggregates", t->dropped.aggregates},
+            {"events", t->dropped.events}}}};
+}
+
+nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
+                              const store::TelemetryDeviceState* telemetry) {
   nlohmann::json schedule = parse_or_empty(d.schedule_json);
   nlohmann::json unschedulable = nlohmann::json::array();
   size_t scheduled = 0;
@@ -32,7 +51,18 @@ nlohmann::json device_summary(const store::Device& d, int64_t now_ms) {
           {"reported_generation", status.value("generation", static_cast<int64_t>(0))},
           {"deployments_scheduled", scheduled},
           {"unschedulable", unschedulable},
-          {"cordoned", d.cordoned}};
+          {"cordoned", d.cordoned},
+          {"online", device_online(d.last_seen, now_ms)},
+          {"telemetry", telemetry_summary(telemetry)}};
+}
+
+// Telemetry state of every device that sent some, by id.
+Result<std::map<std::string, store::TelemetryDeviceState>> telemetry_states(ApiContext& ctx) {
+  auto states = ctx.store.list_telemetry_devices();
+  if (!states) return make_error(states.error());
+  std::map<std::string, store::TelemetryDeviceState> out;
+  for (auto& s : *states) out.emplace(s.device_id, std::move(s));
+  return out;
 }
 
 Result<store::Labels> parse_label_selector(const std::string& text) {
@@ -64,9 +94,14 @@ Result<http::Response> list_devices(ApiContext& ctx, const http::Request& req, c
   }
   auto devices = ctx.store.list_devices(filter);
   if (!devices) return make_error(devices.error());
+  auto states = telemetry_states(ctx);
+  if (!states) return make_error(states.error());
   nlohmann::json out = nlohmann::json::array();
   const int64_t now = ctx.clock.now_ms();
-  for (const auto& d : *devices) out.push_back(device_summary(d, now));
+  for (const auto& d : *devices) {
+    auto it = states->find(d.id);
+    out.push_back(device_summary(d, now, it == states->end() ? nullptr : &it->second));
+  }
   return json_response(200, {{"devices", out}});
 }
 
@@ -76,7 +111,11 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, co
   if (!device) return make_error(device.error());
   if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
   const auto& d = **device;
-  nlohmann::json out = device_summary(d, ctx.clock.now_ms());
+  auto states = telemetry_states(ctx);
+  if (!states) return make_error(states.error());
+  auto state = states->find(id);
+  nlohmann::json out =
+      device_summary(d, ctx.clock.now_ms(), state == states->end() ? nullptr : &state->second);
   out["public_key"] = d.public_key;
   out["desired"] = parse_or_empty(d.desired_json);
   out["schedule"] = parse_or_empty(d.schedule_json);
