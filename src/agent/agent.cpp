@@ -73,6 +73,32 @@ std::string serve_route(const json& entry, const std::string& name) {
   return route;
 }
 
+// "r12-..." -> 12 (the revision a prepared revision's key names); 0 when it names none.
+int64_t revision_of_key(const std::string& key) {
+  if (key.size() < 2 || key[0] != 'r') return 0;
+  return std::atoll(key.c_str() + 1);
+}
+
+// A workload's state change as telemetry events: restarts, exits (clean or not), unhealthy.
+void workload_events(telemetry::Pipeline* sink, const std::string& deployment, int64_t revision,
+                     const WorkloadEvent& before, const WorkloadEvent& ev) {
+  if (!sink) return;
+  if (ev.restarts > before.restarts) sink->event(deployment, revision, "restart", ev.message);
+  if (ev.state == before.state) return;
+  switch (ev.state) {
+    case WorkloadState::kBackoff:  // exited after being healthy; a restart follows
+    case WorkloadState::kExited:
+      sink->event(deployment, revision, ev.exit_code.value_or(1) == 0 ? "exit" : "crash",
+                  ev.message);
+      break;
+    case WorkloadState::kUnhealthy:
+      sink->event(deployment, revision, "unhealthy", ev.message);
+      break;
+    default:
+      break;
+  }
+}
+
 int64_t duration_field(const json& obj, const char* key, int64_t fallback) {
   if (!obj.is_object() || !obj.contains(key) || !obj[key].is_string()) return fallback;
   auto ms = parse_duration_ms(obj[key].get<std::string>());
@@ -131,6 +157,12 @@ Agent::~Agent() {
   if (fetcher_) fetcher_->stop();
   if (outbox_) outbox_->stop();
   for (auto& [name, rt] : deployments_) stop_process(*rt);
+  if (telemetry_) telemetry_->stop();
+}
+
+void Agent::record_event(const std::string& deployment, int64_t revision, const std::string& event,
+                         const std::string& message) {
+  if (telemetry_) telemetry_->event(deployment, revision, event, message);
 }
 
 int64_t Agent::now_ms() const { return wall_ms(); }
@@ -156,6 +188,16 @@ Status Agent::start() {
   facts_ = collect_facts(sources, kAgentVersion);
   last_facts_at_ = now_ms();
 
+  // Telemetry before anything runs: workloads started below already make events, and the
+  // model server's observer must be in place before its first request.
+  telemetry_ = std::make_unique<telemetry::Pipeline>(
+      options_.data_dir, identity_, options_.telemetry, clock_,
+      [this] { return models_->metrics_snapshots(); });
+  OUTPOST_TRY(telemetry_->init());
+  models_->set_observer([sink = telemetry_.get()](const serve::InferenceOutcome& outcome) {
+    sink->sampler().observe(outcome);
+  });
+
   // Local state first: a device without network still starts what it ran before.
   auto saved = load_desired(options_.data_dir, identity_);
   if (!saved) {
@@ -178,13 +220,19 @@ Status Agent::start() {
         post([this, online, error] {
           online_ = online;
           link_error_ = error;
-          if (online) last_sync_ms_ = now_ms();
+          if (online) {
+            last_sync_ms_ = now_ms();
+            telemetry_->set_last_sync_ms(last_sync_ms_);
+          }
         });
       });
 
   router_ = std::make_unique<http::Router>();
   router_->add("GET", "/v1/status", [this](http::Request&&, http::Responder respond) {
     respond(http::Response::json(200, status().dump(2) + "\n"));
+  });
+  router_->add("GET", "/v1/telemetry", [this](http::Request&&, http::Responder respond) {
+    respond(http::Response::json(200, telemetry_status().dump(2) + "\n"));
   });
   router_->add("GET", "/healthz", [](http::Request&&, http::Responder respond) {
     respond(http::Response::json(200, R"({"ok":true})"));
@@ -223,6 +271,7 @@ Status Agent::start() {
   outbox_->start();
   fetcher_->start();
   sync_->start();
+  telemetry_->start();
   return ok();
 }
 
@@ -256,6 +305,7 @@ void Agent::run(const std::atomic<bool>& stop) {
   for (auto& [name, rt] : deployments_) stop_process(*rt);
   report_if_changed(false);
   outbox_->stop();
+  telemetry_->stop();  // ends the interval now: what was counted is kept for the next start
 }
 
 bool Agent::settled() const {
@@ -279,6 +329,21 @@ void Agent::apply_desired(const json& doc, int64_t generation) {
   }
   for (auto& [name, rt] : deployments_) {
     if (!wanted.contains(name)) rt->entry = nullptr;
+  }
+  if (telemetry_) {
+    std::map<std::string, telemetry::SamplingPolicy> policies;
+    for (const auto& [name, entry] : wanted) {
+      telemetry::SamplingPolicy policy;
+      const json t = entry.value("telemetry", json::object());
+      if (t.is_object()) {
+        if (t.contains("sample") && t["sample"].is_number()) policy.sample = t["sample"];
+        if (t.contains("on_anomaly") && t["on_anomaly"].is_number()) {
+          policy.on_anomaly = t["on_anomaly"];
+        }
+      }
+      policies[name] = policy;
+    }
+    telemetry_->set_policies(std::move(policies));
   }
   for (auto& [name, entry] : wanted) {
     auto& rt = deployments_[name];
@@ -413,6 +478,8 @@ void Agent::reconcile_one(Runtime& rt) {
   if (!save_pointers(rt)) return;
   spdlog::info("deployment {}: activated {} (previous {})", rt.name, key,
                p.previous.empty() ? "none" : p.previous);
+  record_event(rt.name, revision_of_key(key), "activate",
+               p.previous.empty() ? "" : "previous " + p.previous);
   if (fetcher_) {
     for (const auto& digest : needed_artifacts(rt.entry)) fetcher_->forget(digest);
   }
@@ -501,12 +568,20 @@ void Agent::ensure_running(Runtime& rt, const std::string& key) {
   spec.cgroup_parent = options_.cgroup_parent;
   // A process a crashed agent left behind would hold the port and double the work.
   Supervisor::kill_leftover(spec.log_dir);
-  auto process =
-      std::make_unique<Supervisor>(std::move(spec), [this](const WorkloadEvent&) { post([] {}); });
+  const int64_t revision = entry->value("revision", static_cast<int64_t>(0));
+  auto seen = std::make_shared<WorkloadEvent>();  // the last event, on the supervisor's thread
+  auto process = std::make_unique<Supervisor>(
+      std::move(spec),
+      [this, sink = telemetry_.get(), seen, name = rt.name, revision](const WorkloadEvent& ev) {
+        workload_events(sink, name, revision, *seen, ev);
+        *seen = ev;
+        post([] {});
+      });
   if (auto started = process->start(); !started) {
     fail_revision(rt, started.error().message);
     return;
   }
+  record_event(rt.name, revision, "start", "");
   rt.process = std::move(process);
   rt.process_key = key;
   rt.process_started = now_ms();
@@ -620,6 +695,7 @@ void Agent::fail_revision(Runtime& rt, const std::string& reason) {
   stop_process(rt);
   if (p.trial && !p.previous.empty() && rt.dir.prepared(p.previous)) {
     spdlog::error("deployment {}: {} {}; rolling back to {}", rt.name, failed, reason, p.previous);
+    record_event(rt.name, revision_of_key(failed), "rollback", reason + "; back to " + p.previous);
     p.failed[failed] = reason;
     p.current = p.previous;
     p.previous.clear();
@@ -641,6 +717,7 @@ void Agent::fail_revision(Runtime& rt, const std::string& reason) {
   rt.phase = "failed";
   rt.message = reason + " (trying again in " + format_duration_ms(delay) + ")";
   spdlog::error("deployment {}: {}", rt.name, rt.message);
+  record_event(rt.name, revision_of_key(failed.empty() ? rt.target : failed), "failed", reason);
 }
 
 void Agent::stop_process(Runtime& rt) {
@@ -773,7 +850,18 @@ json Agent::status() const {
     out = snapshot_;
   }
   if (outbox_) out["status_queued"] = outbox_->pending();  // live: the sender moves on its own
+  if (telemetry_) {
+    json t = telemetry_->stats_json();
+    out["telemetry"] = {
+        {"buffered_records", t["buffer"]["records"]},   {"buffer_bytes", t["buffer"]["used_bytes"]},
+        {"acked_seq", t["buffer"]["acked_seq"]},        {"dropped", t["dropped"]},
+        {"batches_sent", t["shipper"]["batches_sent"]}, {"last_error", t["last_error"]}};
+  }
   return out;
+}
+
+json Agent::telemetry_status() const {
+  return telemetry_ ? telemetry_->stats_json() : json::object();
 }
 
 }  // namespace outpost::agent

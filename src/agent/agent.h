@@ -21,6 +21,8 @@
 #include "agent/status/outbox.h"
 #include "agent/supervise/supervisor.h"
 #include "agent/sync/desired_sync.h"
+#include "agent/telemetry/pipeline.h"
+#include "common/clock.h"
 #include "common/error.h"
 
 namespace outpost::http {
@@ -46,6 +48,7 @@ struct AgentOptions {
   int inference_threads = 1;  // ONNX Runtime intra-op threads per inference
   // Loads model files for serving; empty = ONNX Runtime (tests swap in a fake).
   serve::SessionLoader session_loader;
+  telemetry::TelemetryOptions telemetry;
 };
 
 class Agent {
@@ -62,6 +65,8 @@ class Agent {
 
   // What GET /v1/status answers (thread-safe).
   nlohmann::json status() const;
+  // What GET /v1/telemetry answers (thread-safe).
+  nlohmann::json telemetry_status() const;
 
  private:
   struct Runtime;
@@ -76,6 +81,9 @@ class Agent {
   void check_current(Runtime& rt);
   void fail_revision(Runtime& rt, const std::string& reason);
   void stop_process(Runtime& rt);
+  // A workload event for the telemetry buffer (never sampled away).
+  void record_event(const std::string& deployment, int64_t revision, const std::string& event,
+                    const std::string& message);
   void collect_garbage();
   Status save_pointers(Runtime& rt);
   nlohmann::json deployment_report(const Runtime& rt) const;
@@ -90,6 +98,9 @@ class Agent {
   std::unique_ptr<DesiredSync> sync_;
   std::unique_ptr<StatusOutbox> outbox_;
   std::unique_ptr<serve::ModelServer> models_;
+  SystemClock clock_;
+  // After models_ (its aggregator reads their numbers until it stops).
+  std::unique_ptr<telemetry::Pipeline> telemetry_;
   std::unique_ptr<http::Router> router_;
   std::unique_ptr<http::HttpServer> http_;
 

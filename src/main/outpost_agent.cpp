@@ -82,7 +82,9 @@ int main(int argc, char** argv) {
       "outpost-agent"};
   app.set_version_flag("--version", std::string("outpost-agent ") + outpost::agent::kAgentVersion);
   std::string server, token, data, site, listen = "127.0.0.1:7410", rate, budget, ca_file, cgroup,
-                                         log_level = "info", status_period = "60s";
+                                         log_level = "info", status_period = "60s",
+                                         telemetry_buffer = "64M", telemetry_interval = "60s",
+                                         telemetry_flush = "5s", telemetry_rate = "32K";
   std::vector<std::string> labels;
   int parallel = 2;
   int serve_threads = 2, inference_threads = 1;
@@ -115,6 +117,18 @@ int main(int argc, char** argv) {
   app.add_option("--onnxruntime", onnxruntime,
                  "Path of libonnxruntime.so.1 (default: $OUTPOST_ONNXRUNTIME, else the one the "
                  "build found); opened only when a model is served");
+  app.add_option("--telemetry-buffer", telemetry_buffer,
+                 "Most disk the telemetry buffer may use (oldest raw samples go first), >= 256K")
+      ->capture_default_str();
+  app.add_option("--telemetry-interval", telemetry_interval,
+                 "Telemetry interval: aggregates, health, shipping (e.g. 60s, 500ms)")
+      ->capture_default_str();
+  app.add_option("--telemetry-flush", telemetry_flush,
+                 "How often counts of the open interval are saved (a crash loses at most this)")
+      ->capture_default_str();
+  app.add_option("--telemetry-rate", telemetry_rate,
+                 "Cap on telemetry upload (compressed bytes per second), e.g. 32K")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
   std::string output = "text";
@@ -159,6 +173,34 @@ int main(int argc, char** argv) {
   if (!period || *period <= 0)
     return fail(kExitUsage, "--status-period: expected a duration like 60s");
   options.status_period_ms = *period;
+  auto buffer_bytes = outpost::parse_size_bytes(telemetry_buffer);
+  if (!buffer_bytes) {
+    return fail(kExitUsage,
+                "--telemetry-buffer: expected a size like 64M, got \"" + telemetry_buffer + "\"");
+  }
+  if (*buffer_bytes < outpost::agent::telemetry::kMinBufferBytes) {
+    return fail(kExitUsage, "--telemetry-buffer: " + telemetry_buffer +
+                                " is too small; the buffer needs at least 256K");
+  }
+  options.telemetry.buffer_bytes = *buffer_bytes;
+  auto interval = outpost::parse_duration_ms(telemetry_interval);
+  if (!interval || *interval <= 0) {
+    return fail(kExitUsage, "--telemetry-interval: expected a duration like 60s or 500ms, got \"" +
+                                telemetry_interval + "\"");
+  }
+  options.telemetry.interval_ms = *interval;
+  auto flush = outpost::parse_duration_ms(telemetry_flush);
+  if (!flush || *flush <= 0) {
+    return fail(kExitUsage, "--telemetry-flush: expected a duration like 5s or 200ms, got \"" +
+                                telemetry_flush + "\"");
+  }
+  options.telemetry.flush_ms = std::min(*flush, *interval);
+  auto telemetry_bytes_per_s = outpost::parse_size_bytes(telemetry_rate);
+  if (!telemetry_bytes_per_s || *telemetry_bytes_per_s <= 0) {
+    return fail(kExitUsage, "--telemetry-rate: expected a size per second like 32K, got \"" +
+                                telemetry_rate + "\"");
+  }
+  options.telemetry.rate_bytes_per_s = *telemetry_bytes_per_s;
 
   auto identity = outpost::agent::load_identity(data);
   if (!identity && identity.error().code != outpost::Errc::kNotFound) {

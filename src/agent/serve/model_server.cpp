@@ -116,13 +116,14 @@ std::shared_ptr<ModelMetrics> ModelServer::metrics_for(const std::string& deploy
   return slot;
 }
 
-ModelServer::Loaded ModelServer::load(const std::string& deployment, const ModelRef& ref,
-                                      const std::string& role, const SessionOptions& options) {
+ModelServer::Loaded ModelServer::load(const ServiceConfig& config, const ModelRef& ref,
+                                      const std::string& role) {
   Loaded out;
   out.ref = ref;
-  out.metrics = metrics_for(deployment, ref, role);
-  const std::string what = deployment + " " + role + " " + ref.name + " " + ref.version;
-  auto session = loader_(ref.path, options);
+  out.metrics = metrics_for(config.deployment, ref, role);
+  out.metrics->set_revision(config.revision);
+  const std::string what = config.deployment + " " + role + " " + ref.name + " " + ref.version;
+  auto session = loader_(ref.path, config.session);
   if (!session) {
     out.error = session.error().message;
     spdlog::error("{}: cannot load: {}", what, out.error);
@@ -145,10 +146,8 @@ Result<std::string> ModelServer::activate(const ServiceConfig& config) {
   }
   auto service = std::make_shared<Service>();
   service->config = config;
-  service->primary = load(config.deployment, config.primary, "primary", config.session);
-  if (config.fallback) {
-    service->fallback = load(config.deployment, *config.fallback, "fallback", config.session);
-  }
+  service->primary = load(config, config.primary, "primary");
+  if (config.fallback) service->fallback = load(config, *config.fallback, "fallback");
   std::string note;
   if (!service->primary.session) {
     const bool fallback_ok = service->fallback && service->fallback->session;
@@ -232,6 +231,26 @@ http::Response ModelServer::metadata(const Service& service) const {
 
 http::Response ModelServer::infer(const Service& service, const std::string& body) {
   const auto started = std::chrono::steady_clock::now();
+  InferenceOutcome outcome;
+  const Loaded* served_by = &service.primary;
+  http::Response response = run_inference(service, body, outcome, served_by);
+  served_by->metrics->count_served();
+  if (observer_) {
+    outcome.deployment = service.config.deployment;
+    outcome.revision = service.config.revision;
+    outcome.model = served_by->ref.name;
+    outcome.version = served_by->ref.version;
+    outcome.role = served_by == &service.primary ? "primary" : "fallback";
+    outcome.latency_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+    observer_(outcome);
+  }
+  return response;
+}
+
+http::Response ModelServer::run_inference(const Service& service, const std::string& body,
+                                          InferenceOutcome& outcome, const Loaded*& served_by) {
+  const auto started = std::chrono::steady_clock::now();
   auto elapsed = [&] {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   };
@@ -247,6 +266,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
         parse_infer_request(body, primary.session->inputs(), primary.session->outputs(), limits_);
     if (!request) {
       primary.metrics->count_invalid();
+      outcome.outcome = "invalid";
       return protocol_error(400, request.error());
     }
     primary.metrics->observe_inputs(request->inputs);
@@ -260,6 +280,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
         primary.metrics->observe_latency(elapsed());
         json params = json::object();
         if (primary_confidence) params["confidence"] = *primary_confidence;
+        outcome.confidence = primary_confidence;
         return http::Response::json(
             200, encode_infer_response(primary.ref.name, primary.ref.version, request->id, *outputs,
                                        params));
@@ -273,6 +294,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
       reason = "the primary failed: " + outputs.error().message;
       if (!service.fallback || !service.fallback->session) {
         primary.metrics->observe_latency(elapsed());
+        outcome.outcome = "error";
         return protocol_error(500, outputs.error());
       }
       parsed = std::move(*request);
@@ -283,6 +305,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
   }
 
   if (!service.fallback || !service.fallback->session) {
+    outcome.outcome = "error";
     return protocol_error(503, Error{Errc::kUnavailable, "no model can answer: " + reason, ""});
   }
   const Loaded& fb = *service.fallback;
@@ -300,11 +323,14 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
     json params = {
         {"confidence", *primary_confidence},
         {"fallback_error", "the fallback cannot take this request: " + request.error().describe()}};
+    outcome.confidence = primary_confidence;
     return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
                                                            id, primary_answer, params));
   }
+  served_by = &fb;
   if (!request) {
     fb.metrics->count_invalid();
+    outcome.outcome = "invalid";
     return protocol_error(400, request.error());
   }
   fb.metrics->observe_inputs(request->inputs);
@@ -315,16 +341,21 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
       // The primary did answer, only with low confidence: better that than nothing.
       json params = {{"confidence", *primary_confidence},
                      {"fallback_error", outputs.error().message}};
+      served_by = &primary;
+      outcome.confidence = primary_confidence;
       return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
                                                              request->id, primary_answer, params));
     }
+    outcome.outcome = "error";
     return protocol_error(500, outputs.error().with_context("the fallback failed"));
   }
   json params = {{"fallback", true}, {"fallback_reason", reason}};
   if (auto c = answer_confidence(*outputs)) {
     params["confidence"] = *c;
     fb.metrics->observe_confidence(*c);
+    outcome.confidence = c;
   }
+  outcome.outcome = "fallback";
   fb.metrics->observe_latency(elapsed());
   return http::Response::json(
       200, encode_infer_response(fb.ref.name, fb.ref.version, request->id, *outputs, params));
@@ -450,6 +481,18 @@ json ModelServer::metrics_json() const {
   std::lock_guard lock(mu_);
   json out = json::array();
   for (const auto& [key, m] : metrics_) out.push_back(m->to_json());
+  return out;
+}
+
+std::vector<MetricsSnapshot> ModelServer::metrics_snapshots() const {
+  std::vector<std::shared_ptr<ModelMetrics>> list;
+  {
+    std::lock_guard lock(mu_);
+    for (const auto& [key, m] : metrics_) list.push_back(m);
+  }
+  std::vector<MetricsSnapshot> out;
+  out.reserve(list.size());
+  for (const auto& m : list) out.push_back(m->snapshot());
   return out;
 }
 

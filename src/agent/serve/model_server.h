@@ -13,11 +13,13 @@
 // from the HTTP threads.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -48,6 +50,22 @@ struct ServiceConfig {
   SessionOptions session;
 };
 
+// What one call to infer came to, for the telemetry sampler: the version and role whose answer
+// (or error) went back, and how it went.
+struct InferenceOutcome {
+  std::string deployment;
+  int64_t revision = 0;
+  std::string model;
+  std::string version;
+  std::string role = "primary";
+  double latency_s = 0;
+  std::optional<double> confidence;  // of the answer that went back, when it has one
+  // "ok" (the primary's answer), "fallback" (the fallback's answer), "error" (5xx: the model
+  // failed or none could answer), "invalid" (4xx: a malformed request).
+  std::string outcome = "ok";
+};
+using InferenceObserver = std::function<void(const InferenceOutcome&)>;
+
 class ModelServer {
  public:
   explicit ModelServer(SessionLoader loader, ProtocolLimits limits = {});
@@ -67,6 +85,10 @@ class ModelServer {
   // The revision a deployment serves now, if any.
   std::optional<int64_t> serving_revision(const std::string& deployment) const;
 
+  // Called once per inference, on the HTTP thread that ran it, after the answer is built; it
+  // must be cheap (no disk I/O). Set once, before the first request.
+  void set_observer(InferenceObserver observer) { observer_ = std::move(observer); }
+
   // Answers the paths listed above; nullopt for any other path (the caller's 404).
   std::optional<http::Response> handle(const http::Request& request);
 
@@ -76,6 +98,8 @@ class ModelServer {
   nlohmann::json services(const std::string& base_url) const;
   // Every model version's metrics, including versions no longer served (their counters stay).
   nlohmann::json metrics_json() const;
+  // Every model version's numbers as structured values (for the telemetry aggregator).
+  std::vector<MetricsSnapshot> metrics_snapshots() const;
   // Prometheus text for GET /metrics.
   std::string prometheus() const;
 
@@ -93,18 +117,21 @@ class ModelServer {
   };
   using ServicePtr = std::shared_ptr<const Service>;
 
-  Loaded load(const std::string& deployment, const ModelRef& ref, const std::string& role,
-              const SessionOptions& options);
+  Loaded load(const ServiceConfig& config, const ModelRef& ref, const std::string& role);
   std::shared_ptr<ModelMetrics> metrics_for(const std::string& deployment, const ModelRef& ref,
                                             const std::string& role);
   ServicePtr find_by_route(const std::string& route) const;
   ServicePtr find_by_name(const std::string& name) const;
   http::Response infer(const Service& service, const std::string& body);
+  // infer() without the bookkeeping: says who answered and how in `outcome` / `served_by`.
+  http::Response run_inference(const Service& service, const std::string& body,
+                               InferenceOutcome& outcome, const Loaded*& served_by);
   http::Response metadata(const Service& service) const;
   static http::Response ready(const Service& service);
 
   SessionLoader loader_;
   ProtocolLimits limits_;
+  InferenceObserver observer_;
   mutable std::mutex mu_;
   std::map<std::string, ServicePtr> services_;  // by deployment; guarded by mu_
   // "<deployment>\n<model>\n<version>\n<role>" -> metrics; guarded by mu_

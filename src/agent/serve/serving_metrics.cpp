@@ -177,9 +177,32 @@ json ModelMetrics::to_json() const {
           {"errors", errors()},
           {"invalid_requests", invalid()},
           {"fallbacks", fallbacks()},
+          {"served", served()},
           {"latency_seconds", histogram_json(latency_.snapshot())},
           {"confidence", histogram_json(confidence_.snapshot())},
           {"inputs", std::move(inputs)}};
+}
+
+MetricsSnapshot ModelMetrics::snapshot() const {
+  MetricsSnapshot s;
+  s.deployment = deployment_;
+  s.model = model_;
+  s.version = version_;
+  s.role = role_;
+  s.revision = revision();
+  s.requests = requests();
+  s.served = served();
+  s.errors = errors();
+  s.invalid = invalid();
+  s.fallbacks = fallbacks();
+  s.latency = latency_.snapshot();
+  s.confidence = confidence_.snapshot();
+  std::lock_guard lock(mu_);
+  for (size_t k = 0; k < features_.size(); ++k) {
+    s.inputs.push_back(
+        {features_[k].first, static_cast<bool>(aggregated_[k]), features_[k].second});
+  }
+  return s;
 }
 
 void ModelMetrics::append_prometheus(std::string& out) const {

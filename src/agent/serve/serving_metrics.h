@@ -49,6 +49,24 @@ struct RunningStats {
   double variance() const { return n > 1 ? m2 / static_cast<double>(n - 1) : 0.0; }
 };
 
+// One input's feature statistics; `aggregated`: one statistic over all values (feature "*").
+struct InputFeatureStats {
+  std::string input;
+  bool aggregated = false;
+  std::vector<RunningStats> features;  // by position in a row, or one when aggregated
+};
+
+// A model version's cumulative numbers at one moment, for the telemetry aggregator (which
+// takes deltas between two of them). Each counter is read atomically, not all together.
+struct MetricsSnapshot {
+  std::string deployment, model, version, role;
+  int64_t revision = 0;  // the revision that last loaded this version
+  uint64_t requests = 0, served = 0, errors = 0, invalid = 0, fallbacks = 0;
+  Histogram::Snapshot latency;
+  Histogram::Snapshot confidence;
+  std::vector<InputFeatureStats> inputs;
+};
+
 // Inputs whose rows have more values than this are summarised by one statistic over all their
 // values (feature "*") instead of one per position (an audio frame is not 512 features).
 inline constexpr size_t kMaxTrackedFeatures = 64;
@@ -62,6 +80,10 @@ class ModelMetrics {
   void count_error() { errors_.fetch_add(1, std::memory_order_relaxed); }
   void count_invalid() { invalid_.fetch_add(1, std::memory_order_relaxed); }
   void count_fallback() { fallbacks_.fetch_add(1, std::memory_order_relaxed); }
+  // The request's answer (or error) came from this version: exactly one version of a
+  // deployment counts each request here, so served sums to the deployment's requests.
+  void count_served() { served_.fetch_add(1, std::memory_order_relaxed); }
+  void set_revision(int64_t revision) { revision_.store(revision, std::memory_order_relaxed); }
   void observe_latency(double seconds) { latency_.observe(seconds); }
   void observe_confidence(double confidence) { confidence_.observe(confidence); }
   // Per input, per feature (the position in a row; rows are along the first dimension).
@@ -72,9 +94,12 @@ class ModelMetrics {
   uint64_t errors() const { return errors_.load(std::memory_order_relaxed); }
   uint64_t fallbacks() const { return fallbacks_.load(std::memory_order_relaxed); }
   uint64_t invalid() const { return invalid_.load(std::memory_order_relaxed); }
+  uint64_t served() const { return served_.load(std::memory_order_relaxed); }
+  int64_t revision() const { return revision_.load(std::memory_order_relaxed); }
+  MetricsSnapshot snapshot() const;
 
   // {"deployment","model","version","role","requests","errors","invalid_requests","fallbacks",
-  //  "latency_seconds":{"count","sum","p50","p95","p99","buckets":[[le,count]..]},
+  //  "served", "latency_seconds":{"count","sum","p50","p95","p99","buckets":[[le,count]..]},
   //  "confidence":{..same..}, "inputs":{"<input>":{"<feature>":{"n","mean","variance"}}}}
   nlohmann::json to_json() const;
   // Appends this version's series in Prometheus text format (no HELP/TYPE lines; see
@@ -90,7 +115,8 @@ class ModelMetrics {
   std::string labels() const;
 
   std::string deployment_, model_, version_, role_;
-  std::atomic<uint64_t> requests_{0}, errors_{0}, invalid_{0}, fallbacks_{0};
+  std::atomic<uint64_t> requests_{0}, errors_{0}, invalid_{0}, fallbacks_{0}, served_{0};
+  std::atomic<int64_t> revision_{0};
   Histogram latency_;
   Histogram confidence_;
   mutable std::mutex mu_;
