@@ -81,10 +81,10 @@ int main(int argc, char** argv) {
       "What it runs: outpost-agent status [--listen ADDR]",
       "outpost-agent"};
   app.set_version_flag("--version", std::string("outpost-agent ") + outpost::agent::kAgentVersion);
-  std::string server, token, data, site, listen = "127.0.0.1:7410", rate, budget, ca_file, cgroup,
-                                         log_level = "info", status_period = "60s",
-                                         telemetry_buffer = "64M", telemetry_interval = "60s",
-                                         telemetry_flush = "5s", telemetry_rate = "32K";
+  std::string server, token, data, site,
+      listen = "127.0.0.1:7410", rate, budget, ca_file, cgroup, log_level = "info",
+      status_period = "60s", telemetry_buffer = "64M", telemetry_interval = "60s",
+      telemetry_flush = "5s", telemetry_rate = "32K", telemetry_batch = "256K";
   std::vector<std::string> labels;
   int parallel = 2;
   int serve_threads = 2, inference_threads = 1;
@@ -128,6 +128,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--telemetry-rate", telemetry_rate,
                  "Cap on telemetry upload (compressed bytes per second), e.g. 32K")
+      ->capture_default_str();
+  app.add_option("--telemetry-batch", telemetry_batch,
+                 "Most record JSON in one upload before compression (smaller for flaky links), "
+                 "4K..4M")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
@@ -201,6 +205,12 @@ int main(int argc, char** argv) {
                                 telemetry_rate + "\"");
   }
   options.telemetry.rate_bytes_per_s = *telemetry_bytes_per_s;
+  auto batch_bytes = outpost::parse_size_bytes(telemetry_batch);
+  if (!batch_bytes || *batch_bytes < 4096 || *batch_bytes > (4 << 20)) {
+    return fail(kExitUsage, "--telemetry-batch: expected a size from 4K to 4M, got \"" +
+                                telemetry_batch + "\"");
+  }
+  options.telemetry.max_batch_json = *batch_bytes;
 
   auto identity = outpost::agent::load_identity(data);
   if (!identity && identity.error().code != outpost::Errc::kNotFound) {

@@ -110,6 +110,86 @@ class TelemetryE2E : public ::testing::Test {
     return {r->status, json::parse(r->body, nullptr, false)};
   }
 
+  // Pushes a generated classifier and applies a model-only deployment `app` with the telemetry
+  // policy given, then waits until the agent serves it.
+  void deploy(const json& telemetry_policy) {
+    std::string file = root_ + "/m.onnx";
+    std::ofstream(file, std::ios::binary) << onnx::build_classifier_onnx({});
+    auto r = server_->cli({"model", "push", "m", "1.0.0", "--variant", "accelerator=cpu=" + file});
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    json manifest = {{"apiVersion", "outpost/v1"},
+                     {"kind", "Deployment"},
+                     {"metadata", {{"name", "app"}}},
+                     {"spec",
+                      {{"selector", {{"sites", {"plant-1"}}}},
+                       {"model", {{"name", "m"}, {"version", "1.0.0"}}},
+                       {"telemetry", telemetry_policy}}}};
+    r = server_->cli({"apply", "-f", "-"}, manifest.dump());
+    ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+    json last;
+    ASSERT_TRUE(agent_->wait_for(
+        [](const json& s) {
+          for (const auto& d : s.value("deployments", json::array())) {
+            if (d.value("name", "") == "app" && d.value("phase", "") == "running") return true;
+          }
+          return false;
+        },
+        60, &last))
+        << last.dump();
+  }
+
+  // `n` inferences on the agent's route; every one must be answered.
+  void infer(int n) {
+    HttpClient client(agent_->url(), "");
+    const std::string body = json{{"inputs",
+                                   {{{"name", "input"},
+                                     {"datatype", "FP32"},
+                                     {"shape", {1, 4}},
+                                     {"data", {0.5, -1, 2, 0.25}}}}}}
+                                 .dump();
+    for (int i = 0; i < n; ++i) {
+      auto r = client.request("POST", "/models/app/infer", body);
+      ASSERT_TRUE(r.has_value() && r->status == 200) << (r ? r->body : r.error().describe());
+    }
+  }
+
+  // The agent's GET /v1/telemetry (null when it does not answer).
+  json agent_telemetry() const {
+    HttpClient client(agent_->url(), "");
+    auto r = client.request("GET", "/v1/telemetry");
+    if (!r || r->status != 200) return nullptr;
+    return json::parse(r->body, nullptr, false);
+  }
+
+  // Polls until `done` holds for the agent's telemetry stats; false after timeout_s.
+  bool wait_telemetry(const std::function<bool(const json&)>& done, int timeout_s, json* last) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+    while (std::chrono::steady_clock::now() < deadline) {
+      *last = agent_telemetry();
+      if (last->is_object() && done(*last)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return false;
+  }
+
+  // The server's view of one device (`outpost device show ID -o json`).
+  json device_telemetry(const std::string& id) {
+    auto r = server_->cli({"device", "show", id, "-o", "json"});
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.json().value("telemetry", json());
+  }
+
+  // Sum of a query's aggregate field over the fleet (`outpost telemetry query`).
+  double query(const std::string& metric, const std::string& field,
+               const std::vector<std::string>& extra = {}) {
+    std::vector<std::string> args = {"telemetry", "query", metric, "--since", "1h", "-o", "json"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    auto r = server_->cli(args);
+    EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+    json doc = r.json();
+    return doc["aggregate"].value(field, -1.0);
+  }
+
   double served_total(const std::string& deployment) {
     return prometheus_sum(server_metrics(*server_), "outpost_inference_requests_total",
                           {"deployment=\"" + deployment + "\""});
@@ -191,6 +271,144 @@ TEST_F(TelemetryE2E, MalformedTruncatedOversizedAndReplayedBatchesLeaveTheStoreC
                          "--since", "30d", "-o", "json"});
   ASSERT_EQ(q.exit_code, 0) << q.out << q.err;
   EXPECT_NE(q.out.find("22"), std::string::npos) << q.out;
+}
+
+// The "done when": inferences served while the server is down, a kill -9 of the agent
+// with the backlog on disk, and another in the middle of shipping it; when everything has
+// drained, every inference is counted once, every sampled inference is stored once, and the
+// server holds exactly the records the agent numbered.
+TEST_F(TelemetryE2E, ServedWhileOfflineArrivesOnceAcrossKill9sInTheMiddleOfShipping) {
+  const std::vector<std::string> args = {
+      "--telemetry-interval", "1s", "--telemetry-flush", "200ms",
+      // Small, paced batches: the backlog takes several uploads, so a kill lands among them.
+      "--telemetry-batch", "8K", "--telemetry-rate", "6K"};
+  std::vector<std::string> first = {"--server", server_->url(), "--enroll-token", token(1)};
+  first.insert(first.end(), args.begin(), args.end());
+  agent_ = std::make_unique<AgentProcess>(root_ + "/agent");
+  agent_->start(first);
+  ASSERT_TRUE(agent_->running());
+  deploy({{"sample", 1.0}, {"on_anomaly", 1.0}});
+  const std::string id = agent_->device_id();
+
+  // 1. Online.
+  int sent = 100;
+  infer(sent);
+  json t;
+  ASSERT_TRUE(wait_telemetry([&](const json&) { return served_total("app") == sent; }, 30, &t))
+      << served_total("app") << " " << t.dump();
+
+  // 2. Server down: served and buffered on the device, then a crash with all of it on disk.
+  server_->stop();
+  infer(300);
+  sent += 300;
+  // Two intervals with no traffic: every count is in a closed aggregate record.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2'500));
+  t = agent_telemetry();
+  const int64_t offline_acked = t["buffer"].value("acked_seq", int64_t{0});
+  ASSERT_GT(t["buffer"].value("last_seq", int64_t{0}), offline_acked + 300) << t.dump();
+  agent_->stop(/*hard=*/true);
+  agent_->start(args);
+
+  // 3. Server back: kill -9 while the backlog is part way up.
+  server_->start();
+  ASSERT_TRUE(wait_telemetry(
+      [&](const json& s) { return s["buffer"].value("acked_seq", int64_t{0}) > offline_acked; }, 30,
+      &t))
+      << t.dump();
+  const int64_t acked_at_kill = t["buffer"].value("acked_seq", int64_t{0});
+  const int64_t last_at_kill = t["buffer"].value("last_seq", int64_t{0});
+  agent_->stop(/*hard=*/true);
+  EXPECT_LT(acked_at_kill, last_at_kill) << "the kill came after shipping ended: " << t.dump();
+  EXPECT_LT(served_total("app"), sent) << "the kill came after shipping ended";
+
+  // 4. Back for good, and a little more traffic.
+  agent_->start(args);
+  infer(50);
+  sent += 50;
+  ASSERT_TRUE(wait_telemetry(
+      [&](const json& s) {
+        return served_total("app") >= sent &&
+               s["buffer"].value("acked_seq", int64_t{0}) ==
+                   s["buffer"].value("last_seq", int64_t{-1}) &&
+               s["buffer"].value("samples_queued", int64_t{-1}) == 0;
+      },
+      60, &t))
+      << served_total("app") << " of " << sent << ": " << t.dump();
+  std::this_thread::sleep_for(std::chrono::milliseconds(1'500));  // nothing late doubles up
+  t = agent_telemetry();
+
+  // Every inference counted once, on /metrics and in a query.
+  EXPECT_DOUBLE_EQ(served_total("app"), sent);
+  EXPECT_DOUBLE_EQ(query("inference_requests", "sum", {"--deployment", "app"}), sent);
+  // Sampled at 1.0: every inference's sample stored once.
+  EXPECT_DOUBLE_EQ(query("sample_latency_seconds", "points", {"--deployment", "app"}), sent);
+  // One activation, once.
+  EXPECT_DOUBLE_EQ(query("events", "sum", {"--deployment", "app"}), 1);
+  // Nothing dropped, and the server holds exactly the records the agent numbered.
+  EXPECT_EQ(t["dropped"], json({{"samples", 0}, {"health", 0}, {"aggregates", 0}, {"events", 0}}))
+      << t.dump();
+  json server_view = device_telemetry(id);
+  const int64_t last_seq = t["buffer"].value("last_seq", int64_t{0});
+  EXPECT_EQ(server_view.value("acked_seq", int64_t{-1}), last_seq) << server_view.dump();
+  EXPECT_EQ(server_view.value("records", int64_t{-1}), last_seq) << server_view.dump();
+}
+
+// A flood far beyond the buffer's bound while the server is away: the files stay within the
+// bound, raw samples go first and are counted, and every aggregate still arrives.
+TEST_F(TelemetryE2E, AFloodBeyondTheBufferBoundDropsSamplesFirstAndReportsIt) {
+  constexpr int64_t kBound = 256 * 1024;
+  agent_ = std::make_unique<AgentProcess>(root_ + "/agent");
+  agent_->start({"--server", server_->url(), "--enroll-token", token(1), "--telemetry-buffer",
+                 "256K", "--telemetry-interval", "1s", "--telemetry-flush", "200ms"});
+  ASSERT_TRUE(agent_->running());
+  deploy({{"sample", 1.0}, {"on_anomaly", 1.0}});
+  const std::string id = agent_->device_id();
+
+  server_->stop();
+  // About 250 bytes of sample each: 12,000 of them are over ten times the bound.
+  constexpr int kRequests = 12'000;
+  int64_t largest = 0;
+  for (int i = 0; i < kRequests / 1000; ++i) {
+    infer(1000);
+    int64_t files = 0;
+    for (const char* f : {"/telemetry.db", "/telemetry.db-wal"}) {
+      struct stat st {};
+      if (::stat((agent_->data_dir() + f).c_str(), &st) == 0) files += st.st_size;
+    }
+    largest = std::max(largest, files);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(2'000));
+  json t = agent_telemetry();
+  ASSERT_TRUE(t.is_object());
+  const int64_t dropped_samples = t["dropped"].value("samples", int64_t{0});
+  EXPECT_GT(dropped_samples, kRequests / 2) << t.dump();
+  EXPECT_EQ(t["dropped"].value("aggregates", int64_t{-1}), 0) << t.dump();
+  EXPECT_EQ(t["dropped"].value("events", int64_t{-1}), 0) << t.dump();
+  EXPECT_LE(t["buffer"].value("used_bytes", kBound * 10), kBound) << t.dump();
+  // The files on disk: the bound plus the WAL's small, fixed allowance.
+  EXPECT_LE(largest, 2 * kBound) << t.dump();
+
+  server_->start();
+  ASSERT_TRUE(wait_telemetry(
+      [&](const json& s) {
+        return s["buffer"].value("acked_seq", int64_t{0}) ==
+                   s["buffer"].value("last_seq", int64_t{-1}) &&
+               served_total("app") >= kRequests;
+      },
+      60, &t))
+      << t.dump();
+  // Every aggregate arrived: each inference counted once despite the drops.
+  EXPECT_DOUBLE_EQ(served_total("app"), kRequests);
+  // The drops are reported upstream, as the device counted them.
+  json server_view = device_telemetry(id);
+  EXPECT_EQ(server_view["dropped_by_class"].value("samples", int64_t{-1}),
+            t["dropped"].value("samples", int64_t{-2}))
+      << server_view.dump();
+  EXPECT_GT(prometheus_sum(server_metrics(*server_), "outpost_telemetry_dropped_total",
+                           {"class=\"samples\""}),
+            0);
+  auto list = server_->cli({"device", "list"});
+  EXPECT_NE(list.out.find("dropped"), std::string::npos) << list.out;
 }
 
 }  // namespace

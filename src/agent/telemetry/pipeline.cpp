@@ -13,6 +13,7 @@ Shipper::Options shipper_options(const TelemetryOptions& o) {
   Shipper::Options s;
   s.interval_ms = o.interval_ms;
   s.rate_bytes_per_s = o.rate_bytes_per_s;
+  s.max_batch_json = o.max_batch_json;
   s.retry_initial_ms = o.retry_initial_ms;
   s.retry_max_ms = o.retry_max_ms;
   return s;

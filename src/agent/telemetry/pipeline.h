@@ -31,7 +31,8 @@ struct TelemetryOptions {
   int64_t interval_ms = 60'000;
   int64_t flush_ms = 5'000;
   int64_t rate_bytes_per_s = 32 << 10;
-  uint64_t seed = 0;  // sampling PRNG; 0 = random
+  int64_t max_batch_json = 256 << 10;  // record JSON per batch, before compression
+  uint64_t seed = 0;                   // sampling PRNG; 0 = random
   int64_t anomaly_hold_ms = 30'000;
   int64_t retry_initial_ms = 1'000;
   int64_t retry_max_ms = 60'000;

@@ -14,6 +14,8 @@ nlohmann::json telemetry_summary(const store::TelemetryDeviceState* t) {
   const int64_t dropped =
       t->dropped.samples + t->dropped.health + t->dropped.aggregates + t->dropped.events;
   return {{"acked_seq", t->acked_seq},
+          {"batches", t->batches},
+          {"records", t->records},
           {"last_ingest_at", t->last_ingest_at},
           {"last_health_at", t->last_health_at},
           {"sync_lag_s", t->sync_lag_s ? nlohmann::json(*t->sync_lag_s) : nlohmann::json()},
