@@ -17,6 +17,7 @@ bool Sampler::Band::out_and_add(double x, bool upper, double min_sigma_abs, doub
         std::max({std::sqrt(std::max(var, 0.0)), min_sigma_abs, min_sigma_rel * std::abs(mean)});
     out = upper ? x > mean + kBandSigmas * sigma : x < mean - kBandSigmas * sigma;
   }
+  if (out) return true;
   if (n == 0) {
     mean = x;
     var = 0;
@@ -54,21 +55,42 @@ void Sampler::observe(const serve::InferenceOutcome& o) {
   const int64_t now = clock_.now_ms();
   std::lock_guard lock(mu_);
   Detector& d = detectors_[o.deployment];
-  const bool error = o.outcome == "error";
-  d.recent_errors.push_back(error);
-  d.errors += error ? 1 : 0;
-  if (d.recent_errors.size() > kWindow) {
-    d.errors -= d.recent_errors.front() ? 1 : 0;
-    d.recent_errors.pop_front();
-  }
-  bool anomalous =
-      d.errors >= kBurstErrors &&
-      static_cast<double>(d.errors) >= kBurstShare * static_cast<double>(d.recent_errors.size());
+  uint8_t flags = o.outcome == "error" ? kError : 0;
   // Errors and refusals say nothing about the model's speed or certainty.
   if (o.outcome == "ok" || o.outcome == "fallback") {
-    anomalous = d.latency.out_and_add(o.latency_s, true, 0.0, 0.05) || anomalous;
-    if (o.confidence) {
-      anomalous = d.confidence.out_and_add(*o.confidence, false, 0.02, 0.0) || anomalous;
+    if (d.latency.out_and_add(o.latency_s, true, 0.00025, 0.05)) flags |= kSlow;
+    if (o.confidence && d.confidence.out_and_add(*o.confidence, false, 0.02, 0.0)) {
+      flags |= kUnsure;
+    }
+  }
+  auto count = [&](uint8_t f, int step) {
+    d.errors += (f & kError) ? step : 0;
+    d.slow += (f & kSlow) ? step : 0;
+    d.unsure += (f & kUnsure) ? step : 0;
+  };
+  d.recent.push_back(flags);
+  count(flags, 1);
+  if (d.recent.size() > kWindow) {
+    count(d.recent.front(), -1);
+    d.recent.pop_front();
+  }
+  const double window = static_cast<double>(d.recent.size());
+  auto burst = [&](size_t n, double share) {
+    return n >= kBurstCount && static_cast<double>(n) >= share * window;
+  };
+  const bool anomalous = burst(d.errors, kBurstShare) || burst(d.slow, kOutlierShare) ||
+                         burst(d.unsure, kOutlierShare);
+  // A shift that fills most of a full window is the new normal: learn the band again.
+  if (d.recent.size() == kWindow) {
+    if (d.slow * 2 > kWindow) {
+      d.latency = Band{};
+      d.slow = 0;
+      for (auto& f : d.recent) f &= static_cast<uint8_t>(~kSlow);
+    }
+    if (d.unsure * 2 > kWindow) {
+      d.confidence = Band{};
+      d.unsure = 0;
+      for (auto& f : d.recent) f &= static_cast<uint8_t>(~kUnsure);
     }
   }
   if (anomalous) d.anomaly_until = now + options_.hold_ms;

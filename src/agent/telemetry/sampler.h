@@ -3,15 +3,17 @@
 // its recent band). Runs on the inference path, so it only touches memory: kept samples wait
 // in a bounded queue that the telemetry worker drains into the buffer.
 //
-// Anomaly rule, per deployment, over its inferences:
-//   - error burst: of the last kWindow outcomes, at least kBurstErrors are errors and they are
-//     at least kBurstShare of them;
-//   - latency above its band: after kWarmup inferences, latency > EWMA mean + 4 sigma (sigma at
-//     least 5% of the mean, so a perfectly steady model does not flag its first jitter);
-//   - confidence below its band: after kWarmup answers with a confidence, confidence < EWMA
-//     mean - 4 sigma (sigma at least 0.02).
-// The band moves with every observation (alpha 0.05), so a lasting shift becomes the new normal.
-// An anomaly holds until hold_ms after the last anomalous inference.
+// Anomaly rule, per deployment, over its last kWindow inferences:
+//   - error burst: at least kBurstCount of them are errors, and at least kBurstShare;
+//   - slow: at least kBurstCount (and kOutlierShare) had a latency above the band, EWMA mean
+//     + 4 sigma, sigma at least 0.25 ms and 5% of the mean (sub-millisecond jitter of a fast
+//     model is not an anomaly);
+//   - unsure: at least kBurstCount (and kOutlierShare) had a confidence under the band, EWMA
+//     mean - 4 sigma, sigma at least 0.02.
+// One slow or unsure answer is not an anomaly: tails are normal, a shift is not. Values out of
+// the band do not move it, so a shift stays visible; when most of a full window is out of it,
+// the shift is the new normal and the band starts again from there.
+// An anomaly holds until hold_ms after the last inference that found one.
 #pragma once
 
 #include <cstdint>
@@ -43,8 +45,9 @@ class Sampler {
     uint64_t seed = 0;           // 0: from std::random_device
   };
   static constexpr size_t kWindow = 50;
-  static constexpr size_t kBurstErrors = 5;
+  static constexpr size_t kBurstCount = 5;
   static constexpr double kBurstShare = 0.2;
+  static constexpr double kOutlierShare = 0.1;
   static constexpr uint64_t kWarmup = 30;
 
   Sampler(const Clock& clock, Options options);
@@ -69,12 +72,14 @@ class Sampler {
     uint64_t n = 0;
     double mean = 0;
     double var = 0;
-    // True when `x` is out of the band (above when `upper`, else below); then takes x in.
+    // True when `x` is out of the band (above when `upper`, else below); a value in the band
+    // (or any while warming up) is taken in.
     bool out_and_add(double x, bool upper, double min_sigma_abs, double min_sigma_rel);
   };
+  enum Flag : uint8_t { kError = 1, kSlow = 2, kUnsure = 4 };
   struct Detector {
-    std::deque<bool> recent_errors;  // last kWindow outcomes: true = error
-    size_t errors = 0;
+    std::deque<uint8_t> recent;  // flags of the last kWindow inferences
+    size_t errors = 0, slow = 0, unsure = 0;
     Band latency;
     Band confidence;
     int64_t anomaly_until = 0;  // ms; 0 = none yet
