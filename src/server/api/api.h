@@ -7,8 +7,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <boost/asio/thread_pool.hpp>
 #include <nlohmann/json.hpp>
@@ -53,6 +55,34 @@ struct TelemetryIngestCounters {
   std::atomic<uint64_t> refused_store{0};
 };
 
+// Group commit of telemetry uploads: batches that arrive while the store is writing the
+// previous group wait here and are then stored together, in one transaction (one fsync),
+// by one writer on the worker pool. Each upload is answered only after its transaction
+// committed, with its own outcome; a batch that fails fails alone (the store retries the
+// group batch by batch). Thread-safe.
+class TelemetryIngestQueue {
+ public:
+  using Done = std::function<void(Result<store::TelemetryIngestOutcome>)>;
+  struct Upload {
+    std::string device_id;
+    std::string site;
+    telemetry::Batch batch;
+    Done done;  // called once, on a worker thread
+  };
+
+  // Queues `upload`; starts a writer on `workers` unless one is running.
+  void submit(store::Store& store, const Clock& clock, boost::asio::thread_pool& workers,
+              Upload upload);
+
+ private:
+  // Stores queued groups until the queue is empty.
+  void write_groups(store::Store& store, const Clock& clock);
+
+  std::mutex mu_;
+  std::vector<Upload> queued_;  // guarded by mu_
+  bool writing_ = false;        // guarded by mu_: a writer is draining queued_
+};
+
 struct ApiContext {
   store::Store& store;
   registry::BlobStore& blobs;
@@ -65,6 +95,7 @@ struct ApiContext {
   std::string server_public_key_b64;
   int64_t long_poll_ms = 55'000;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
+  std::unique_ptr<TelemetryIngestQueue> telemetry_queue = std::make_unique<TelemetryIngestQueue>();
 };
 
 // A device counts as online when it was seen this recently (a healthy agent long-polls about

@@ -1,6 +1,7 @@
 // Telemetry: devices upload zstd batches (POST /api/v1/device/telemetry), operators query
 // them (GET /api/v1/telemetry/query), Prometheus scrapes the fleet's running totals (/metrics).
 #include <spdlog/spdlog.h>
+#include <boost/asio/post.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -21,20 +22,31 @@ nlohmann::json finite(double value) {
   return std::isfinite(value) ? nlohmann::json(value) : nlohmann::json();
 }
 
-Result<http::Response> post_telemetry(ApiContext& ctx, const http::Request& req,
-                                      const Caller& caller) {
+// At most this many batches in one transaction: bounds how long the store's lock is held.
+constexpr size_t kMaxIngestGroup = 256;
+
+// Checks and decodes an upload and queues it for the store (TelemetryIngestQueue); answers
+// through `respond` once it is stored, or at once when it is refused. Blocking: runs on a
+// worker.
+void post_telemetry(ApiContext& ctx, const http::Request& req, http::Responder respond) {
+  auto refuse = [&](const Error& error, int status = 0) {
+    http::Response resp = http::Response::error(error);
+    if (status != 0) resp.status = status;
+    respond(std::move(resp));
+  };
+  auto caller = authenticate_device(ctx, req);
+  if (!caller) return refuse(caller.error());
   TelemetryIngestCounters& counters = *ctx.telemetry;
   counters.bytes += req.body.size();
   std::string encoding = req.header("content-encoding");
   if (encoding != "zstd") {
     ++counters.refused_encoding;
-    http::Response resp = http::Response::error(
+    return refuse(
         Error{Errc::kInvalidArgument,
               "Content-Encoding: expected zstd (one zstd frame of the batch JSON), got \"" +
                   encoding + "\"",
-              "Content-Encoding"});
-    resp.status = 415;
-    return resp;
+              "Content-Encoding"},
+        415);
   }
   auto batch = telemetry::decode_batch(req.body);
   if (!batch) {
@@ -43,26 +55,31 @@ Result<http::Response> post_telemetry(ApiContext& ctx, const http::Request& req,
     } else {
       ++counters.refused_invalid;
     }
-    spdlog::debug("telemetry batch from {} refused: {}", caller.device_id, batch.error().message);
-    return make_error(batch.error().with_context("telemetry batch"));
+    spdlog::debug("telemetry batch from {} refused: {}", caller->device_id, batch.error().message);
+    return refuse(batch.error().with_context("telemetry batch"));
   }
-  auto device = ctx.store.get_device(caller.device_id);
-  if (!device) return make_error(device.error());
-  if (!*device) return make_error(Errc::kNotFound, "device " + caller.device_id + " is gone");
-  const int64_t now = ctx.clock.now_ms();
-  ctx.sessions.seen(caller.device_id, now);
-  auto outcome = ctx.store.ingest_telemetry(caller.device_id, (*device)->site, *batch, now);
-  if (!outcome) {
-    ++counters.refused_store;
-    return make_error(outcome.error());
-  }
-  ++counters.batches;
-  counters.records += static_cast<uint64_t>(outcome->stored);
-  counters.duplicates += static_cast<uint64_t>(outcome->duplicates);
-  counters.points += static_cast<uint64_t>(outcome->points);
-  return json_response(200, {{"acked", outcome->acked},
-                             {"stored", outcome->stored},
-                             {"duplicates", outcome->duplicates}});
+  auto device = ctx.store.get_device(caller->device_id);
+  if (!device) return refuse(device.error());
+  if (!*device) return refuse(Error{Errc::kNotFound, "device " + caller->device_id + " is gone"});
+  ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
+  TelemetryIngestQueue::Upload upload{caller->device_id, (*device)->site, std::move(*batch),
+                                      nullptr};
+  upload.done = [&counters,
+                 respond = std::move(respond)](Result<store::TelemetryIngestOutcome> outcome) {
+    if (!outcome) {
+      ++counters.refused_store;
+      respond(http::Response::error(outcome.error()));
+      return;
+    }
+    ++counters.batches;
+    counters.records += static_cast<uint64_t>(outcome->stored);
+    counters.duplicates += static_cast<uint64_t>(outcome->duplicates);
+    counters.points += static_cast<uint64_t>(outcome->points);
+    respond(json_response(200, {{"acked", outcome->acked},
+                                {"stored", outcome->stored},
+                                {"duplicates", outcome->duplicates}}));
+  };
+  ctx.telemetry_queue->submit(ctx.store, ctx.clock, ctx.workers, std::move(upload));
 }
 
 // The per-kind numbers of a merged set of points.
@@ -383,6 +400,57 @@ Result<nlohmann::json> deployment_fleet_summary(ApiContext& ctx, const std::stri
                         {"devices_reporting", requests->devices}};
 }
 
+void TelemetryIngestQueue::submit(store::Store& store, const Clock& clock,
+                                  boost::asio::thread_pool& workers, Upload upload) {
+  {
+    std::lock_guard lock(mu_);
+    queued_.push_back(std::move(upload));
+    if (writing_) return;  // the running writer takes it with its next group
+    writing_ = true;
+  }
+  boost::asio::post(workers, [this, &store, &clock] { write_groups(store, clock); });
+}
+
+void TelemetryIngestQueue::write_groups(store::Store& store, const Clock& clock) {
+  std::vector<Upload> group;
+  std::vector<store::TelemetryIngest> batches;
+  while (true) {
+    group.clear();
+    {
+      std::lock_guard lock(mu_);
+      if (queued_.empty()) {
+        writing_ = false;
+        return;
+      }
+      if (queued_.size() <= kMaxIngestGroup) {
+        group.swap(queued_);
+      } else {
+        const auto end = queued_.begin() + static_cast<std::ptrdiff_t>(kMaxIngestGroup);
+        group.assign(std::make_move_iterator(queued_.begin()), std::make_move_iterator(end));
+        queued_.erase(queued_.begin(), end);
+      }
+    }
+    batches.clear();
+    for (const Upload& u : group) batches.push_back({u.device_id, u.site, &u.batch});
+    // Answered only now, after the commit: a crash before it makes the agent send again,
+    // and the watermark turns the resent records into duplicates.
+    auto outcomes = [&]() -> Result<std::vector<Result<store::TelemetryIngestOutcome>>> {
+      try {
+        return store.ingest_telemetry_batches(batches, clock.now_ms());
+      } catch (const std::exception& e) {
+        return make_error(Errc::kInternal, std::string("storing telemetry: ") + e.what());
+      }
+    }();
+    for (size_t i = 0; i < group.size(); ++i) {
+      if (!outcomes) {
+        group[i].done(make_error(outcomes.error()));
+      } else {
+        group[i].done(std::move((*outcomes)[i]));
+      }
+    }
+  }
+}
+
 bool device_online(int64_t last_seen, int64_t now_ms) {
   return last_seen > 0 && now_ms - last_seen <= kOnlineWindowMs;
 }
@@ -390,7 +458,23 @@ bool device_online(int64_t last_seen, int64_t now_ms) {
 void register_telemetry_routes(http::Router& router, ApiContext& ctx) {
   http::RouteOptions upload;
   upload.body_limit = telemetry::kMaxCompressedBatch;
-  add_device_route(router, ctx, "POST", "/api/v1/device/telemetry", post_telemetry, upload);
+  router.add(
+      "POST", "/api/v1/device/telemetry",
+      [&ctx](http::Request&& req, http::Responder respond) {
+        boost::asio::post(ctx.workers, [&ctx, req = std::move(req),
+                                        respond = std::move(respond)]() mutable {
+          // Once queued, the upload owns `respond`; an exception before that answers here.
+          auto shared = std::make_shared<http::Responder>(std::move(respond));
+          try {
+            post_telemetry(ctx, req, [shared](http::Response resp) { (*shared)(std::move(resp)); });
+          } catch (const std::exception& e) {
+            spdlog::error("telemetry upload failed with an exception: {}", e.what());
+            (*shared)(http::Response::error(
+                Error{Errc::kInternal, std::string("internal error: ") + e.what()}));
+          }
+        });
+      },
+      upload);
   add_operator_route(router, ctx, "GET", "/api/v1/telemetry/query", Role::kViewer, query_telemetry);
 }
 

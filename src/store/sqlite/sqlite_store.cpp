@@ -662,6 +662,11 @@ Status SqliteStore::init(const std::string& path, std::span<const Migration> mig
   // Telemetry ingest writes all over the current hours of the points table: a page cache
   // that holds them saves a read per insert (SQLite's default is 2 MB). Grows only as used.
   OUTPOST_TRY(conn_.exec("PRAGMA cache_size = -262144"));
+  // Each telemetry point lands on its series' page, so a minute of a fleet's telemetry dirties
+  // a page or so per point: checkpointing every 1000 pages (the default) copied nearly every
+  // frame to the database again at each commit. 64 MiB of WAL lets a page written several
+  // times be copied once (store bench, 100 one-minute batches a transaction: about 2x).
+  OUTPOST_TRY(conn_.exec("PRAGMA wal_autocheckpoint = 16384"));
 
   conn_.set_operation("migrating store " + path);
   OUTPOST_TRY(

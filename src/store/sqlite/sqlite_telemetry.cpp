@@ -102,18 +102,39 @@ struct SqliteTelemetry::TotalsDelta {
   uint64_t latency_count = 0, confidence_count = 0;
   double latency_sum = 0, confidence_sum = 0;
   std::map<double, uint64_t> latency, confidence;
+
+  void add(const TotalsDelta& other) {
+    if (deployment.empty()) {
+      deployment = other.deployment;
+      model = other.model;
+      version = other.version;
+      role = other.role;
+    }
+    requests += other.requests;
+    served += other.served;
+    errors += other.errors;
+    invalid += other.invalid;
+    fallbacks += other.fallbacks;
+    latency_count += other.latency_count;
+    confidence_count += other.confidence_count;
+    latency_sum += other.latency_sum;
+    confidence_sum += other.confidence_sum;
+    for (const auto& [le, count] : other.latency) latency[le] += count;
+    for (const auto& [le, count] : other.confidence) confidence[le] += count;
+  }
 };
 
 // Borrows a prepared statement for one use: binds, steps, and resets it (clearing its
 // bindings) when it goes out of scope, so no read transaction stays open behind it.
 class SqliteTelemetry::Stmt {
  public:
-  explicit Stmt(sqlite3_stmt* stmt) : stmt_(stmt) {}
+  explicit Stmt(sqlite3_stmt* stmt, bool clear_bindings = true)
+      : stmt_(stmt), clear_bindings_(clear_bindings) {}
   Stmt(const Stmt&) = delete;
   Stmt& operator=(const Stmt&) = delete;
   ~Stmt() {
     sqlite3_reset(stmt_);
-    sqlite3_clear_bindings(stmt_);
+    if (clear_bindings_) sqlite3_clear_bindings(stmt_);
   }
   Stmt& i64(int index, int64_t value) {
     note(sqlite3_bind_int64(stmt_, index, value));
@@ -171,6 +192,7 @@ class SqliteTelemetry::Stmt {
     if (bind_rc_ == SQLITE_OK) bind_rc_ = rc;
   }
   sqlite3_stmt* stmt_;
+  bool clear_bindings_;
   int bind_rc_ = SQLITE_OK;
 };
 
@@ -233,20 +255,37 @@ Status SqliteTelemetry::exec(const char* sql) {
   }                                             \
   Stmt name(*name##_prepared)
 
-Result<int64_t> SqliteTelemetry::series_id(const SeriesKey& key) {
-  // Unit separators cannot occur in names the batch decoder accepts.
-  key_buffer_.clear();
-  for (std::string_view part : {key.device, key.site, key.metric, key.deployment}) {
-    key_buffer_.append(part);
-    key_buffer_.push_back('\x1f');
-  }
-  key_buffer_.append(std::to_string(key.revision));
-  for (std::string_view part : {key.model, key.version, key.role, key.detail}) {
-    key_buffer_.push_back('\x1f');
-    key_buffer_.append(part);
-  }
-  if (auto it = series_cache_.find(key_buffer_); it != series_cache_.end()) return it->second;
+Status SqliteTelemetry::run(std::string_view sql) {
+  auto stmt = prepared(sql);
+  if (!stmt) return make_error(stmt.error());
+  const int rc = sqlite3_step(*stmt);
+  sqlite3_reset(*stmt);
+  if (rc != SQLITE_DONE) return make_error(error(rc, "telemetry: " + std::string(sql)));
+  return ok();
+}
 
+size_t SqliteTelemetry::SeriesLabelsHash::operator()(const SeriesLabelsView& v) const {
+  const std::hash<std::string_view> h;
+  size_t seed = h(v.device);
+  auto mix = [&seed](size_t value) {
+    seed ^= value + 0x9e3779b97f4a7c15ULL + (seed << 6) + (seed >> 2);
+  };
+  mix(static_cast<size_t>(v.kind));
+  mix(static_cast<size_t>(v.revision));
+  for (std::string_view part : {v.site, v.deployment, v.model, v.version, v.role, v.detail}) {
+    if (!part.empty()) mix(h(part));
+  }
+  return seed;
+}
+
+SqliteTelemetry::SeriesSlots* SqliteTelemetry::series_slots(const SeriesLabelsView& labels) {
+  auto it = series_cache_.find(labels);
+  if (it == series_cache_.end())
+    it = series_cache_.emplace(SeriesLabels(labels), SeriesSlots{}).first;
+  return &it->second;
+}
+
+Status SqliteTelemetry::resolve_series(const SeriesKey& key, int64_t& slot) {
   int64_t id = 0;
   {
     OUTPOST_TELEMETRY_STMT(find,
@@ -286,24 +325,33 @@ Result<int64_t> SqliteTelemetry::series_id(const SeriesKey& key) {
     const int rc = insert.step();
     if (rc != SQLITE_DONE) return make_error(error(rc, "adding telemetry series"));
     id = sqlite3_last_insert_rowid(db_);
-    pending_series_.push_back(key_buffer_);
+    pending_series_.push_back(&slot);
   }
-  series_cache_.emplace(key_buffer_, id);
-  return id;
+  slot = id;
+  return ok();
 }
 
 Status SqliteTelemetry::insert_point(int64_t series, int64_t time, int64_t seq, double value,
                                      const telemetry::Histogram* histogram,
                                      int64_t rolled_up_hour) {
   const int64_t hour = hour_of(time);
+  if (insert_point_ == nullptr) {
+    auto stmt = prepared(
+        "INSERT INTO telemetry_points (hour, series_id, time, seq, value, sum, buckets)"
+        " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+    if (!stmt) return make_error(stmt.error());
+    insert_point_ = *stmt;
+  }
   {
-    OUTPOST_TELEMETRY_STMT(insert,
-                           "INSERT INTO telemetry_points (hour, series_id, time, seq, value, sum,"
-                           " buckets) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+    // Every parameter is bound on every use (6 and 7 to NULL for plain values), so the
+    // bindings need no clearing.
+    Stmt insert(insert_point_, /*clear_bindings=*/false);
     insert.i64(1, hour).i64(2, series).i64(3, time).i64(4, seq).real(5, value);
     if (histogram != nullptr) {
       encode_buckets(histogram->buckets, blob_buffer_);
       insert.real(6, histogram->sum).blob(7, blob_buffer_);
+    } else {
+      insert.null(6).null(7);
     }
     const int rc = insert.step();
     if (rc != SQLITE_DONE) return make_error(error(rc, "storing telemetry point"));
@@ -424,12 +472,103 @@ Status SqliteTelemetry::apply_totals(const std::map<std::string, TotalsDelta>& d
   return ok();
 }
 
+void SqliteTelemetry::forget_transaction() {
+  for (int64_t* slot : pending_series_) *slot = 0;
+  pending_series_.clear();
+  // Dropped rather than restored: the next batch of these devices reads its row again.
+  for (const auto& [id, row] : txn_devices_) devices_.erase(id);
+  txn_devices_.clear();
+}
+
+Result<SqliteTelemetry::DeviceRow*> SqliteTelemetry::device_row(const std::string& device_id) {
+  if (auto it = txn_devices_.find(device_id); it != txn_devices_.end()) return &it->second;
+  DeviceRow row;
+  if (auto it = devices_.find(device_id); it != devices_.end()) {
+    row = it->second;
+  } else {
+    OUTPOST_TELEMETRY_STMT(read,
+                           "SELECT acked_seq, dropped_samples, dropped_health, dropped_aggregates,"
+                           " dropped_events, last_ingest_at, last_health_at, sync_lag_s, batches,"
+                           " records FROM telemetry_devices WHERE device_id = ?1");
+    read.text(1, device_id);
+    const int rc = read.step();
+    if (rc == SQLITE_ROW) {
+      row.exists = true;
+      row.acked_seq = read.col_i64(0);
+      row.dropped = telemetry::DropCounts{.samples = read.col_i64(1),
+                                          .health = read.col_i64(2),
+                                          .aggregates = read.col_i64(3),
+                                          .events = read.col_i64(4)};
+      row.last_ingest_at = read.col_i64(5);
+      row.last_health_at = read.col_i64(6);
+      if (!read.col_null(7)) row.sync_lag_s = read.col_real(7);
+      row.batches = read.col_i64(8);
+      row.records = read.col_i64(9);
+    } else if (rc != SQLITE_DONE) {
+      return make_error(error(rc, "reading telemetry watermark"));
+    }
+  }
+  return &txn_devices_.emplace(device_id, row).first->second;
+}
+
+Status SqliteTelemetry::write_device_rows() {
+  for (const auto& [id, row] : txn_devices_) {
+    if (!row.dirty) continue;
+    OUTPOST_TELEMETRY_STMT(
+        write,
+        "INSERT OR REPLACE INTO telemetry_devices (device_id, acked_seq, dropped_samples,"
+        " dropped_health, dropped_aggregates, dropped_events, last_ingest_at, last_health_at,"
+        " sync_lag_s, batches, records) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)");
+    write.text(1, id)
+        .i64(2, row.acked_seq)
+        .i64(3, row.dropped.samples)
+        .i64(4, row.dropped.health)
+        .i64(5, row.dropped.aggregates)
+        .i64(6, row.dropped.events)
+        .i64(7, row.last_ingest_at)
+        .i64(8, row.last_health_at)
+        .i64(10, row.batches)
+        .i64(11, row.records);
+    if (row.sync_lag_s) {
+      write.real(9, *row.sync_lag_s);
+    } else {
+      write.null(9);
+    }
+    const int rc = write.step();
+    if (rc != SQLITE_DONE) return make_error(error(rc, "updating telemetry watermark"));
+  }
+  return ok();
+}
+
 Result<std::vector<Result<TelemetryIngestOutcome>>> SqliteTelemetry::ingest_many(
     const std::vector<TelemetryIngest>& batches, int64_t now_ms) {
-  pending_series_.clear();
+  // First without savepoints: the decoder checked every record, so a batch rarely fails, and a
+  // savepoint per batch costs more than the batch (SQLite copies each page the batch touches
+  // into a statement journal). After a failure, the same again with savepoints, so that a
+  // failing batch fails alone.
+  auto fast = ingest_transaction(batches, now_ms, false);
+  if (fast || batches.size() <= 1) return fast;
+  return ingest_transaction(batches, now_ms, true);
+}
+
+Result<std::vector<Result<TelemetryIngestOutcome>>> SqliteTelemetry::ingest_transaction(
+    const std::vector<TelemetryIngest>& batches, int64_t now_ms, bool savepoints) {
+  bool committed = false;
   auto result = [&]() -> Result<std::vector<Result<TelemetryIngestOutcome>>> {
-    OUTPOST_TRY(exec("BEGIN IMMEDIATE"));
+    OUTPOST_TRY(run("BEGIN IMMEDIATE"));
     TelemetryTxn txn(db_);
+    {
+      // The caches hold what this connection committed; another connection's commit (an
+      // operator's tool on the same file) makes them stale.
+      OUTPOST_TELEMETRY_STMT(read, "PRAGMA data_version");
+      const int rc = read.step();
+      if (rc != SQLITE_ROW) return make_error(error(rc, "reading the data version"));
+      if (read.col_i64(0) != data_version_) {
+        data_version_ = read.col_i64(0);
+        devices_.clear();
+        series_cache_.clear();
+      }
+    }
     int64_t rolled_up_hour = 0;
     {
       OUTPOST_TELEMETRY_STMT(read, "SELECT rolled_up_hour FROM telemetry_state WHERE id = 1");
@@ -439,32 +578,48 @@ Result<std::vector<Result<TelemetryIngestOutcome>>> SqliteTelemetry::ingest_many
     }
     std::vector<Result<TelemetryIngestOutcome>> outcomes;
     outcomes.reserve(batches.size());
+    // The fleet totals move once per transaction, by what its batches add up to.
+    std::map<std::string, TotalsDelta> totals;
+    std::map<std::string, TotalsDelta> batch_totals;
     for (const TelemetryIngest& in : batches) {
-      // A savepoint per batch: one that fails is undone alone, the others commit together.
-      OUTPOST_TRY(exec("SAVEPOINT telemetry_batch"));
+      batch_totals.clear();
       const size_t pending_before = pending_series_.size();
-      auto one = ingest_one(in.device_id, in.site, *in.batch, now_ms, rolled_up_hour);
+      if (savepoints) OUTPOST_TRY(run("SAVEPOINT telemetry_batch"));
+      // A failing batch leaves its device's row as it was (ingest_one changes it last).
+      auto one = ingest_one(in.device_id, in.site, *in.batch, now_ms, rolled_up_hour, batch_totals);
       if (one) {
-        OUTPOST_TRY(exec("RELEASE telemetry_batch"));
-      } else {
-        OUTPOST_TRY(exec("ROLLBACK TO telemetry_batch"));
-        OUTPOST_TRY(exec("RELEASE telemetry_batch"));
-        for (size_t i = pending_before; i < pending_series_.size(); ++i) {
-          series_cache_.erase(pending_series_[i]);
-        }
+        if (savepoints) OUTPOST_TRY(run("RELEASE telemetry_batch"));
+        for (auto& [key, delta] : batch_totals) totals[key].add(delta);
+      } else if (savepoints) {
+        OUTPOST_TRY(run("ROLLBACK TO telemetry_batch"));
+        OUTPOST_TRY(run("RELEASE telemetry_batch"));
+        for (size_t i = pending_before; i < pending_series_.size(); ++i) *pending_series_[i] = 0;
         pending_series_.resize(pending_before);
+      } else if (batches.size() > 1) {
+        return make_error(one.error());  // the caller tries again with savepoints
+      } else {
+        outcomes.push_back(std::move(one));
+        return outcomes;  // nothing to commit: the transaction rolls back
       }
       outcomes.push_back(std::move(one));
     }
-    OUTPOST_TRY(exec("COMMIT"));
+    OUTPOST_TRY(write_device_rows());
+    OUTPOST_TRY(apply_totals(totals));
+    OUTPOST_TRY(run("COMMIT"));
     txn.committed();
+    committed = true;
     return outcomes;
   }();
-  if (!result) {
-    // The transaction rolled back: forget the series ids it created.
-    for (const std::string& k : pending_series_) series_cache_.erase(k);
+  if (committed) {
+    pending_series_.clear();
+    for (auto& [id, row] : txn_devices_) {
+      row.dirty = false;
+      devices_.insert_or_assign(id, std::move(row));
+    }
+    txn_devices_.clear();
+  } else {
+    forget_transaction();
   }
-  pending_series_.clear();
   return result;
 }
 
@@ -478,185 +633,179 @@ Result<TelemetryIngestOutcome> SqliteTelemetry::ingest(const std::string& device
   return std::move(outcomes->front());
 }
 
-Result<TelemetryIngestOutcome> SqliteTelemetry::ingest_one(const std::string& device_id,
-                                                           const std::string& site,
-                                                           const telemetry::Batch& batch,
-                                                           int64_t now_ms, int64_t rolled_up_hour) {
-  {
-    int64_t watermark = 0;
-    int64_t last_health_at = 0;
-    {
-      OUTPOST_TELEMETRY_STMT(read,
-                             "SELECT acked_seq, last_health_at FROM telemetry_devices"
-                             " WHERE device_id = ?1");
-      read.text(1, device_id);
-      const int rc = read.step();
-      if (rc == SQLITE_ROW) {
-        watermark = read.col_i64(0);
-        last_health_at = read.col_i64(1);
-      } else if (rc != SQLITE_DONE) {
-        return make_error(error(rc, "reading telemetry watermark"));
-      }
+namespace {
+
+// Record kinds of SeriesLabelsView::kind, and the metric of each slot of SeriesSlots.
+enum SeriesKind { kHealthSeries = 1, kInferenceSeries, kSampleSeries, kEventSeries };
+constexpr std::array<std::string_view, 10> kHealthMetrics = {
+    "cpu_percent",         "memory_used_bytes", "memory_total_bytes", "disk_free_bytes",
+    "disk_total_bytes",    "uptime_seconds",    "agent_rss_bytes",    "telemetry_buffer_bytes",
+    "temperature_celsius", "sync_lag_seconds"};
+constexpr std::array<std::string_view, 6> kInferenceMetrics = {
+    "inference_requests",  "inference_errors",          "inference_invalid",
+    "inference_fallbacks", "inference_latency_seconds", "inference_confidence"};
+
+}  // namespace
+
+Result<TelemetryIngestOutcome> SqliteTelemetry::ingest_one(
+    const std::string& device_id, const std::string& site, const telemetry::Batch& batch,
+    int64_t now_ms, int64_t rolled_up_hour, std::map<std::string, TotalsDelta>& totals) {
+  auto row_or = device_row(device_id);
+  if (!row_or) return make_error(row_or.error());
+  DeviceRow& row = **row_or;
+  const int64_t watermark = row.acked_seq;
+  int64_t last_health_at = row.last_health_at;
+
+  TelemetryIngestOutcome out;
+  std::optional<double> sync_lag;
+  bool health_seen = false;
+  SeriesSlots* health = nullptr;  // the device's health series, found on its first record
+  // Stores one point of the series in `slot` of `slots` (labels `labels`, metric `metric`).
+  auto point = [&](SeriesSlots& slots, size_t slot, std::string_view metric,
+                   const SeriesLabelsView& labels, const telemetry::Record& r, double value,
+                   const telemetry::Histogram* histogram = nullptr) -> Status {
+    int64_t& id = slots.ids[slot];
+    if (id == 0) {
+      OUTPOST_TRY(resolve_series(SeriesKey{.device = labels.device,
+                                           .site = labels.site,
+                                           .metric = metric,
+                                           .deployment = labels.deployment,
+                                           .revision = labels.revision,
+                                           .model = labels.model,
+                                           .version = labels.version,
+                                           .role = labels.role,
+                                           .detail = labels.detail},
+                                 id));
     }
+    OUTPOST_TRY(insert_point(id, r.time, r.seq, value, histogram, rolled_up_hour));
+    ++out.points;
+    return ok();
+  };
 
-    TelemetryIngestOutcome out;
-    std::optional<double> sync_lag;
-    bool health_seen = false;
-    std::map<std::string, TotalsDelta> totals;
-    SeriesKey key;
-    key.device = device_id;
-    key.site = site;
-    auto point = [&](const SeriesKey& k, const telemetry::Record& r, double value,
-                     const telemetry::Histogram* histogram = nullptr) -> Status {
-      auto id = series_id(k);
-      if (!id) return make_error(id.error());
-      OUTPOST_TRY(insert_point(*id, r.time, r.seq, value, histogram, rolled_up_hour));
-      ++out.points;
-      return ok();
-    };
-    auto gauge = [&](const telemetry::Record& r, std::string_view metric, double value) {
-      SeriesKey k = key;
-      k.metric = metric;
-      return point(k, r, value);
-    };
-
-    for (const telemetry::Record& r : batch.records) {
-      if (r.seq <= watermark) {
-        ++out.duplicates;
-        continue;
-      }
-      ++out.stored;
-      if (const auto* h = std::get_if<telemetry::HealthRecord>(&r.body)) {
-        OUTPOST_TRY(gauge(r, "cpu_percent", h->cpu_percent));
-        OUTPOST_TRY(gauge(r, "memory_used_bytes", static_cast<double>(h->mem_used)));
-        OUTPOST_TRY(gauge(r, "memory_total_bytes", static_cast<double>(h->mem_total)));
-        OUTPOST_TRY(gauge(r, "disk_free_bytes", static_cast<double>(h->disk_free)));
-        OUTPOST_TRY(gauge(r, "disk_total_bytes", static_cast<double>(h->disk_total)));
-        OUTPOST_TRY(gauge(r, "uptime_seconds", h->uptime_s));
-        OUTPOST_TRY(gauge(r, "agent_rss_bytes", static_cast<double>(h->agent_rss)));
-        OUTPOST_TRY(gauge(r, "telemetry_buffer_bytes", static_cast<double>(h->buffer_bytes)));
-        if (h->temp_c) OUTPOST_TRY(gauge(r, "temperature_celsius", *h->temp_c));
-        if (h->sync_lag_s) OUTPOST_TRY(gauge(r, "sync_lag_seconds", *h->sync_lag_s));
-        if (r.time >= last_health_at) {
-          last_health_at = r.time;
-          sync_lag = h->sync_lag_s;
-          health_seen = true;
-        }
-      } else if (const auto* e = std::get_if<telemetry::EventRecord>(&r.body)) {
-        {
-          OUTPOST_TELEMETRY_STMT(insert,
-                                 "INSERT INTO telemetry_events (device_id, seq, time, deployment,"
-                                 " revision, event, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
-          insert.text(1, device_id)
-              .i64(2, r.seq)
-              .i64(3, r.time)
-              .text(4, e->deployment)
-              .i64(5, e->revision)
-              .text(6, e->event)
-              .text(7, e->message);
-          const int rc = insert.step();
-          if (rc != SQLITE_DONE) return make_error(error(rc, "storing telemetry event"));
-        }
-        SeriesKey k = key;
-        k.metric = "events";
-        k.deployment = e->deployment;
-        k.revision = e->revision;
-        k.detail = e->event;
-        OUTPOST_TRY(point(k, r, 1));
-      } else if (const auto* inf = std::get_if<telemetry::InferenceRecord>(&r.body)) {
-        SeriesKey k = key;
-        k.deployment = inf->deployment;
-        k.revision = inf->revision;
-        k.model = inf->model;
-        k.version = inf->version;
-        k.role = inf->role;
-        k.metric = "inference_requests";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->served)));
-        k.metric = "inference_errors";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->errors)));
-        k.metric = "inference_invalid";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->invalid)));
-        k.metric = "inference_fallbacks";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->fallbacks)));
-        k.metric = "inference_latency_seconds";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->latency.count), &inf->latency));
-        k.metric = "inference_confidence";
-        OUTPOST_TRY(point(k, r, static_cast<double>(inf->confidence.count), &inf->confidence));
-
-        const std::string total_key =
-            inf->deployment + '\x1f' + inf->model + '\x1f' + inf->version + '\x1f' + inf->role;
-        TotalsDelta& t = totals[total_key];
-        if (t.deployment.empty()) {
-          t.deployment = inf->deployment;
-          t.model = inf->model;
-          t.version = inf->version;
-          t.role = inf->role;
-        }
-        t.requests += inf->requests;
-        t.served += inf->served;
-        t.errors += inf->errors;
-        t.invalid += inf->invalid;
-        t.fallbacks += inf->fallbacks;
-        t.latency_count += inf->latency.count;
-        t.latency_sum += inf->latency.sum;
-        add_histogram_to(t.latency, inf->latency);
-        t.confidence_count += inf->confidence.count;
-        t.confidence_sum += inf->confidence.sum;
-        add_histogram_to(t.confidence, inf->confidence);
-      } else if (const auto* s = std::get_if<telemetry::SampleRecord>(&r.body)) {
-        SeriesKey k = key;
-        k.metric = "sample_latency_seconds";
-        k.deployment = s->deployment;
-        k.revision = s->revision;
-        k.model = s->model;
-        k.version = s->version;
-        k.role = s->role;
-        k.detail = s->outcome;
-        OUTPOST_TRY(point(k, r, s->latency_s));
-      }
+  for (const telemetry::Record& r : batch.records) {
+    if (r.seq <= watermark) {
+      ++out.duplicates;
+      continue;
     }
-    OUTPOST_TRY(apply_totals(totals));
-
-    // Drop counts are cumulative on the device: only a batch newer than anything stored
-    // brings newer ones (a replayed old batch must not move them back).
-    const bool newer = batch.last_seq > watermark;
-    out.acked = std::max(watermark, batch.last_seq);
-    {
-      OUTPOST_TELEMETRY_STMT(
-          write,
-          "INSERT INTO telemetry_devices (device_id, acked_seq, dropped_samples, dropped_health,"
-          " dropped_aggregates, dropped_events, last_ingest_at, last_health_at, sync_lag_s,"
-          " batches, records) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10)"
-          " ON CONFLICT (device_id) DO UPDATE SET acked_seq = excluded.acked_seq,"
-          " dropped_samples = CASE WHEN ?11 THEN excluded.dropped_samples ELSE dropped_samples END,"
-          " dropped_health = CASE WHEN ?11 THEN excluded.dropped_health ELSE dropped_health END,"
-          " dropped_aggregates = CASE WHEN ?11 THEN excluded.dropped_aggregates"
-          " ELSE dropped_aggregates END,"
-          " dropped_events = CASE WHEN ?11 THEN excluded.dropped_events ELSE dropped_events END,"
-          " last_ingest_at = excluded.last_ingest_at, last_health_at = excluded.last_health_at,"
-          " sync_lag_s = CASE WHEN ?12 THEN excluded.sync_lag_s ELSE sync_lag_s END,"
-          " batches = batches + 1, records = records + excluded.records");
-      write.text(1, device_id)
-          .i64(2, out.acked)
-          .i64(3, batch.dropped.samples)
-          .i64(4, batch.dropped.health)
-          .i64(5, batch.dropped.aggregates)
-          .i64(6, batch.dropped.events)
-          .i64(7, now_ms)
-          .i64(8, last_health_at)
-          .i64(10, out.stored)
-          .i64(11, newer ? 1 : 0)
-          .i64(12, health_seen ? 1 : 0);
-      if (sync_lag) {
-        write.real(9, *sync_lag);
-      } else {
-        write.null(9);
+    ++out.stored;
+    if (const auto* h = std::get_if<telemetry::HealthRecord>(&r.body)) {
+      const SeriesLabelsView labels{.device = device_id, .site = site, .kind = kHealthSeries};
+      if (health == nullptr) health = series_slots(labels);
+      const double gauges[8] = {h->cpu_percent,
+                                static_cast<double>(h->mem_used),
+                                static_cast<double>(h->mem_total),
+                                static_cast<double>(h->disk_free),
+                                static_cast<double>(h->disk_total),
+                                h->uptime_s,
+                                static_cast<double>(h->agent_rss),
+                                static_cast<double>(h->buffer_bytes)};
+      for (size_t i = 0; i < 8; ++i) {
+        OUTPOST_TRY(point(*health, i, kHealthMetrics[i], labels, r, gauges[i]));
       }
-      const int rc = write.step();
-      if (rc != SQLITE_DONE) return make_error(error(rc, "updating telemetry watermark"));
+      if (h->temp_c) OUTPOST_TRY(point(*health, 8, kHealthMetrics[8], labels, r, *h->temp_c));
+      if (h->sync_lag_s) {
+        OUTPOST_TRY(point(*health, 9, kHealthMetrics[9], labels, r, *h->sync_lag_s));
+      }
+      if (r.time >= last_health_at) {
+        last_health_at = r.time;
+        sync_lag = h->sync_lag_s;
+        health_seen = true;
+      }
+    } else if (const auto* e = std::get_if<telemetry::EventRecord>(&r.body)) {
+      {
+        OUTPOST_TELEMETRY_STMT(insert,
+                               "INSERT INTO telemetry_events (device_id, seq, time, deployment,"
+                               " revision, event, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)");
+        insert.text(1, device_id)
+            .i64(2, r.seq)
+            .i64(3, r.time)
+            .text(4, e->deployment)
+            .i64(5, e->revision)
+            .text(6, e->event)
+            .text(7, e->message);
+        const int rc = insert.step();
+        if (rc != SQLITE_DONE) return make_error(error(rc, "storing telemetry event"));
+      }
+      const SeriesLabelsView labels{.device = device_id,
+                                    .site = site,
+                                    .kind = kEventSeries,
+                                    .deployment = e->deployment,
+                                    .revision = e->revision,
+                                    .detail = e->event};
+      OUTPOST_TRY(point(*series_slots(labels), 0, "events", labels, r, 1));
+    } else if (const auto* inf = std::get_if<telemetry::InferenceRecord>(&r.body)) {
+      const SeriesLabelsView labels{.device = device_id,
+                                    .site = site,
+                                    .kind = kInferenceSeries,
+                                    .deployment = inf->deployment,
+                                    .revision = inf->revision,
+                                    .model = inf->model,
+                                    .version = inf->version,
+                                    .role = inf->role};
+      SeriesSlots& slots = *series_slots(labels);
+      OUTPOST_TRY(
+          point(slots, 0, kInferenceMetrics[0], labels, r, static_cast<double>(inf->served)));
+      OUTPOST_TRY(
+          point(slots, 1, kInferenceMetrics[1], labels, r, static_cast<double>(inf->errors)));
+      OUTPOST_TRY(
+          point(slots, 2, kInferenceMetrics[2], labels, r, static_cast<double>(inf->invalid)));
+      OUTPOST_TRY(
+          point(slots, 3, kInferenceMetrics[3], labels, r, static_cast<double>(inf->fallbacks)));
+      OUTPOST_TRY(point(slots, 4, kInferenceMetrics[4], labels, r,
+                        static_cast<double>(inf->latency.count), &inf->latency));
+      OUTPOST_TRY(point(slots, 5, kInferenceMetrics[5], labels, r,
+                        static_cast<double>(inf->confidence.count), &inf->confidence));
+
+      const std::string total_key =
+          inf->deployment + '\x1f' + inf->model + '\x1f' + inf->version + '\x1f' + inf->role;
+      TotalsDelta& t = totals[total_key];
+      if (t.deployment.empty()) {
+        t.deployment = inf->deployment;
+        t.model = inf->model;
+        t.version = inf->version;
+        t.role = inf->role;
+      }
+      t.requests += inf->requests;
+      t.served += inf->served;
+      t.errors += inf->errors;
+      t.invalid += inf->invalid;
+      t.fallbacks += inf->fallbacks;
+      t.latency_count += inf->latency.count;
+      t.latency_sum += inf->latency.sum;
+      add_histogram_to(t.latency, inf->latency);
+      t.confidence_count += inf->confidence.count;
+      t.confidence_sum += inf->confidence.sum;
+      add_histogram_to(t.confidence, inf->confidence);
+    } else if (const auto* s = std::get_if<telemetry::SampleRecord>(&r.body)) {
+      const SeriesLabelsView labels{.device = device_id,
+                                    .site = site,
+                                    .kind = kSampleSeries,
+                                    .deployment = s->deployment,
+                                    .revision = s->revision,
+                                    .model = s->model,
+                                    .version = s->version,
+                                    .role = s->role,
+                                    .detail = s->outcome};
+      OUTPOST_TRY(
+          point(*series_slots(labels), 0, "sample_latency_seconds", labels, r, s->latency_s));
     }
-    return out;
   }
+
+  // The device's row changes last, only once the batch is stored (as the upsert of one
+  // statement did). Drop counts are cumulative on the device: only a batch newer than
+  // anything stored brings newer ones (a replayed old batch must not move them back).
+  const bool newer = batch.last_seq > watermark;
+  out.acked = std::max(watermark, batch.last_seq);
+  if (!row.exists || newer) row.dropped = batch.dropped;
+  if (!row.exists || health_seen) row.sync_lag_s = sync_lag;
+  row.acked_seq = out.acked;
+  row.last_ingest_at = now_ms;
+  row.last_health_at = last_health_at;
+  row.batches = row.exists ? row.batches + 1 : 1;
+  row.records = row.exists ? row.records + out.stored : out.stored;
+  row.exists = true;
+  row.dirty = true;
+  return out;
 }
 
 Result<TelemetryMaintenanceOutcome> SqliteTelemetry::maintain(int64_t now_ms,
