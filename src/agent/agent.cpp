@@ -220,10 +220,8 @@ Status Agent::start() {
         post([this, online, error] {
           online_ = online;
           link_error_ = error;
-          if (online) {
-            last_sync_ms_ = now_ms();
-            telemetry_->set_last_sync_ms(last_sync_ms_);
-          }
+          if (online) last_sync_ms_ = now_ms();
+          telemetry_->set_link(online, last_sync_ms_);
         });
       });
 

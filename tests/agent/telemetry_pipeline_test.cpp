@@ -113,5 +113,40 @@ TEST(TelemetryPipeline, TicksCheckpointThenCloseTheIntervalWithHealthAndEvents) 
   EXPECT_EQ(by_kind["sample"].value("outcome", ""), "ok");
 }
 
+// Sync lag in health records: 0 while a sync is connected (a parked long-poll is a good link),
+// else the time since the control plane last answered.
+TEST(TelemetryPipeline, SyncLagIsZeroOnlineAndGrowsFromTheLastAnswerOffline) {
+  TempDir dir;
+  ManualClock clock;
+  TelemetryOptions options;
+  options.interval_ms = 60'000;
+  options.flush_ms = 60'000;
+  Identity identity;
+  identity.server = "http://127.0.0.1:1";
+  Pipeline pipeline(dir.path(), identity, options, clock,
+                    [] { return std::vector<serve::MetricsSnapshot>{}; });
+  ASSERT_TRUE(pipeline.init());
+  const int64_t answered = clock.now_ms();
+  pipeline.set_link(true, answered);
+  clock.advance_ms(60'000);  // a minute with a long-poll parked: still a good link
+  pipeline.tick();
+  pipeline.set_link(false, answered);
+  clock.advance_ms(60'000);  // the link went down two minutes after the last answer
+  pipeline.tick();
+
+  Buffer reader(dir.file("telemetry.db"), options.buffer_bytes);
+  ASSERT_TRUE(reader.open());
+  auto pending = reader.read(100, 1 << 20);
+  ASSERT_TRUE(pending);
+  std::vector<double> lags;
+  for (const auto& text : pending->texts) {
+    auto doc = json::parse(text);
+    if (doc.value("kind", "") == "health") lags.push_back(doc.value("sync_lag_s", -1.0));
+  }
+  ASSERT_EQ(lags.size(), 2u);
+  EXPECT_DOUBLE_EQ(lags[0], 0.0);
+  EXPECT_DOUBLE_EQ(lags[1], 120.0);
+}
+
 }  // namespace
 }  // namespace outpost::agent::telemetry

@@ -119,7 +119,9 @@ void Pipeline::close_interval() {
     ++errors_;
   }
   std::optional<double> lag;
-  if (const int64_t last = last_sync_ms_.load(); last > 0) {
+  if (online_) {
+    lag = 0.0;
+  } else if (const int64_t last = last_sync_ms_.load(); last > 0) {
     lag = static_cast<double>(std::max<int64_t>(0, clock_.now_ms() - last)) / 1000.0;
   }
   auto h = health_.collect(buffer_.stats().used_bytes, lag);

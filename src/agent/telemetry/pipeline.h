@@ -61,8 +61,14 @@ class Pipeline {
   void set_policies(std::map<std::string, SamplingPolicy> policies) {
     sampler_.set_policies(std::move(policies));
   }
-  // When the control plane last answered (Unix ms; 0 = never since start). Thread-safe.
-  void set_last_sync_ms(int64_t ms) { last_sync_ms_ = ms; }
+  // The sync link: `online` while the last poll succeeded (a long-poll may be parked now),
+  // `last_answer_ms` when the control plane last answered (Unix ms; 0 = never since start).
+  // Health records carry the sync lag: 0 while online, else the time since that answer.
+  // Thread-safe.
+  void set_link(bool online, int64_t last_answer_ms) {
+    last_sync_ms_ = last_answer_ms;
+    online_ = online;
+  }
 
   // GET /v1/telemetry. Thread-safe.
   nlohmann::json stats_json() const;
@@ -84,6 +90,7 @@ class Pipeline {
   HealthCollector health_;
   Shipper shipper_;
   std::atomic<int64_t> last_sync_ms_{0};
+  std::atomic<bool> online_{false};
   std::mutex tick_mu_;  // one tick at a time (worker and stop())
   std::mutex mu_;
   std::condition_variable cv_;
