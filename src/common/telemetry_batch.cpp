@@ -3,6 +3,8 @@
 #include <zstd.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 
 namespace outpost::telemetry {
@@ -13,13 +15,25 @@ namespace {
 
 // ---- writing ----
 
-json histogram_to_json(const Histogram& h) {
+// Values go on the wire at the precision that means something (a latency to the microsecond,
+// a probability to 1e-4): the digits past it are noise that no compressor can shrink, and they
+// were 40% of a compressed batch of samples.
+double to_step(double x, double step) { return std::round(x / step) * step; }
+
+double to_digits(double x) {
+  if (x == 0 || !std::isfinite(x)) return x;
+  char text[32];
+  std::snprintf(text, sizeof(text), "%.7g", x);
+  return std::strtod(text, nullptr);
+}
+
+json histogram_to_json(const Histogram& h, double sum_step) {
   json buckets = json::array();
   for (const auto& [le, count] : h.buckets) {
     if (count == 0) continue;
     buckets.push_back(json::array({std::isinf(le) ? json(nullptr) : json(le), count}));
   }
-  return {{"count", h.count}, {"sum", h.sum}, {"buckets", std::move(buckets)}};
+  return {{"count", h.count}, {"sum", to_step(h.sum, sum_step)}, {"buckets", std::move(buckets)}};
 }
 
 void put_model_fields(json& out, const std::string& deployment, int64_t revision,
@@ -336,16 +350,16 @@ std::string_view record_kind(const RecordBody& body) {
 json record_to_json(const Record& record) {
   json out = {{"seq", record.seq}, {"t", record.time}, {"kind", record_kind(record.body)}};
   if (const auto* h = std::get_if<HealthRecord>(&record.body)) {
-    out["cpu_percent"] = h->cpu_percent;
+    out["cpu_percent"] = to_step(h->cpu_percent, 0.01);
     out["mem_used"] = h->mem_used;
     out["mem_total"] = h->mem_total;
     out["disk_free"] = h->disk_free;
     out["disk_total"] = h->disk_total;
-    out["uptime_s"] = h->uptime_s;
+    out["uptime_s"] = to_step(h->uptime_s, 0.001);
     out["agent_rss"] = h->agent_rss;
     out["buffer_bytes"] = h->buffer_bytes;
-    if (h->temp_c) out["temp_c"] = *h->temp_c;
-    if (h->sync_lag_s) out["sync_lag_s"] = *h->sync_lag_s;
+    if (h->temp_c) out["temp_c"] = to_step(*h->temp_c, 0.01);
+    if (h->sync_lag_s) out["sync_lag_s"] = to_step(*h->sync_lag_s, 0.001);
   } else if (const auto* e = std::get_if<EventRecord>(&record.body)) {
     out["deployment"] = e->deployment;
     out["revision"] = e->revision;
@@ -359,22 +373,24 @@ json record_to_json(const Record& record) {
     out["errors"] = a->errors;
     out["invalid"] = a->invalid;
     out["fallbacks"] = a->fallbacks;
-    out["latency"] = histogram_to_json(a->latency);
-    out["confidence"] = histogram_to_json(a->confidence);
+    out["latency"] = histogram_to_json(a->latency, 1e-6);
+    out["confidence"] = histogram_to_json(a->confidence, 1e-4);
     if (!a->inputs.empty()) {
       json inputs = json::object();
       for (const auto& [name, features] : a->inputs) {
         json per = json::object();
-        for (const auto& [feature, s] : features) per[feature] = json::array({s.n, s.mean, s.m2});
+        for (const auto& [feature, s] : features) {
+          per[feature] = json::array({s.n, to_digits(s.mean), to_digits(s.m2)});
+        }
         inputs[name] = std::move(per);
       }
       out["inputs"] = std::move(inputs);
     }
   } else if (const auto* s = std::get_if<SampleRecord>(&record.body)) {
     put_model_fields(out, s->deployment, s->revision, s->model, s->version, s->role);
-    out["latency_s"] = s->latency_s;
+    out["latency_s"] = to_step(s->latency_s, 1e-6);
     out["outcome"] = s->outcome;
-    if (s->confidence) out["confidence"] = *s->confidence;
+    if (s->confidence) out["confidence"] = to_step(*s->confidence, 1e-4);
     if (s->anomaly) out["anomaly"] = true;
   }
   return out;

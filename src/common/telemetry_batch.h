@@ -11,7 +11,8 @@
 // with seq above the highest it already stored for the device and answers {"acked": N}, the
 // highest seq stored; a resent batch is therefore counted once.
 //
-// Record kinds (times are Unix ms; latencies in seconds):
+// Record kinds (times are Unix ms; latencies in seconds, written to the microsecond;
+// confidences to 1e-4; cpu and temperature to 0.01; feature statistics to 7 digits):
 //   health:    cpu_percent, mem_used, mem_total, disk_free, disk_total, uptime_s, agent_rss,
 //              buffer_bytes, [temp_c], [sync_lag_s]
 //   event:     deployment, revision, event (start|exit|crash|restart|rollback|failed|activate|

@@ -173,7 +173,10 @@ TEST_F(TelemetryShipperTest, ShipsZstdBatchesAndDeletesWhatWasAcknowledged) {
   options.max_records = 20;  // three batches
   Shipper shipper(*buffer_, identity_, options);
   shipper.start();
-  ASSERT_TRUE(wait_until([&] { return buffer_->stats().total_records() == 0; }, 5s));
+  // The counters follow the buffer's ack: wait for both.
+  ASSERT_TRUE(wait_until(
+      [&] { return buffer_->stats().total_records() == 0 && shipper.stats().records_sent == 50; },
+      5s));
   std::vector<int64_t> expected;
   for (int64_t i = 1; i <= 50; ++i) expected.push_back(i);
   EXPECT_EQ(server_.stored(), expected);
