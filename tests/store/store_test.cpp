@@ -1099,6 +1099,406 @@ TEST_P(StoreTest, TelemetryBatchesOfSeveralDevicesCommitTogetherButFailAlone) {
   EXPECT_EQ(served->total.sum, 2 * (1 + 2 + 3));
 }
 
+// ---- Telemetry: group commit, caches and a second writer ----
+
+// A batch the store refuses half-way: two inference records with one seq collide on their
+// points (the decoder would refuse it; it stands for any store failure). Its first record is
+// of a version no other batch uses, so a trace of it would show in the totals and series.
+telemetry::Batch failing_batch(int64_t seq) {
+  return batch_of({inference_record(seq, kT0 + seq * kMinute, 1000, "9.9.9"),
+                   inference_record(seq, kT0 + seq * kMinute, 1000, "9.9.9")});
+}
+
+// Fails the test where two stores' telemetry state differs (device rows, fleet totals, and
+// the served/event sums by device).
+void expect_same_telemetry(Store& actual, Store& expected, const std::string& what) {
+  SCOPED_TRACE(what);
+  auto devices = actual.list_telemetry_devices();
+  auto want_devices = expected.list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_OK(want_devices);
+  ASSERT_EQ(devices->size(), want_devices->size());
+  for (size_t i = 0; i < devices->size(); ++i) {
+    const TelemetryDeviceState& a = (*devices)[i];
+    const TelemetryDeviceState& e = (*want_devices)[i];
+    EXPECT_EQ(a.device_id, e.device_id);
+    EXPECT_EQ(a.acked_seq, e.acked_seq) << a.device_id;
+    EXPECT_EQ(a.dropped, e.dropped) << a.device_id;
+    EXPECT_EQ(a.last_ingest_at, e.last_ingest_at) << a.device_id;
+    EXPECT_EQ(a.last_health_at, e.last_health_at) << a.device_id;
+    EXPECT_EQ(a.sync_lag_s, e.sync_lag_s) << a.device_id;
+    EXPECT_EQ(a.batches, e.batches) << a.device_id;
+    EXPECT_EQ(a.records, e.records) << a.device_id;
+  }
+  auto totals = actual.list_telemetry_totals();
+  auto want_totals = expected.list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_OK(want_totals);
+  ASSERT_EQ(totals->size(), want_totals->size());
+  for (size_t i = 0; i < totals->size(); ++i) {
+    const TelemetryTotal& a = (*totals)[i];
+    const TelemetryTotal& e = (*want_totals)[i];
+    EXPECT_EQ(a.version, e.version);
+    EXPECT_EQ(a.requests, e.requests) << a.version;
+    EXPECT_EQ(a.served, e.served) << a.version;
+    EXPECT_EQ(a.errors, e.errors) << a.version;
+    EXPECT_EQ(a.latency.count, e.latency.count) << a.version;
+    EXPECT_EQ(a.latency.buckets, e.latency.buckets) << a.version;
+    EXPECT_EQ(a.confidence.count, e.confidence.count) << a.version;
+  }
+  for (const auto& [metric, by] : {std::pair{"inference_requests", "device"},
+                                   std::pair{"inference_requests", "version"},
+                                   std::pair{"events", "device"}, std::pair{"cpu_percent", "device"}}) {
+    auto got = actual.query_telemetry(query_of(metric, kT0, kT0 + kHour, kHour, by));
+    auto want = expected.query_telemetry(query_of(metric, kT0, kT0 + kHour, kHour, by));
+    ASSERT_OK(got);
+    ASSERT_OK(want);
+    ASSERT_EQ(got->series.size(), want->series.size()) << metric;
+    for (size_t i = 0; i < got->series.size(); ++i) {
+      EXPECT_EQ(got->series[i].group, want->series[i].group) << metric;
+      EXPECT_EQ(got->series[i].total.points, want->series[i].total.points) << metric;
+      EXPECT_EQ(got->series[i].total.sum, want->series[i].total.sum) << metric;
+    }
+  }
+}
+
+// Sum of the served counts mixed_batch gives for seqs from..to (every 4th is an event).
+double mixed_served(int64_t from, int64_t to) {
+  double sum = 0;
+  for (int64_t seq = from; seq <= to; ++seq) {
+    if (seq % 4 != 0) sum += static_cast<double>(seq);
+  }
+  return sum;
+}
+
+// A group in which some batches fail in the store stores the others exactly as ingesting
+// them one by one would (outcomes, device rows, totals, points), and a replay of the whole
+// group afterwards stores nothing.
+TEST_P(StoreTest, TelemetryGroupWithFailingBatchesEqualsOneByOneIngest) {
+  TempDir reference_dir;
+  auto reference_or = GetParam().open(reference_dir.path());
+  ASSERT_OK(reference_or);
+  Store& reference = **reference_or;
+
+  telemetry::Batch health = batch_of({inference_record(1, kT0 + kMinute, 7),
+                                      health_record(2, kT0 + 2 * kMinute, 40),
+                                      inference_record(3, kT0 + 3 * kMinute, 9, "1.1.0")});
+  health.dropped = telemetry::DropCounts{.samples = 4, .health = 1};
+  const telemetry::Batch cam01_a = mixed_batch(1, 5);
+  const telemetry::Batch cam01_b = mixed_batch(4, 9);  // overlaps cam01_a by two
+  const telemetry::Batch bad_new = failing_batch(1);   // a device never seen before
+  const telemetry::Batch bad_cam01 = failing_batch(6);  // above cam-01's watermark
+  const std::vector<TelemetryIngest> group = {
+      {"cam-04", "plant-a", &bad_new},  // first in the group
+      {"cam-01", "plant-a", &cam01_a},   {"cam-02", "plant-b", &health},
+      {"cam-01", "plant-a", &bad_cam01},  // after a stored batch of its own device
+      {"cam-03", "plant-b", &bad_new},   {"cam-01", "plant-a", &cam01_b},
+      {"cam-02", "plant-b", &health},  // a replay inside the group
+  };
+
+  auto outcomes = store_->ingest_telemetry_batches(group, kT0 + kHour);
+  ASSERT_OK(outcomes);
+  ASSERT_EQ(outcomes->size(), group.size());
+  for (size_t i = 0; i < group.size(); ++i) {
+    SCOPED_TRACE("slot " + std::to_string(i) + " (" + group[i].device_id + ")");
+    auto one = reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch,
+                                          kT0 + kHour);
+    ASSERT_EQ((*outcomes)[i].has_value(), one.has_value());
+    if (!one) continue;
+    EXPECT_EQ((*outcomes)[i]->acked, one->acked);
+    EXPECT_EQ((*outcomes)[i]->stored, one->stored);
+    EXPECT_EQ((*outcomes)[i]->duplicates, one->duplicates);
+    EXPECT_EQ((*outcomes)[i]->points, one->points);
+  }
+  // The expected outcomes, spelled out (so that the reference cannot be wrong the same way).
+  EXPECT_FALSE((*outcomes)[0]);
+  EXPECT_FALSE((*outcomes)[3]);
+  EXPECT_FALSE((*outcomes)[4]);
+  ASSERT_OK((*outcomes)[1]);
+  EXPECT_EQ((*outcomes)[1]->stored, 5);
+  ASSERT_OK((*outcomes)[2]);
+  EXPECT_EQ((*outcomes)[2]->stored, 3);
+  ASSERT_OK((*outcomes)[5]);
+  EXPECT_EQ((*outcomes)[5]->acked, 9);
+  EXPECT_EQ((*outcomes)[5]->stored, 4);
+  EXPECT_EQ((*outcomes)[5]->duplicates, 2);
+  ASSERT_OK((*outcomes)[6]);
+  EXPECT_EQ((*outcomes)[6]->stored, 0);
+  EXPECT_EQ((*outcomes)[6]->duplicates, 3);
+  EXPECT_EQ((*outcomes)[6]->points, 0);
+
+  expect_same_telemetry(*store_, reference, "after the group");
+  auto devices = store_->list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 2u);  // cam-03 and cam-04 only ever failed: no row
+  EXPECT_EQ((*devices)[0].device_id, "cam-01");
+  EXPECT_EQ((*devices)[0].acked_seq, 9);
+  EXPECT_EQ((*devices)[0].records, 9);
+  EXPECT_EQ((*devices)[0].batches, 2);
+  EXPECT_EQ((*devices)[1].device_id, "cam-02");
+  EXPECT_EQ((*devices)[1].dropped.samples, 4);
+  EXPECT_EQ((*devices)[1].batches, 2);
+  EXPECT_EQ((*devices)[1].records, 3);
+  EXPECT_EQ((*devices)[1].last_health_at, kT0 + 2 * kMinute);
+  auto totals = store_->list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_EQ(totals->size(), 2u);  // 1.0.0 and 1.1.0; nothing of the failed 9.9.9
+  EXPECT_EQ((*totals)[0].version, "1.0.0");
+  EXPECT_EQ((*totals)[0].served, static_cast<uint64_t>(mixed_served(1, 9)) + 7);
+  EXPECT_EQ((*totals)[1].version, "1.1.0");
+  EXPECT_EQ((*totals)[1].served, 9u);
+  auto served = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served);
+  EXPECT_EQ(served->total.sum, mixed_served(1, 9) + 7 + 9);
+
+  // The whole group again (an agent resending after a lost answer): nothing new is stored,
+  // the failing batches fail again, and every count stays where it was.
+  auto replay = store_->ingest_telemetry_batches(group, kT0 + kHour);
+  ASSERT_OK(replay);
+  ASSERT_EQ(replay->size(), group.size());
+  for (size_t i = 0; i < group.size(); ++i) {
+    SCOPED_TRACE("replay slot " + std::to_string(i));
+    auto one = reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch,
+                                          kT0 + kHour);
+    ASSERT_EQ((*replay)[i].has_value(), one.has_value());
+    // cam-01's failing batch (slot 3) is below its watermark now: all duplicates, stored
+    // nothing. The batches of cam-03 and cam-04 fail again.
+    if (i == 0 || i == 4) {
+      EXPECT_FALSE((*replay)[i]);
+      continue;
+    }
+    ASSERT_OK((*replay)[i]);
+    EXPECT_EQ((*replay)[i]->stored, 0);
+    EXPECT_EQ((*replay)[i]->points, 0);
+    EXPECT_EQ((*replay)[i]->duplicates, static_cast<int64_t>(group[i].batch->records.size()));
+    EXPECT_EQ((*replay)[i]->acked, one->acked);
+  }
+  expect_same_telemetry(*store_, reference, "after the replay");
+  auto totals_after = store_->list_telemetry_totals();
+  ASSERT_OK(totals_after);
+  ASSERT_EQ(totals_after->size(), 2u);
+  EXPECT_EQ((*totals_after)[0].served, (*totals)[0].served);
+  EXPECT_EQ((*totals_after)[1].served, (*totals)[1].served);
+  auto served_after = store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+  ASSERT_OK(served_after);
+  EXPECT_EQ(served_after->total.sum, served->total.sum);
+  EXPECT_EQ(served_after->total.points, served->total.points);
+
+  // Later good records with the labels of the failed batches land in their own series (no
+  // series id of a rolled-back batch was kept).
+  for (Store* store : {store_.get(), &reference}) {
+    ASSERT_OK(store->ingest_telemetry(
+        "cam-01", "plant-a", batch_of({inference_record(10, kT0 + 10 * kMinute, 13, "9.9.9")}),
+        kT0 + kHour));
+    ASSERT_OK(store->ingest_telemetry(
+        "cam-04", "plant-a", batch_of({inference_record(1, kT0 + kMinute, 17, "9.9.9")}),
+        kT0 + kHour));
+  }
+  expect_same_telemetry(*store_, reference, "after good batches of the failed labels");
+  auto by_version = store_->query_telemetry(
+      query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
+  ASSERT_OK(by_version);
+  ASSERT_EQ(by_version->series.size(), 3u);
+  EXPECT_EQ(by_version->series[2].group, "9.9.9");
+  EXPECT_EQ(by_version->series[2].total.sum, 13 + 17);
+  EXPECT_EQ(by_version->series[2].devices.size(), 2u);
+}
+
+// After transactions that rolled back (a failing single batch; a group whose fast try failed
+// and was retried batch by batch), what this store answers and keeps answering equals what a
+// store opened afresh on the file reads: no watermark, series id or total of a rolled-back
+// transaction survives in a cache.
+TEST_P(StoreTest, TelemetryCachesAfterARolledBackTransactionMatchAFreshStore) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  ASSERT_OK(store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 3), kT0));
+  // A lone batch that fails half-way, after new series (version 9.9.9) were added for it.
+  ASSERT_FALSE(store_->ingest_telemetry("cam-01", "plant-a", failing_batch(4), kT0));
+
+  // A group whose fast try fails at its last batch, after the first ones moved cam-01's and
+  // cam-02's watermarks and added series; the retry stores them.
+  const telemetry::Batch cam01 = mixed_batch(4, 6);
+  const telemetry::Batch cam02 = batch_of({health_record(1, kT0 + kMinute, 10),
+                                           inference_record(2, kT0 + 2 * kMinute, 11, "2.0.0")});
+  const telemetry::Batch bad = failing_batch(20);
+  auto outcomes = store_->ingest_telemetry_batches(
+      {{"cam-01", "plant-a", &cam01}, {"cam-02", "plant-b", &cam02}, {"cam-01", "plant-a", &bad}},
+      kT0);
+  ASSERT_OK(outcomes);
+  ASSERT_EQ(outcomes->size(), 3u);
+  ASSERT_OK((*outcomes)[0]);
+  EXPECT_EQ((*outcomes)[0]->stored, 3);
+  EXPECT_EQ((*outcomes)[0]->acked, 6);
+  ASSERT_OK((*outcomes)[1]);
+  EXPECT_EQ((*outcomes)[1]->stored, 2);
+  EXPECT_FALSE((*outcomes)[2]);
+
+  // The caches are used now: overlapping batches of both devices through this store.
+  auto more01 = store_->ingest_telemetry("cam-01", "plant-a", mixed_batch(5, 8), kT0);
+  ASSERT_OK(more01);
+  EXPECT_EQ(more01->acked, 8);
+  EXPECT_EQ(more01->duplicates, 2);
+  EXPECT_EQ(more01->stored, 2);
+  auto more02 = store_->ingest_telemetry("cam-02", "plant-b", cam02, kT0);
+  ASSERT_OK(more02);
+  EXPECT_EQ(more02->duplicates, 2);
+  EXPECT_EQ(more02->stored, 0);
+  // Good records with the labels of the rolled-back series.
+  auto late01 = store_->ingest_telemetry(
+      "cam-01", "plant-a", batch_of({inference_record(9, kT0 + 9 * kMinute, 50, "9.9.9")}), kT0);
+  ASSERT_OK(late01);
+  EXPECT_EQ(late01->stored, 1);
+
+  auto fresh_or = GetParam().open(dir_.path());
+  ASSERT_OK(fresh_or);
+  Store& fresh = **fresh_or;
+  expect_same_telemetry(*store_, fresh, "in-process vs fresh store");
+  auto devices = fresh.list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 2u);
+  EXPECT_EQ((*devices)[0].acked_seq, 9);
+  EXPECT_EQ((*devices)[0].records, 9);
+  EXPECT_EQ((*devices)[1].acked_seq, 2);
+  auto totals = fresh.list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_EQ(totals->size(), 3u);  // 9.9.9 only from the good record
+  EXPECT_EQ((*totals)[0].version, "1.0.0");
+  EXPECT_EQ((*totals)[0].served, static_cast<uint64_t>(mixed_served(1, 8)));
+  EXPECT_EQ((*totals)[1].version, "2.0.0");
+  EXPECT_EQ((*totals)[1].served, 11u);
+  EXPECT_EQ((*totals)[2].version, "9.9.9");
+  EXPECT_EQ((*totals)[2].served, 50u);
+  // Points reach their series (a cached id of a rolled-back series row would strand them).
+  auto served = fresh.query_telemetry(
+      query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
+  ASSERT_OK(served);
+  ASSERT_EQ(served->series.size(), 3u);
+  EXPECT_EQ(served->series[0].total.sum, mixed_served(1, 8));
+  EXPECT_EQ(served->series[1].total.sum, 11);
+  EXPECT_EQ(served->series[2].total.sum, 50);
+  auto series_rows = [&]() {
+    sqlite3* db = nullptr;
+    int64_t n = -1;
+    if (sqlite3_open_v2((dir_.path() + "/outpost.db").c_str(), &db, SQLITE_OPEN_READONLY,
+                        nullptr) == SQLITE_OK) {
+      sqlite3_stmt* stmt = nullptr;
+      if (sqlite3_prepare_v2(db,
+                             "SELECT (SELECT COUNT(*) - 6 FROM telemetry_series WHERE version = '9.9.9'),"
+                             " (SELECT COUNT(*) FROM telemetry_points p WHERE NOT EXISTS"
+                             " (SELECT 1 FROM telemetry_series s WHERE s.id = p.series_id))",
+                             -1, &stmt, nullptr) == SQLITE_OK &&
+          sqlite3_step(stmt) == SQLITE_ROW) {
+        n = sqlite3_column_int64(stmt, 0) * 1000 + sqlite3_column_int64(stmt, 1);
+      }
+      sqlite3_finalize(stmt);
+    }
+    sqlite3_close(db);
+    return n;
+  };
+  EXPECT_EQ(series_rows(), 0) << "series of failed batches, or points without a series (x1000 = "
+                                 "failed series, units = stranded points)";
+
+  // And the fresh store, given the next batch, agrees with the watermark.
+  auto next = fresh.ingest_telemetry("cam-01", "plant-a", mixed_batch(8, 11), kT0);
+  ASSERT_OK(next);
+  EXPECT_EQ(next->duplicates, 2);
+  EXPECT_EQ(next->stored, 2);
+}
+
+// Two stores on one file (the server and an operator's tool, or two processes): a watermark
+// that one moved is honoured by the other, whose cache holds an older one. Records are
+// stored and counted once, whichever store they came through, sequentially and concurrently.
+TEST_P(StoreTest, TelemetryWatermarkMovedByAnotherWriterIsHonoured) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  auto second = GetParam().open(dir_.path());
+  ASSERT_OK(second);
+  Store& a = *store_;
+  Store& b = **second;
+
+  auto a1 = a.ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 4), kT0);  // A caches 4
+  ASSERT_OK(a1);
+  EXPECT_EQ(a1->stored, 4);
+  auto b1 = b.ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 8), kT0);
+  ASSERT_OK(b1);
+  EXPECT_EQ(b1->duplicates, 4);
+  EXPECT_EQ(b1->stored, 4);
+  // Already stored through B: a duplicate through A.
+  auto a2 = a.ingest_telemetry("cam-01", "plant-a", mixed_batch(1, 8), kT0);
+  ASSERT_OK(a2);
+  EXPECT_EQ(a2->acked, 8);
+  EXPECT_EQ(a2->stored, 0);
+  EXPECT_EQ(a2->duplicates, 8);
+  auto a3 = a.ingest_telemetry("cam-01", "plant-a", mixed_batch(7, 10), kT0);
+  ASSERT_OK(a3);
+  EXPECT_EQ(a3->stored, 2);
+  // B's cache says 8; A moved it to 10. The group path too.
+  const telemetry::Batch cam01 = mixed_batch(9, 12);
+  const telemetry::Batch cam02 = mixed_batch(1, 2);
+  auto b2 = b.ingest_telemetry_batches({{"cam-01", "plant-a", &cam01}, {"cam-02", "plant-a", &cam02}},
+                                       kT0);
+  ASSERT_OK(b2);
+  ASSERT_EQ(b2->size(), 2u);
+  ASSERT_OK((*b2)[0]);
+  EXPECT_EQ((*b2)[0]->duplicates, 2);
+  EXPECT_EQ((*b2)[0]->stored, 2);
+  EXPECT_EQ((*b2)[0]->acked, 12);
+
+  for (Store* store : {&a, &b}) {
+    auto totals = store->list_telemetry_totals();
+    ASSERT_OK(totals);
+    ASSERT_EQ(totals->size(), 1u);
+    EXPECT_EQ((*totals)[0].served, static_cast<uint64_t>(mixed_served(1, 12) + mixed_served(1, 2)));
+    auto devices = store->list_telemetry_devices();
+    ASSERT_OK(devices);
+    ASSERT_EQ(devices->size(), 2u);
+    EXPECT_EQ((*devices)[0].acked_seq, 12);
+    EXPECT_EQ((*devices)[0].records, 12);
+    auto served = store->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour));
+    ASSERT_OK(served);
+    EXPECT_EQ(served->total.sum, mixed_served(1, 12) + mixed_served(1, 2));
+  }
+
+  // Concurrently: both stores get every window of one device's stream, in order (windows of 10
+  // records overlapping by 5), as a device resending to two servers would. Every record is
+  // stored exactly once, through whichever store got it first.
+  constexpr int64_t kWindows = 12;
+  std::atomic<int64_t> stored{0};
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (Store* store : {&a, &b}) {
+    threads.emplace_back([&, store] {
+      for (int64_t w = 0; w < kWindows; ++w) {
+        auto r = store->ingest_telemetry("cam-09", "plant-a", mixed_batch(w * 5 + 1, w * 5 + 10),
+                                         kT0);
+        if (!r) {
+          ADD_FAILURE() << r.error().describe();
+          ++failures;
+          continue;
+        }
+        stored += r->stored;
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  const int64_t last = (kWindows - 1) * 5 + 10;
+  EXPECT_EQ(stored.load(), last);
+  auto devices = a.list_telemetry_devices();
+  ASSERT_OK(devices);
+  ASSERT_EQ(devices->size(), 3u);
+  EXPECT_EQ((*devices)[2].device_id, "cam-09");
+  EXPECT_EQ((*devices)[2].acked_seq, last);
+  EXPECT_EQ((*devices)[2].records, last);
+  auto totals = b.list_telemetry_totals();
+  ASSERT_OK(totals);
+  ASSERT_EQ(totals->size(), 1u);
+  EXPECT_EQ((*totals)[0].served,
+            static_cast<uint64_t>(mixed_served(1, 12) + mixed_served(1, 2) + mixed_served(1, last)));
+}
+
 TEST_P(StoreTest, TelemetryQueryRefusesUnknownMetricsAndGroupings) {
   auto unknown = store_->query_telemetry(query_of("inference_latency", kT0, kT0 + kHour));
   ASSERT_FALSE(unknown);
