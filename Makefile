@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 # -O2 without debug info: quicker to compile and link on CI's 2 cores.
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG"
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve bench-telemetry format clean
 
 deps:
 	@scripts/install-deps
@@ -43,12 +43,16 @@ bench: bench-build
 	bench/sync/run.sh
 	bench/agent/footprint.sh
 	BUILD=0 bench/serve/run.sh
+	BUILD=0 bench/telemetry/run.sh
 
 bench-agent: build
 	bench/agent/footprint.sh
 
 bench-serve: bench-build
 	BUILD=0 bench/serve/run.sh
+
+bench-telemetry: bench-build
+	BUILD=0 bench/telemetry/run.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')
