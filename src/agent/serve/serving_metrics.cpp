@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "common/prometheus_text.h"
+
 namespace outpost::agent::serve {
 namespace {
 
@@ -12,30 +14,6 @@ const std::vector<double> kLatencyBounds = {0.0001, 0.00025, 0.0005, 0.001, 0.00
                                             0.01,   0.025,   0.05,   0.1,   0.25,   0.5,
                                             1,      2.5,     5,      10};
 const std::vector<double> kConfidenceBounds = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0};
-
-// Prometheus label values escape backslash, quote and newline.
-std::string label_value(const std::string& v) {
-  std::string out;
-  for (char c : v) {
-    if (c == '\\' || c == '"') {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string number(double v) {
-  if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
-  if (std::isnan(v)) return "NaN";
-  char buf[64];
-  std::snprintf(buf, sizeof(buf), "%.9g", v);
-  return buf;
-}
 
 json histogram_json(const Histogram::Snapshot& s) {
   json buckets = json::array();
@@ -50,14 +28,11 @@ json histogram_json(const Histogram::Snapshot& s) {
 
 void append_histogram(std::string& out, const std::string& name, const std::string& labels,
                       const Histogram::Snapshot& s) {
-  uint64_t cumulative = 0;
+  std::vector<std::pair<double, uint64_t>> buckets;
   for (size_t i = 0; i < s.counts.size(); ++i) {
-    cumulative += s.counts[i];
-    const std::string le = i < s.bounds.size() ? number(s.bounds[i]) : "+Inf";
-    out += name + "_bucket{" + labels + ",le=\"" + le + "\"} " + std::to_string(cumulative) + "\n";
+    buckets.emplace_back(i < s.bounds.size() ? s.bounds[i] : INFINITY, s.counts[i]);
   }
-  out += name + "_sum{" + labels + "} " + number(s.sum) + "\n";
-  out += name + "_count{" + labels + "} " + std::to_string(s.count) + "\n";
+  prometheus::append_histogram(out, name, labels, buckets, s.sum, s.count);
 }
 
 }  // namespace
@@ -151,8 +126,9 @@ void ModelMetrics::observe_inputs(const std::vector<Tensor>& inputs) {
 }
 
 std::string ModelMetrics::labels() const {
-  return "deployment=\"" + label_value(deployment_) + "\",model=\"" + label_value(model_) +
-         "\",version=\"" + label_value(version_) + "\",role=\"" + label_value(role_) + "\"";
+  return "deployment=\"" + prometheus::label_value(deployment_) + "\",model=\"" +
+         prometheus::label_value(model_) + "\",version=\"" + prometheus::label_value(version_) +
+         "\",role=\"" + prometheus::label_value(role_) + "\"";
 }
 
 json ModelMetrics::to_json() const {
@@ -217,10 +193,12 @@ void ModelMetrics::append_prometheus(std::string& out) const {
   for (size_t k = 0; k < features_.size(); ++k) {
     const auto& stats = features_[k].second;
     for (size_t i = 0; i < stats.size(); ++i) {
-      const std::string fl = l + ",input=\"" + label_value(features_[k].first) + "\",feature=\"" +
+      const std::string fl = l + ",input=\"" + prometheus::label_value(features_[k].first) +
+                             "\",feature=\"" +
                              (aggregated_[k] ? std::string("*") : std::to_string(i)) + "\"";
-      out += "outpost_inference_input_mean{" + fl + "} " + number(stats[i].mean) + "\n";
-      out += "outpost_inference_input_variance{" + fl + "} " + number(stats[i].variance()) + "\n";
+      out += "outpost_inference_input_mean{" + fl + "} " + prometheus::number(stats[i].mean) + "\n";
+      out += "outpost_inference_input_variance{" + fl + "} " +
+             prometheus::number(stats[i].variance()) + "\n";
     }
   }
 }

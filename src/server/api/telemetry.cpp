@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "common/prometheus_text.h"
 #include "common/telemetry_batch.h"
 #include "common/telemetry_metrics.h"
 #include "common/units.h"
@@ -205,49 +206,14 @@ Result<http::Response> query_telemetry(ApiContext& ctx, const http::Request& req
   return json_response(200, out);
 }
 
-// Prometheus label value escaping: backslash, double quote and newline.
-std::string label(std::string_view value) {
-  std::string out;
-  for (char c : value) {
-    if (c == '\\' || c == '"') {
-      out += '\\';
-      out += c;
-    } else if (c == '\n') {
-      out += "\\n";
-    } else {
-      out += c;
-    }
-  }
-  return out;
-}
-
-std::string number(double value) {
-  if (std::isinf(value)) return value > 0 ? "+Inf" : "-Inf";
-  if (std::isnan(value)) return "NaN";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.17g", value);
-  return buf;
-}
-
 void header(std::string& out, const char* name, const char* type, const char* help) {
   out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n";
 }
 
 void histogram_lines(std::string& out, const std::string& name, const std::string& labels,
                      const store::TelemetryStats& h) {
-  uint64_t cumulative = 0;
-  bool has_inf = false;
-  for (const auto& [le, count] : h.buckets) {
-    cumulative += count;
-    has_inf = has_inf || std::isinf(le);
-    out += name + "_bucket{" + labels + ",le=\"" + number(le) + "\"} " +
-           std::to_string(cumulative) + "\n";
-  }
-  if (!has_inf) {
-    out += name + "_bucket{" + labels + ",le=\"+Inf\"} " + std::to_string(h.count) + "\n";
-  }
-  out += name + "_sum{" + labels + "} " + number(h.hist_sum) + "\n";
-  out += name + "_count{" + labels + "} " + std::to_string(h.count) + "\n";
+  prometheus::append_histogram(out, name, labels, {h.buckets.begin(), h.buckets.end()}, h.hist_sum,
+                               h.count);
 }
 
 }  // namespace
@@ -298,23 +264,25 @@ Result<std::string> fleet_metrics_text(ApiContext& ctx) {
   header(out, "outpost_devices", "gauge",
          "Enrolled devices by site and state (online: seen in the last 3 minutes).");
   for (const auto& [site, counts] : by_site) {
-    out += "outpost_devices{site=\"" + label(site) + "\",state=\"online\"} " +
+    out += "outpost_devices{site=\"" + prometheus::label_value(site) + "\",state=\"online\"} " +
            std::to_string(counts.first) + "\n";
-    out += "outpost_devices{site=\"" + label(site) + "\",state=\"offline\"} " +
+    out += "outpost_devices{site=\"" + prometheus::label_value(site) + "\",state=\"offline\"} " +
            std::to_string(counts.second) + "\n";
   }
   header(out, "outpost_deployment_devices", "gauge",
          "Devices by deployment and the phase they last reported (rollout progress).");
   for (const auto& [key, count] : phases) {
-    out += "outpost_deployment_devices{deployment=\"" + label(key.first) + "\",phase=\"" +
-           label(key.second) + "\"} " + std::to_string(count) + "\n";
+    out += "outpost_deployment_devices{deployment=\"" + prometheus::label_value(key.first) +
+           "\",phase=\"" + prometheus::label_value(key.second) + "\"} " + std::to_string(count) +
+           "\n";
   }
 
   auto totals = ctx.store.list_telemetry_totals();
   if (!totals) return make_error(totals.error());
   auto labels_of = [](const store::TelemetryTotal& t) {
-    return "deployment=\"" + label(t.deployment) + "\",model=\"" + label(t.model) +
-           "\",version=\"" + label(t.version) + "\",role=\"" + label(t.role) + "\"";
+    return "deployment=\"" + prometheus::label_value(t.deployment) + "\",model=\"" +
+           prometheus::label_value(t.model) + "\",version=\"" + prometheus::label_value(t.version) +
+           "\",role=\"" + prometheus::label_value(t.role) + "\"";
   };
   struct Counter {
     const char* name;
