@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -344,11 +345,26 @@ TEST_F(TelemetryE2E, ServedWhileOfflineArrivesOnceAcrossKill9sInTheMiddleOfShipp
   EXPECT_DOUBLE_EQ(query("sample_latency_seconds", "points", {"--deployment", "app"}), sent);
   // One activation, once.
   EXPECT_DOUBLE_EQ(query("events", "sum", {"--deployment", "app"}), 1);
-  // Nothing dropped, and the server holds exactly the records the agent numbered.
+  // Nothing dropped, and the server holds exactly the records the agent numbered. Health
+  // records keep coming every second, so read both sides until they agree at a quiet moment:
+  // a record lost or stored twice would keep them apart for good.
   EXPECT_EQ(t["dropped"], json({{"samples", 0}, {"health", 0}, {"aggregates", 0}, {"events", 0}}))
       << t.dump();
-  json server_view = device_telemetry(id);
-  const int64_t last_seq = t["buffer"].value("last_seq", int64_t{0});
+  json server_view;
+  int64_t last_seq = -1;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (std::chrono::steady_clock::now() < deadline) {
+    t = agent_telemetry();
+    last_seq = t["buffer"].value("last_seq", int64_t{-1});
+    server_view = device_telemetry(id);
+    if (server_view.value("records", int64_t{-2}) == last_seq &&
+        server_view.value("acked_seq", int64_t{-2}) == last_seq &&
+        t["buffer"].value("last_seq", int64_t{-1}) ==
+            agent_telemetry()["buffer"].value("last_seq", int64_t{-3})) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
   EXPECT_EQ(server_view.value("acked_seq", int64_t{-1}), last_seq) << server_view.dump();
   EXPECT_EQ(server_view.value("records", int64_t{-1}), last_seq) << server_view.dump();
 }
@@ -409,6 +425,51 @@ TEST_F(TelemetryE2E, AFloodBeyondTheBufferBoundDropsSamplesFirstAndReportsIt) {
             0);
   auto list = server_->cli({"device", "list"});
   EXPECT_NE(list.out.find("dropped"), std::string::npos) << list.out;
+}
+
+// Workload events reach the operator: a companion process that runs (healthy after the 2 s
+// settle time), then crashes, shows up as start, crash and restart events of its deployment;
+// one that crashes before it was ever healthy as a failed revision.
+TEST_F(TelemetryE2E, WorkloadCrashesAndRestartsArriveAsEvents) {
+  agent_ = std::make_unique<AgentProcess>(root_ + "/agent");
+  agent_->start({"--server", server_->url(), "--enroll-token", token(1), "--telemetry-interval",
+                 "1s", "--telemetry-flush", "200ms"});
+  ASSERT_TRUE(agent_->running());
+  json manifest = {
+      {"apiVersion", "outpost/v1"},
+      {"kind", "Deployment"},
+      {"metadata", {{"name", "flaky"}}},
+      {"spec",
+       {{"selector", {{"sites", {"plant-1"}}}},
+        {"workload",
+         {{"command", {"/bin/sh", "-c", "sleep 2.5; exit 3"}}, {"restart", "always"}}}}}};
+  auto r = server_->cli({"apply", "-f", "-"}, manifest.dump());
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+
+  auto events_by_kind = [&] {
+    auto q = server_->cli({"telemetry", "query", "events", "--deployment", "flaky", "--since", "1h",
+                           "--by", "detail", "-o", "json"});
+    EXPECT_EQ(q.exit_code, 0) << q.err;
+    std::map<std::string, double> out;
+    for (const auto& series : q.json().value("series", json::array())) {
+      out[series.value("detail", "")] = series["aggregate"].value("sum", 0.0);
+    }
+    return out;
+  };
+  std::map<std::string, double> seen;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < deadline) {
+    seen = events_by_kind();
+    if (seen["start"] >= 1 && seen["crash"] >= 2 && seen["restart"] >= 1) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+  // The agent starts the revision once; the supervisor restarts it after each crash.
+  EXPECT_EQ(seen["start"], 1) << json(seen).dump();
+  EXPECT_GE(seen["crash"], 2) << json(seen).dump();
+  EXPECT_GE(seen["restart"], 1) << json(seen).dump();
+  EXPECT_LE(seen["restart"], seen["crash"]) << json(seen).dump();
+  EXPECT_EQ(seen["activate"], 1) << json(seen).dump();
+  EXPECT_EQ(seen["failed"], 0) << json(seen).dump();  // it was healthy before each crash
 }
 
 }  // namespace
