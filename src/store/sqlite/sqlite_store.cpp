@@ -26,25 +26,11 @@
 
 #include <nlohmann/json.hpp>
 
+#include "store/sqlite/sqlite_errors.h"
 #include "store/sqlite/sqlite_telemetry.h"
 
 namespace outpost::store::sqlite {
-namespace {
 
-// How long a statement waits for another process's write lock before failing kUnavailable.
-constexpr int kBusyTimeoutMs = 5000;
-
-struct DbCloser {
-  void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
-};
-using DbPtr = std::unique_ptr<sqlite3, DbCloser>;
-
-struct StmtFinalizer {
-  void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
-};
-using StmtPtr = std::unique_ptr<sqlite3_stmt, StmtFinalizer>;
-
-// Maps an (extended) SQLite result code onto our error codes.
 Errc errc_for(int rc) {
   switch (rc) {
     case SQLITE_CONSTRAINT_PRIMARYKEY:
@@ -79,6 +65,21 @@ Errc errc_for(int rc) {
       return Errc::kInternal;
   }
 }
+
+namespace {
+
+// How long a statement waits for another process's write lock before failing kUnavailable.
+constexpr int kBusyTimeoutMs = 5000;
+
+struct DbCloser {
+  void operator()(sqlite3* db) const { sqlite3_close_v2(db); }
+};
+using DbPtr = std::unique_ptr<sqlite3, DbCloser>;
+
+struct StmtFinalizer {
+  void operator()(sqlite3_stmt* stmt) const { sqlite3_finalize(stmt); }
+};
+using StmtPtr = std::unique_ptr<sqlite3_stmt, StmtFinalizer>;
 
 // "2024-05-01T12:00:00Z" (with ".123" when the milliseconds are not zero).
 std::string iso_time(int64_t ms) {

@@ -12,6 +12,8 @@
 #include <set>
 #include <utility>
 
+#include "store/sqlite/sqlite_errors.h"
+
 namespace outpost::store::sqlite {
 namespace {
 
@@ -24,23 +26,10 @@ int64_t hour_of(int64_t time_ms) {
   return time_ms >= 0 ? time_ms / kHourMs : -((-time_ms + kHourMs - 1) / kHourMs);
 }
 
+// As the rest of the store, except that a broken constraint is our bug, not the device's:
+// 500, so that the agent sends the batch again rather than giving it up as refused.
 Errc telemetry_errc(int rc) {
-  switch (rc & 0xff) {
-    case SQLITE_BUSY:
-    case SQLITE_LOCKED:
-      return Errc::kUnavailable;
-    case SQLITE_FULL:
-    case SQLITE_NOMEM:
-      return Errc::kResourceExhausted;
-    case SQLITE_IOERR:
-    case SQLITE_CANTOPEN:
-    case SQLITE_READONLY:
-    case SQLITE_CORRUPT:
-    case SQLITE_NOTADB:
-      return Errc::kIo;
-    default:
-      return Errc::kInternal;
-  }
+  return (rc & 0xff) == SQLITE_CONSTRAINT ? Errc::kInternal : errc_for(rc);
 }
 
 // Histogram buckets as a BLOB: (float64 le, uint64 count) pairs in host byte order
@@ -248,6 +237,18 @@ Status SqliteTelemetry::exec(const char* sql) {
 }
 
 // Expands to the code that borrows the statement for `sql` as `name`, returning on error.
+void SqliteTelemetry::bind_series(Stmt& stmt, const SeriesKey& key) {
+  stmt.text(1, key.device)
+      .text(2, key.metric)
+      .text(3, key.site)
+      .text(4, key.deployment)
+      .i64(5, key.revision)
+      .text(6, key.model)
+      .text(7, key.version)
+      .text(8, key.role)
+      .text(9, key.detail);
+}
+
 #define OUTPOST_TELEMETRY_STMT(name, sql)       \
   auto name##_prepared = prepared(sql);         \
   if (!name##_prepared) {                       \
@@ -292,15 +293,7 @@ Status SqliteTelemetry::resolve_series(const SeriesKey& key, int64_t& slot) {
                            "SELECT id FROM telemetry_series WHERE device_id = ?1 AND metric = ?2"
                            " AND site = ?3 AND deployment = ?4 AND revision = ?5 AND model = ?6"
                            " AND version = ?7 AND role = ?8 AND detail = ?9");
-    find.text(1, key.device)
-        .text(2, key.metric)
-        .text(3, key.site)
-        .text(4, key.deployment)
-        .i64(5, key.revision)
-        .text(6, key.model)
-        .text(7, key.version)
-        .text(8, key.role)
-        .text(9, key.detail);
+    bind_series(find, key);
     const int rc = find.step();
     if (rc == SQLITE_ROW) {
       id = find.col_i64(0);
@@ -313,15 +306,7 @@ Status SqliteTelemetry::resolve_series(const SeriesKey& key, int64_t& slot) {
                            "INSERT INTO telemetry_series (device_id, metric, site, deployment,"
                            " revision, model, version, role, detail)"
                            " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)");
-    insert.text(1, key.device)
-        .text(2, key.metric)
-        .text(3, key.site)
-        .text(4, key.deployment)
-        .i64(5, key.revision)
-        .text(6, key.model)
-        .text(7, key.version)
-        .text(8, key.role)
-        .text(9, key.detail);
+    bind_series(insert, key);
     const int rc = insert.step();
     if (rc != SQLITE_DONE) return make_error(error(rc, "adding telemetry series"));
     id = sqlite3_last_insert_rowid(db_);

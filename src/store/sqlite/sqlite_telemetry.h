@@ -115,6 +115,8 @@ class SqliteTelemetry {
     int64_t records = 0;
   };
   class Stmt;
+  // The nine labels of a series, in the column order the series statements use.
+  static void bind_series(Stmt& stmt, const SeriesKey& key);
 
   // A statement prepared once and kept (the ingest path runs the same few thousands of
   // times a second); keyed by its SQL text, a literal of sqlite_telemetry.cpp.
