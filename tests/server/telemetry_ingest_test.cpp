@@ -17,8 +17,8 @@
 #include <thread>
 #include <vector>
 
-#include <boost/asio/thread_pool.hpp>
 #include <gtest/gtest.h>
+#include <boost/asio/thread_pool.hpp>
 #include <nlohmann/json.hpp>
 
 #include "../e2e/harness.h"
@@ -74,7 +74,8 @@ telemetry::Batch failing(int64_t seq) {
   telemetry::Batch b;
   b.first_seq = seq;
   b.last_seq = seq;
-  b.records = {inference(seq, kT0 + seq * kMinute, 1000), inference(seq, kT0 + seq * kMinute, 1000)};
+  b.records = {inference(seq, kT0 + seq * kMinute, 1000),
+               inference(seq, kT0 + seq * kMinute, 1000)};
   return b;
 }
 
@@ -257,7 +258,8 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
   constexpr int64_t kWindows = 8;  // of 5 records: seq 1..40 per device
   std::vector<e2e::FakeDevice> devices;
   for (int d = 0; d < kDevices; ++d) {
-    devices.push_back(e2e::FakeDevice::enroll(url_, token, {{"arch", "x86_64"}, {"memory_mb", 4096}}));
+    devices.push_back(
+        e2e::FakeDevice::enroll(url_, token, {{"arch", "x86_64"}, {"memory_mb", 4096}}));
     ASSERT_FALSE(devices.back().id.empty());
   }
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -286,7 +288,8 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
       HttpRequestOptions zstd;
       zstd.headers.emplace_back("Content-Encoding", "zstd");
       auto post = [&](const std::string& body) {
-        auto resp = client.request("POST", "/api/v1/device/telemetry", body, "application/json", zstd);
+        auto resp =
+            client.request("POST", "/api/v1/device/telemetry", body, "application/json", zstd);
         if (!resp) {
           ADD_FAILURE() << resp.error().describe();
           ++failures;

@@ -1146,9 +1146,9 @@ void expect_same_telemetry(Store& actual, Store& expected, const std::string& wh
     EXPECT_EQ(a.latency.buckets, e.latency.buckets) << a.version;
     EXPECT_EQ(a.confidence.count, e.confidence.count) << a.version;
   }
-  for (const auto& [metric, by] : {std::pair{"inference_requests", "device"},
-                                   std::pair{"inference_requests", "version"},
-                                   std::pair{"events", "device"}, std::pair{"cpu_percent", "device"}}) {
+  for (const auto& [metric, by] :
+       {std::pair{"inference_requests", "device"}, std::pair{"inference_requests", "version"},
+        std::pair{"events", "device"}, std::pair{"cpu_percent", "device"}}) {
     auto got = actual.query_telemetry(query_of(metric, kT0, kT0 + kHour, kHour, by));
     auto want = expected.query_telemetry(query_of(metric, kT0, kT0 + kHour, kHour, by));
     ASSERT_OK(got);
@@ -1180,13 +1180,13 @@ TEST_P(StoreTest, TelemetryGroupWithFailingBatchesEqualsOneByOneIngest) {
   ASSERT_OK(reference_or);
   Store& reference = **reference_or;
 
-  telemetry::Batch health = batch_of({inference_record(1, kT0 + kMinute, 7),
-                                      health_record(2, kT0 + 2 * kMinute, 40),
-                                      inference_record(3, kT0 + 3 * kMinute, 9, "1.1.0")});
+  telemetry::Batch health =
+      batch_of({inference_record(1, kT0 + kMinute, 7), health_record(2, kT0 + 2 * kMinute, 40),
+                inference_record(3, kT0 + 3 * kMinute, 9, "1.1.0")});
   health.dropped = telemetry::DropCounts{.samples = 4, .health = 1};
   const telemetry::Batch cam01_a = mixed_batch(1, 5);
-  const telemetry::Batch cam01_b = mixed_batch(4, 9);  // overlaps cam01_a by two
-  const telemetry::Batch bad_new = failing_batch(1);   // a device never seen before
+  const telemetry::Batch cam01_b = mixed_batch(4, 9);   // overlaps cam01_a by two
+  const telemetry::Batch bad_new = failing_batch(1);    // a device never seen before
   const telemetry::Batch bad_cam01 = failing_batch(6);  // above cam-01's watermark
   const std::vector<TelemetryIngest> group = {
       {"cam-04", "plant-a", &bad_new},  // first in the group
@@ -1201,8 +1201,8 @@ TEST_P(StoreTest, TelemetryGroupWithFailingBatchesEqualsOneByOneIngest) {
   ASSERT_EQ(outcomes->size(), group.size());
   for (size_t i = 0; i < group.size(); ++i) {
     SCOPED_TRACE("slot " + std::to_string(i) + " (" + group[i].device_id + ")");
-    auto one = reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch,
-                                          kT0 + kHour);
+    auto one =
+        reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch, kT0 + kHour);
     ASSERT_EQ((*outcomes)[i].has_value(), one.has_value());
     if (!one) continue;
     EXPECT_EQ((*outcomes)[i]->acked, one->acked);
@@ -1258,8 +1258,8 @@ TEST_P(StoreTest, TelemetryGroupWithFailingBatchesEqualsOneByOneIngest) {
   ASSERT_EQ(replay->size(), group.size());
   for (size_t i = 0; i < group.size(); ++i) {
     SCOPED_TRACE("replay slot " + std::to_string(i));
-    auto one = reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch,
-                                          kT0 + kHour);
+    auto one =
+        reference.ingest_telemetry(group[i].device_id, group[i].site, *group[i].batch, kT0 + kHour);
     ASSERT_EQ((*replay)[i].has_value(), one.has_value());
     // cam-01's failing batch (slot 3) is below its watermark now: all duplicates, stored
     // nothing. The batches of cam-03 and cam-04 fail again.
@@ -1290,13 +1290,13 @@ TEST_P(StoreTest, TelemetryGroupWithFailingBatchesEqualsOneByOneIngest) {
     ASSERT_OK(store->ingest_telemetry(
         "cam-01", "plant-a", batch_of({inference_record(10, kT0 + 10 * kMinute, 13, "9.9.9")}),
         kT0 + kHour));
-    ASSERT_OK(store->ingest_telemetry(
-        "cam-04", "plant-a", batch_of({inference_record(1, kT0 + kMinute, 17, "9.9.9")}),
-        kT0 + kHour));
+    ASSERT_OK(store->ingest_telemetry("cam-04", "plant-a",
+                                      batch_of({inference_record(1, kT0 + kMinute, 17, "9.9.9")}),
+                                      kT0 + kHour));
   }
   expect_same_telemetry(*store_, reference, "after good batches of the failed labels");
-  auto by_version = store_->query_telemetry(
-      query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
+  auto by_version =
+      store_->query_telemetry(query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
   ASSERT_OK(by_version);
   ASSERT_EQ(by_version->series.size(), 3u);
   EXPECT_EQ(by_version->series[2].group, "9.9.9");
@@ -1319,8 +1319,8 @@ TEST_P(StoreTest, TelemetryCachesAfterARolledBackTransactionMatchAFreshStore) {
   // A group whose fast try fails at its last batch, after the first ones moved cam-01's and
   // cam-02's watermarks and added series; the retry stores them.
   const telemetry::Batch cam01 = mixed_batch(4, 6);
-  const telemetry::Batch cam02 = batch_of({health_record(1, kT0 + kMinute, 10),
-                                           inference_record(2, kT0 + 2 * kMinute, 11, "2.0.0")});
+  const telemetry::Batch cam02 = batch_of(
+      {health_record(1, kT0 + kMinute, 10), inference_record(2, kT0 + 2 * kMinute, 11, "2.0.0")});
   const telemetry::Batch bad = failing_batch(20);
   auto outcomes = store_->ingest_telemetry_batches(
       {{"cam-01", "plant-a", &cam01}, {"cam-02", "plant-b", &cam02}, {"cam-01", "plant-a", &bad}},
@@ -1370,8 +1370,8 @@ TEST_P(StoreTest, TelemetryCachesAfterARolledBackTransactionMatchAFreshStore) {
   EXPECT_EQ((*totals)[2].version, "9.9.9");
   EXPECT_EQ((*totals)[2].served, 50u);
   // Points reach their series (a cached id of a rolled-back series row would strand them).
-  auto served = fresh.query_telemetry(
-      query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
+  auto served =
+      fresh.query_telemetry(query_of("inference_requests", kT0, kT0 + kHour, kHour, "version"));
   ASSERT_OK(served);
   ASSERT_EQ(served->series.size(), 3u);
   EXPECT_EQ(served->series[0].total.sum, mixed_served(1, 8));
@@ -1383,11 +1383,12 @@ TEST_P(StoreTest, TelemetryCachesAfterARolledBackTransactionMatchAFreshStore) {
     if (sqlite3_open_v2((dir_.path() + "/outpost.db").c_str(), &db, SQLITE_OPEN_READONLY,
                         nullptr) == SQLITE_OK) {
       sqlite3_stmt* stmt = nullptr;
-      if (sqlite3_prepare_v2(db,
-                             "SELECT (SELECT COUNT(*) - 6 FROM telemetry_series WHERE version = '9.9.9'),"
-                             " (SELECT COUNT(*) FROM telemetry_points p WHERE NOT EXISTS"
-                             " (SELECT 1 FROM telemetry_series s WHERE s.id = p.series_id))",
-                             -1, &stmt, nullptr) == SQLITE_OK &&
+      if (sqlite3_prepare_v2(
+              db,
+              "SELECT (SELECT COUNT(*) - 6 FROM telemetry_series WHERE version = '9.9.9'),"
+              " (SELECT COUNT(*) FROM telemetry_points p WHERE NOT EXISTS"
+              " (SELECT 1 FROM telemetry_series s WHERE s.id = p.series_id))",
+              -1, &stmt, nullptr) == SQLITE_OK &&
           sqlite3_step(stmt) == SQLITE_ROW) {
         n = sqlite3_column_int64(stmt, 0) * 1000 + sqlite3_column_int64(stmt, 1);
       }
@@ -1437,8 +1438,8 @@ TEST_P(StoreTest, TelemetryWatermarkMovedByAnotherWriterIsHonoured) {
   // B's cache says 8; A moved it to 10. The group path too.
   const telemetry::Batch cam01 = mixed_batch(9, 12);
   const telemetry::Batch cam02 = mixed_batch(1, 2);
-  auto b2 = b.ingest_telemetry_batches({{"cam-01", "plant-a", &cam01}, {"cam-02", "plant-a", &cam02}},
-                                       kT0);
+  auto b2 = b.ingest_telemetry_batches(
+      {{"cam-01", "plant-a", &cam01}, {"cam-02", "plant-a", &cam02}}, kT0);
   ASSERT_OK(b2);
   ASSERT_EQ(b2->size(), 2u);
   ASSERT_OK((*b2)[0]);
@@ -1471,8 +1472,8 @@ TEST_P(StoreTest, TelemetryWatermarkMovedByAnotherWriterIsHonoured) {
   for (Store* store : {&a, &b}) {
     threads.emplace_back([&, store] {
       for (int64_t w = 0; w < kWindows; ++w) {
-        auto r = store->ingest_telemetry("cam-09", "plant-a", mixed_batch(w * 5 + 1, w * 5 + 10),
-                                         kT0);
+        auto r =
+            store->ingest_telemetry("cam-09", "plant-a", mixed_batch(w * 5 + 1, w * 5 + 10), kT0);
         if (!r) {
           ADD_FAILURE() << r.error().describe();
           ++failures;
@@ -1495,8 +1496,8 @@ TEST_P(StoreTest, TelemetryWatermarkMovedByAnotherWriterIsHonoured) {
   auto totals = b.list_telemetry_totals();
   ASSERT_OK(totals);
   ASSERT_EQ(totals->size(), 1u);
-  EXPECT_EQ((*totals)[0].served,
-            static_cast<uint64_t>(mixed_served(1, 12) + mixed_served(1, 2) + mixed_served(1, last)));
+  EXPECT_EQ((*totals)[0].served, static_cast<uint64_t>(mixed_served(1, 12) + mixed_served(1, 2) +
+                                                       mixed_served(1, last)));
 }
 
 TEST_P(StoreTest, TelemetryQueryRefusesUnknownMetricsAndGroupings) {
