@@ -414,8 +414,8 @@ TEST_F(TelemetryE2E, AFloodBeyondTheBufferBoundDropsSamplesFirstAndReportsIt) {
   const std::string id = agent_->device_id();
 
   server_->stop();
-  // About 250 bytes of sample each: 12,000 of them are over ten times the bound.
-  constexpr int kRequests = 12'000;
+  // About 300 bytes of buffer each: 7,000 samples are eight times the bound.
+  constexpr int kRequests = 7'000;
   int64_t largest = 0;
   for (int i = 0; i < kRequests / 1000; ++i) {
     infer(1000);
