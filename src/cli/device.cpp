@@ -139,6 +139,17 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
                 << " (report " << d["status"].value("seq", 0) << ", agent "
                 << d["status"].value("agent_version", "?") << ")\n";
     }
+    if (const auto& t = d.value("telemetry", nlohmann::json()); t.is_object()) {
+      const auto& dropped = t.value("dropped_by_class", nlohmann::json::object());
+      std::cout << "Telemetry:   " << t.value("records", int64_t{0}) << " records in "
+                << t.value("batches", int64_t{0}) << " batches, last "
+                << ago(t.value("last_ingest_at", int64_t{0}), now_ms()) << ", acked seq "
+                << t.value("acked_seq", int64_t{0})
+                << "; dropped on the device: " << dropped.value("samples", int64_t{0})
+                << " samples, " << dropped.value("health", int64_t{0}) << " health, "
+                << dropped.value("aggregates", int64_t{0}) << " aggregates, "
+                << dropped.value("events", int64_t{0}) << " events\n";
+    }
     exit_code = kExitOk;
   });
 

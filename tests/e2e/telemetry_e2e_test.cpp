@@ -458,6 +458,11 @@ TEST_F(TelemetryE2E, AFloodBeyondTheBufferBoundDropsSamplesFirstAndReportsIt) {
             0);
   auto list = server_->cli({"device", "list"});
   EXPECT_NE(list.out.find("dropped"), std::string::npos) << list.out;
+  auto show = server_->cli({"device", "show", id});
+  EXPECT_NE(show.out.find("dropped on the device: " +
+                          std::to_string(t["dropped"].value("samples", int64_t{-1})) + " samples"),
+            std::string::npos)
+      << show.out;
 }
 
 // Workload events reach the operator: a companion process that runs (healthy after the 2 s
