@@ -377,6 +377,11 @@ Status SqliteTelemetry::merge_into_rollup(int64_t hour, int64_t series, int64_t 
   } else {
     stats.add_value(time, value);
   }
+  return write_rollup(hour, series, stats, histogram != nullptr);
+}
+
+Status SqliteTelemetry::write_rollup(int64_t hour, int64_t series, const TelemetryStats& stats,
+                                     bool histogram) {
   OUTPOST_TELEMETRY_STMT(write,
                          "INSERT OR REPLACE INTO telemetry_rollups (hour, series_id, points,"
                          " value_sum, value_min, value_max, last_time, last_value, hist_sum,"
@@ -389,7 +394,7 @@ Status SqliteTelemetry::merge_into_rollup(int64_t hour, int64_t series, int64_t 
       .real(6, stats.max)
       .i64(7, stats.last_time)
       .real(8, stats.last);
-  if (histogram != nullptr) {
+  if (histogram) {
     encode_bucket_map(stats.buckets, blob_buffer_);
     write.real(9, stats.hist_sum).blob(10, blob_buffer_);
   }
@@ -840,24 +845,7 @@ Result<TelemetryMaintenanceOutcome> SqliteTelemetry::maintain(int64_t now_ms,
       bool histogram = false;
       auto flush = [&]() -> Status {
         if (current < 0) return ok();
-        OUTPOST_TELEMETRY_STMT(write,
-                               "INSERT INTO telemetry_rollups (hour, series_id, points, value_sum,"
-                               " value_min, value_max, last_time, last_value, hist_sum, buckets)"
-                               " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)");
-        write.i64(1, hour)
-            .i64(2, current)
-            .i64(3, stats.points)
-            .real(4, stats.sum)
-            .real(5, stats.min)
-            .real(6, stats.max)
-            .i64(7, stats.last_time)
-            .real(8, stats.last);
-        if (histogram) {
-          encode_bucket_map(stats.buckets, blob_buffer_);
-          write.real(9, stats.hist_sum).blob(10, blob_buffer_);
-        }
-        const int rc = write.step();
-        if (rc != SQLITE_DONE) return make_error(error(rc, "writing telemetry rollup"));
+        OUTPOST_TRY(write_rollup(hour, current, stats, histogram));
         ++out.rollups_written;
         return ok();
       };

@@ -117,6 +117,9 @@ class SqliteTelemetry {
   class Stmt;
   // The nine labels of a series, in the column order the series statements use.
   static void bind_series(Stmt& stmt, const SeriesKey& key);
+  // Writes (or replaces) the rollup row of a series for an hour.
+  [[nodiscard]] Status write_rollup(int64_t hour, int64_t series, const TelemetryStats& stats,
+                                    bool histogram);
 
   // A statement prepared once and kept (the ingest path runs the same few thousands of
   // times a second); keyed by its SQL text, a literal of sqlite_telemetry.cpp.
