@@ -279,14 +279,7 @@ Status Buffer::enforce_bound_locked() {
       return make_error(Errc::kIo,
                         "telemetry buffer " + path_ + ": cannot drop: " + sqlite3_errmsg(db_));
     }
-    for (int c = 0; c < kRecordClasses; ++c) {
-      count_[c] -= n[c];
-      bytes_[c] -= b[c];
-    }
-    dropped_.samples += n[0];
-    dropped_.health += n[1];
-    dropped_.aggregates += n[2];
-    dropped_.events += n[3];
+    forget_locked(n, b, /*as_dropped=*/true);
     used = used_bytes_locked();
   }
   return save_counters_locked();
@@ -371,17 +364,22 @@ Status Buffer::delete_through_locked(int64_t seq, bool count_as_dropped) {
     return make_error(Errc::kIo,
                       "telemetry buffer " + path_ + ": cannot delete: " + sqlite3_errmsg(db_));
   }
+  forget_locked(n, b, count_as_dropped);
+  return ok();
+}
+
+void Buffer::forget_locked(const int64_t (&n)[kRecordClasses], const int64_t (&b)[kRecordClasses],
+                           bool as_dropped) {
   for (int c = 0; c < kRecordClasses; ++c) {
     count_[c] -= n[c];
     bytes_[c] -= b[c];
   }
-  if (count_as_dropped) {
+  if (as_dropped) {
     dropped_.samples += n[0];
     dropped_.health += n[1];
     dropped_.aggregates += n[2];
     dropped_.events += n[3];
   }
-  return ok();
 }
 
 Status Buffer::ack(int64_t seq) {

@@ -114,6 +114,10 @@ class Buffer {
   Result<int64_t> append_locked(std::vector<Record>& records);
   Status enforce_bound_locked();
   Status delete_through_locked(int64_t seq, bool count_as_dropped);
+  // Takes records just deleted (n per class, b bytes per class) off the tallies, and adds them
+  // to the drop counts when they were dropped rather than delivered.
+  void forget_locked(const int64_t (&n)[kRecordClasses], const int64_t (&b)[kRecordClasses],
+                     bool as_dropped);
   Status save_counters_locked();
   int64_t used_bytes_locked() const;
   int64_t pragma_int(const char* pragma) const;
