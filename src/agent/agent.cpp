@@ -776,6 +776,9 @@ json Agent::deployment_report(const Runtime& rt) const {
           {"phase", rt.phase},
           {"message", rt.message},
           {"restarts", rt.restarts},
+          // Of the revision running now (what a rollout's restart gate reads).
+          {"revision_restarts",
+           rt.process && rt.process_key == rt.ptr.current ? rt.process->snapshot().restarts : 0},
           {"bytes_downloaded", rt.bytes_downloaded},
           {"current_revision", revision_of(rt.ptr.current)},
           {"previous_revision", revision_of(rt.ptr.previous)}};
@@ -786,7 +789,8 @@ void Agent::report_if_changed(bool periodic) {
   json changes = json::array();  // what decides "changed": not the byte counters
   for (const auto& [name, rt] : deployments_) {
     json d = deployment_report(*rt);
-    changes.push_back({d["name"], d["key"], d["phase"], d["restarts"], d["current_revision"],
+    changes.push_back({d["name"], d["key"], d["phase"], d["restarts"], d["revision_restarts"],
+                       d["current_revision"],
                        rt->phase == "downloading" ? json("") : d["message"]});
     deployments.push_back(std::move(d));
   }

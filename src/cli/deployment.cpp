@@ -37,7 +37,20 @@ void add_deployment_commands(CLI::App& app, GlobalOptions& options, int& exit_co
     const auto& d = *result;
     std::cout << "Deployment: " << d["name"].get<std::string>() << "\n"
               << "Revision:   " << d["revision"].get<int64_t>() << " (of " << d["revisions"].size()
-              << " revisions)\n";
+              << " revisions; stable " << d.value("stable_revision", int64_t{0}) << ")\n";
+    for (const auto& r : d["revisions"]) {
+      if (!r.value("bad_reason", std::string()).empty()) {
+        std::cout << "Rolled back: revision " << r["revision"] << ": "
+                  << r["bad_reason"].get<std::string>() << "\n";
+      }
+    }
+    if (d.contains("rollout") && d["rollout"].is_object()) {
+      const auto& r = d["rollout"];
+      std::cout << "Rollout:    " << r["id"] << " revision " << r["from_revision"] << " -> "
+                << r["to_revision"] << " " << r["state"].get<std::string>() << ", wave "
+                << r["wave"] << " of " << r["waves"] << " (outpost rollout status "
+                << d["name"].get<std::string>() << ")\n";
+    }
     if (d["model"].is_object()) {
       std::cout << "Model:      " << d["model"].value("name", "") << " "
                 << d["model"].value("version", "") << "\n";

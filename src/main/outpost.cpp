@@ -63,17 +63,30 @@ int main(int argc, char** argv) {
       ->add_option("--telemetry-rollup-retention", telemetry_rollup_retention,
                    "How long hourly telemetry rollups are kept")
       ->capture_default_str();
+  std::string rollout_tick = "1s";
+  std::string rollout_gate_interval = "5s";
+  server
+      ->add_option("--rollout-tick", rollout_tick,
+                   "How often running rollouts are advanced (waves, bake, gates)")
+      ->capture_default_str();
+  server
+      ->add_option("--rollout-gate-interval", rollout_gate_interval,
+                   "How often a rollout reads its telemetry gates at most")
+      ->capture_default_str();
   server->callback([&] {
     spdlog::set_level(spdlog::level::from_str(log_level));
     for (auto [text, slot, flag] :
          {std::tuple{&telemetry_retention, &server_options.telemetry_retention_ms,
                      "--telemetry-retention"},
           std::tuple{&telemetry_rollup_retention, &server_options.telemetry_rollup_retention_ms,
-                     "--telemetry-rollup-retention"}}) {
+                     "--telemetry-rollup-retention"},
+          std::tuple{&rollout_tick, &server_options.rollout_tick_ms, "--rollout-tick"},
+          std::tuple{&rollout_gate_interval, &server_options.rollout_gate_interval_ms,
+                     "--rollout-gate-interval"}}) {
       auto ms = outpost::parse_duration_ms(*text);
       if (!ms || *ms <= 0) {
-        std::fprintf(stderr, "error: %s: expected a duration like 7d or 400d, got \"%s\"\n", flag,
-                     text->c_str());
+        std::fprintf(stderr, "error: %s: expected a positive duration like 7d, 1s or 250ms, got \"%s\"\n",
+                     flag, text->c_str());
         exit_code = outpost::cli::kExitUsage;
         return;
       }
@@ -91,6 +104,8 @@ int main(int argc, char** argv) {
   outpost::cli::add_deployment_commands(app, globals, exit_code);
   outpost::cli::add_audit_commands(app, globals, exit_code);
   outpost::cli::add_telemetry_commands(app, globals, exit_code);
+  outpost::cli::add_rollout_commands(app, globals, exit_code);
+  outpost::cli::add_site_commands(app, globals, exit_code);
 
   try {
     app.parse(argc, argv);

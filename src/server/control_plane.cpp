@@ -19,6 +19,7 @@
 #include "server/desired_states.h"
 #include "server/operator_auth.h"
 #include "server/registry/blob_store.h"
+#include "server/rollouts/controller.h"
 #include "server/sync/sync_hub.h"
 #include "store/store.h"
 
@@ -63,6 +64,8 @@ struct ControlPlane::Impl {
   std::unique_ptr<http::HttpServer> http;
   std::unique_ptr<sync::SyncHub> hub;
   std::unique_ptr<DesiredStateUpdater> desired;
+  std::unique_ptr<rollouts::RolloutController> rollouts;
+  std::unique_ptr<boost::asio::steady_timer> rollout_timer;
   std::unique_ptr<DeviceSessions> sessions;
   // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
   std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
@@ -98,6 +101,15 @@ struct ControlPlane::Impl {
       spdlog::info("telemetry: {} hours rolled up, {} points and {} rollups expired",
                    done->hours_rolled_up, done->points_deleted, done->rollups_deleted);
     }
+  }
+  // Advances running rollouts, on the same strand (store work).
+  void schedule_rollout_tick() {
+    rollout_timer->expires_after(std::chrono::milliseconds(options.rollout_tick_ms));
+    rollout_timer->async_wait([this](const boost::system::error_code& ec) {
+      if (ec || stopped) return;
+      (void)rollouts->tick();  // failures are logged by the controller
+      schedule_rollout_tick();
+    });
   }
   void flush_last_seen() {
     auto written = sessions->flush();
@@ -143,8 +155,13 @@ Status ControlPlane::start() {
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
   d.sessions = std::make_unique<DeviceSessions>(*d.store);
+  rollouts::ControllerOptions rollout_options;
+  rollout_options.gate_interval_ms = d.options.rollout_gate_interval_ms;
+  d.rollouts =
+      std::make_unique<rollouts::RolloutController>(*d.store, *d.desired, d.clock, rollout_options);
   d.ctx = std::make_unique<api::ApiContext>(
-      api::ApiContext{*d.store, *d.blobs, *d.hub, *d.desired, *d.sessions, *d.auth, d.clock,
+      api::ApiContext{*d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth,
+                      d.clock,
                       d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
 
   api::register_enrollment_token_routes(d.router, *d.ctx);
@@ -155,6 +172,7 @@ Status ControlPlane::start() {
   api::register_deployment_routes(d.router, *d.ctx);
   api::register_audit_routes(d.router, *d.ctx);
   api::register_telemetry_routes(d.router, *d.ctx);
+  api::register_rollout_routes(d.router, *d.ctx);
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));
@@ -200,6 +218,8 @@ Status ControlPlane::start() {
   d.schedule_flush();
   d.telemetry_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
   d.schedule_telemetry_maintenance();
+  d.rollout_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
+  d.schedule_rollout_tick();
   d.ready = true;
   return ok();
 }
@@ -213,6 +233,7 @@ void ControlPlane::stop() {
   if (d.telemetry_timer) {
     boost::asio::post(*d.flush_strand, [&d] { d.telemetry_timer->cancel(); });
   }
+  if (d.rollout_timer) boost::asio::post(*d.flush_strand, [&d] { d.rollout_timer->cancel(); });
   d.workers.join();
   if (d.sessions) d.flush_last_seen();
   if (d.http) d.http->stop();

@@ -25,6 +25,9 @@ struct ControlPlaneOptions {
   int64_t telemetry_retention_ms = 7LL * 24 * 3'600'000;
   int64_t telemetry_rollup_retention_ms = 400LL * 24 * 3'600'000;
   int64_t telemetry_maintenance_ms = 60'000;
+  // Rollouts: how often the controller advances them, and reads telemetry gates at most.
+  int64_t rollout_tick_ms = 1'000;
+  int64_t rollout_gate_interval_ms = 5'000;
 };
 
 class ControlPlane {

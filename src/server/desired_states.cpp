@@ -1,6 +1,7 @@
 #include "server/desired_states.h"
 
 #include <map>
+#include <set>
 
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
@@ -64,21 +65,49 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
   std::lock_guard lock(mu_);
   auto stored = store_.list_deployments();
   if (!stored) return make_error(stored.error());
-  // Manifests are stored normalized; validating them again yields the typed form.
-  std::vector<deployments::Manifest> manifests;
-  manifests.reserve(stored->size());
-  std::vector<scheduler::DeploymentInput> inputs;
-  for (const auto& d : *stored) {
-    auto doc = nlohmann::json::parse(d.manifest_json, nullptr, false);
+  auto assigned = store_.list_revision_assignments("");
+  if (!assigned) return make_error(assigned.error());
+  // (deployment, device) -> revision, for devices a rollout moved or holds back.
+  std::map<std::pair<std::string, std::string>, int64_t> assignments;
+  for (auto& a : *assigned) assignments[{a.deployment, a.device_id}] = a.revision;
+
+  // Manifests are stored normalized; validating them again yields the typed form. Each
+  // revision any device runs is parsed once for the whole pass.
+  std::map<std::pair<std::string, int64_t>, deployments::Manifest> manifests;
+  auto add_manifest = [&](const std::string& name, int64_t revision,
+                          const std::string& manifest_json) -> Status {
+    auto doc = nlohmann::json::parse(manifest_json, nullptr, false);
     if (doc.is_discarded()) {
-      return make_error(Errc::kInternal, "stored manifest of " + d.name + " is not JSON");
+      return make_error(Errc::kInternal, "stored manifest of " + name + " revision " +
+                                             std::to_string(revision) + " is not JSON");
     }
     auto manifest = deployments::validate_manifest(doc);
-    if (!manifest) return make_error(manifest.error().with_context("stored deployment " + d.name));
-    manifests.push_back(std::move(*manifest));
-  }
-  for (size_t i = 0; i < manifests.size(); ++i) {
-    inputs.push_back({&manifests[i], (*stored)[i].revision});
+    if (!manifest) {
+      return make_error(manifest.error().with_context("stored deployment " + name + " revision " +
+                                                      std::to_string(revision)));
+    }
+    manifests.emplace(std::make_pair(name, revision), std::move(*manifest));
+    return ok();
+  };
+  // Which revision of `d` a device runs: its assignment, else the stable revision.
+  auto revision_for = [&](const store::Deployment& d, const std::string& device) {
+    auto it = assignments.find({d.name, device});
+    if (it != assignments.end()) return it->second;
+    return d.stable_revision > 0 ? d.stable_revision : d.revision;
+  };
+  for (const auto& d : *stored) {
+    OUTPOST_TRY(add_manifest(d.name, d.revision, d.manifest_json));
+    std::set<int64_t> others;
+    if (d.stable_revision > 0 && d.stable_revision != d.revision) others.insert(d.stable_revision);
+    for (const auto& [key, revision] : assignments) {
+      if (key.first == d.name && revision != d.revision) others.insert(revision);
+    }
+    if (others.empty()) continue;
+    auto revisions = store_.list_deployment_revisions(d.name);
+    if (!revisions) return make_error(revisions.error());
+    for (const auto& r : *revisions) {
+      if (others.contains(r.revision)) OUTPOST_TRY(add_manifest(d.name, r.revision, r.manifest_json));
+    }
   }
   // One lookup per model version for the whole pass, not one per device.
   std::map<std::pair<std::string, std::string>, std::optional<store::ModelVersion>> cache;
@@ -94,8 +123,20 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
   };
 
   Summary summary;
+  std::vector<scheduler::DeploymentInput> inputs;
   for (const auto& device : devices) {
     ++summary.devices;
+    inputs.clear();
+    for (const auto& d : *stored) {
+      const int64_t revision = revision_for(d, device.id);
+      auto it = manifests.find({d.name, revision});
+      if (it == manifests.end()) {
+        return make_error(Errc::kInternal, "deployment " + d.name + " has no revision " +
+                                               std::to_string(revision) + " (device " +
+                                               device.id + ")");
+      }
+      inputs.push_back({&it->second, revision});
+    }
     auto computed = scheduler::compute_desired_state(device, inputs, lookup);
     if (!computed) return make_error(computed.error().with_context("device " + device.id));
     const nlohmann::json scheduled =

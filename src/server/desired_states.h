@@ -1,5 +1,6 @@
 // Keeps every device's desired state in step with the deployments: recomputes it with the
-// scheduler, stores it (the generation grows only on a real change), signs it, and
+// scheduler (each device on the revision a rollout gives it: its assignment, else the
+// deployment's stable revision), stores it (the generation grows only on a real change), signs it, and
 // publishes it to waiting long-polls.
 #pragma once
 
@@ -26,6 +27,10 @@ class DesiredStateUpdater {
   [[nodiscard]] Result<Summary> reconcile_all();
   // Recomputes one device (after enroll or a label change).
   [[nodiscard]] Result<Summary> reconcile_device(const std::string& device_id);
+  // Recomputes these devices (a rollout moved them), as loaded by the caller.
+  [[nodiscard]] Result<Summary> reconcile_devices(const std::vector<store::Device>& devices) {
+    return reconcile(devices);
+  }
 
   // The signed document of the device's current generation (from memory, else the store).
   [[nodiscard]] Result<sync::SignedDesired> signed_desired(const std::string& device_id);

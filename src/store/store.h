@@ -98,11 +98,14 @@ struct ModelVersion {
 
 struct Deployment {
   std::string name;
-  int64_t revision = 0;       // current revision, starts at 1
+  int64_t revision = 0;       // current (target) revision, starts at 1
   std::string manifest_json;  // normalized manifest of the current revision
   std::string spec_hash;      // hex sha256 of normalized spec; equal => no new revision
   int64_t created_at = 0;
   int64_t updated_at = 0;
+  // What devices without a revision assignment run: the first revision of a new deployment,
+  // then the target of the last rollout that completed.
+  int64_t stable_revision = 0;
 };
 
 struct DeploymentRevision {
@@ -112,6 +115,49 @@ struct DeploymentRevision {
   std::string spec_hash;
   int64_t created_at = 0;
   std::string created_by;
+  std::string bad_reason;  // why it was rolled back; "" when it is not marked bad
+};
+
+// A staged rollout of one deployment from one revision to another (src/server/rollouts/).
+struct Rollout {
+  int64_t id = 0;  // assigned by create_rollout
+  std::string deployment;
+  int64_t from_revision = 0;  // the deployment's stable revision when it started
+  int64_t to_revision = 0;
+  std::string state;            // running | paused | completed | rolled_back | aborted | superseded
+  std::string doc_json = "{}";  // the controller's plan and progress
+  int64_t created_at = 0;
+  int64_t updated_at = 0;
+  std::string created_by;
+};
+
+// A device that runs another revision of a deployment than the deployment's stable one.
+struct RevisionAssignment {
+  std::string deployment;
+  std::string device_id;
+  int64_t revision = 0;
+};
+
+// One step of a rollout, applied in one transaction: the rollout row as given, then the
+// deployment's assignments and revisions.
+struct RolloutUpdate {
+  Rollout rollout;  // id > 0; every field but id, deployment, created_* is written
+  bool clear_assignments = false;  // first drop every assignment of the deployment
+  std::vector<std::pair<std::string, int64_t>> assign;  // device -> revision
+  std::vector<std::string> unassign;                    // devices back to the stable revision
+  std::optional<int64_t> stable_revision;               // the deployment's new stable revision
+  // The deployment's current revision goes back to this stored revision (its manifest and
+  // spec hash): a rollback.
+  std::optional<int64_t> reset_to_revision;
+  std::optional<std::pair<int64_t, std::string>> mark_bad;  // revision, why
+};
+
+// A named group of devices; devices name their site at enrollment, this holds its settings.
+struct Site {
+  std::string name;
+  std::string timezone = "UTC";  // IANA name, for maintenance windows in site-local time
+  std::string region;
+  int64_t updated_at = 0;
 };
 
 struct AuditEntry {
@@ -332,8 +378,28 @@ class Store {
   [[nodiscard]] virtual Result<std::vector<Deployment>> list_deployments() = 0;  // by name
   [[nodiscard]] virtual Result<std::vector<DeploymentRevision>> list_deployment_revisions(
       const std::string& name) = 0;
-  // Removes the deployment (its revisions are kept for audit). kNotFound when absent.
+  // Removes the deployment (its revisions are kept for audit) with its revision assignments;
+  // its running or paused rollouts become aborted. kNotFound when absent.
   [[nodiscard]] virtual Status delete_deployment(const std::string& name) = 0;
+
+  // Rollouts. create_rollout inserts a running rollout and marks the deployment's running or
+  // paused ones superseded, in one transaction; returns the new id.
+  [[nodiscard]] virtual Result<int64_t> create_rollout(const Rollout& rollout) = 0;
+  // Applies one step (see RolloutUpdate). kNotFound when the rollout or a revision is absent.
+  [[nodiscard]] virtual Status update_rollout(const RolloutUpdate& update) = 0;
+  [[nodiscard]] virtual Result<std::optional<Rollout>> get_rollout(int64_t id) = 0;
+  // Newest first; only running and paused ones when active_only; "" = every deployment.
+  [[nodiscard]] virtual Result<std::vector<Rollout>> list_rollouts(const std::string& deployment,
+                                                                   bool active_only,
+                                                                   int64_t limit) = 0;
+  // Every assignment ("" = of every deployment), by deployment then device.
+  [[nodiscard]] virtual Result<std::vector<RevisionAssignment>> list_revision_assignments(
+      const std::string& deployment) = 0;
+
+  // Sites: put creates or replaces.
+  [[nodiscard]] virtual Status put_site(const Site& site) = 0;
+  [[nodiscard]] virtual Result<std::optional<Site>> get_site(const std::string& name) = 0;
+  [[nodiscard]] virtual Result<std::vector<Site>> list_sites() = 0;  // by name
 
   // Audit log: append computes seq, prev_hash and hash inside the transaction (so the chain
   // stays linear under concurrent writers) and returns the stored entry.

@@ -32,6 +32,10 @@ class SyncHub;
 }
 }  // namespace outpost::server
 
+namespace outpost::rollouts {
+class RolloutController;
+}
+
 namespace outpost::server::api {
 
 // Who made a call: an operator token or a device credential.
@@ -88,6 +92,7 @@ struct ApiContext {
   registry::BlobStore& blobs;
   sync::SyncHub& hub;
   DesiredStateUpdater& desired;
+  rollouts::RolloutController& rollouts;
   DeviceSessions& sessions;
   OperatorAuth& auth;
   const Clock& clock;
@@ -155,5 +160,6 @@ void register_model_routes(http::Router& router, ApiContext& ctx);
 void register_deployment_routes(http::Router& router, ApiContext& ctx);
 void register_audit_routes(http::Router& router, ApiContext& ctx);
 void register_telemetry_routes(http::Router& router, ApiContext& ctx);
+void register_rollout_routes(http::Router& router, ApiContext& ctx);
 
 }  // namespace outpost::server::api

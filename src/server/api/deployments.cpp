@@ -5,6 +5,7 @@
 #include "server/api/api.h"
 #include "server/deployments/manifest.h"
 #include "server/desired_states.h"
+#include "server/rollouts/controller.h"
 
 namespace outpost::server::api {
 namespace {
@@ -16,6 +17,7 @@ nlohmann::json deployment_json(const store::Deployment& d) {
                              : nlohmann::json();
   return {{"name", d.name},
           {"revision", d.revision},
+          {"stable_revision", d.stable_revision},
           {"created_at", d.created_at},
           {"updated_at", d.updated_at},
           {"model", model},
@@ -46,19 +48,57 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
   };
   OUTPOST_TRY(deployments::check_references(*manifest, lookup));
 
-  auto outcome = ctx.store.apply_deployment(manifest->name, manifest->normalized.dump(),
-                                            manifest->spec_hash(), caller.name, ctx.clock.now_ms());
+  // A spec that was rolled back is not rolled out again by accident.
+  const std::string spec_hash = manifest->spec_hash();
+  auto revisions = ctx.store.list_deployment_revisions(manifest->name);
+  if (!revisions) return make_error(revisions.error());
+  auto current = ctx.store.get_deployment(manifest->name);
+  if (!current) return make_error(current.error());
+  const bool force = req.query_param("force").value_or("") == "true";
+  const bool unchanged = *current && (*current)->spec_hash == spec_hash;
+  for (const auto& r : *revisions) {
+    if (!unchanged && !force && r.spec_hash == spec_hash && !r.bad_reason.empty()) {
+      return make_error(Errc::kFailedPrecondition,
+                        "revision " + std::to_string(r.revision) + " of deployment " +
+                            manifest->name + " had this spec and was rolled back (" +
+                            r.bad_reason + "); apply with --force to roll it out again");
+    }
+  }
+  const int64_t previous = *current ? (*current)->revision : 0;
+  auto outcome = ctx.store.apply_deployment(manifest->name, manifest->normalized.dump(), spec_hash,
+                                            caller.name, ctx.clock.now_ms());
   if (!outcome) return make_error(outcome.error());
   nlohmann::json out = deployment_json(outcome->deployment);
   out["changed"] = outcome->changed;
   if (outcome->changed) {
     audit(ctx, caller, "deployment.apply", "deployment/" + manifest->name,
-          {{"revision", outcome->deployment.revision}, {"spec_hash", manifest->spec_hash()}});
-    auto summary = ctx.desired.reconcile_all();
-    if (!summary) return make_error(summary.error().with_context("scheduling devices"));
-    out["devices"] = {{"total", summary->devices},
-                      {"changed", summary->changed},
-                      {"unschedulable", summary->unschedulable}};
+          {{"revision", outcome->deployment.revision}, {"spec_hash", spec_hash}, {"force", force}});
+    // A first revision goes everywhere at once; a new one starts a staged rollout.
+    auto rollout = ctx.rollouts.start(manifest->name, previous, caller.name);
+    if (!rollout) return make_error(rollout.error().with_context("starting the rollout"));
+    out["rollout"] = *rollout;
+    if (*rollout > 0) {
+      auto status = ctx.rollouts.status(manifest->name);
+      if (status) {
+        out["rollout_status"] = {{"waves", (*status)["waves"].size()},
+                                 {"devices", (*status)["devices"]},
+                                 {"state", (*status)["state"]}};
+      }
+    }
+    auto devices = ctx.store.list_devices({});
+    if (!devices) return make_error(devices.error());
+    size_t targeted = 0, unschedulable = 0;
+    for (const auto& d : *devices) {
+      nlohmann::json schedule = parse_or_empty(d.schedule_json);
+      if (!schedule.contains("deployments") || !schedule["deployments"].contains(manifest->name))
+        continue;
+      ++targeted;
+      if (schedule["deployments"][manifest->name].value("state", "") == "unschedulable")
+        ++unschedulable;
+    }
+    out["devices"] = {{"total", devices->size()},
+                      {"targeted", targeted},
+                      {"unschedulable", unschedulable}};
   }
   return json_response(outcome->changed ? (outcome->deployment.revision == 1 ? 201 : 200) : 200,
                        out);
@@ -86,7 +126,8 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
     revs.push_back({{"revision", r.revision},
                     {"created_at", r.created_at},
                     {"created_by", r.created_by},
-                    {"spec_hash", r.spec_hash}});
+                    {"spec_hash", r.spec_hash},
+                    {"bad_reason", r.bad_reason}});
   }
   out["revisions"] = revs;
   // Where it runs: per device, scheduled on which revision, reported, or why not.
@@ -99,7 +140,8 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
     if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
     const auto& entry = schedule["deployments"][name];
     nlohmann::json target = {
-        {"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")}};
+        {"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")},
+        {"revision", entry.value("revision", int64_t{0})}};
     if (entry.contains("reason")) target["reason"] = entry["reason"];
     if (entry.value("state", "") == "unschedulable") {
       ++unschedulable;
@@ -122,6 +164,15 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
   auto fleet = deployment_fleet_summary(ctx, name, 3'600'000);
   if (!fleet) return make_error(fleet.error());
   out["fleet"] = std::move(*fleet);
+  if (auto rollout = ctx.rollouts.status(name)) {
+    out["rollout"] = {{"id", (*rollout)["id"]},
+                      {"state", (*rollout)["state"]},
+                      {"from_revision", (*rollout)["from_revision"]},
+                      {"to_revision", (*rollout)["to_revision"]},
+                      {"wave", (*rollout)["wave"]},
+                      {"waves", (*rollout)["waves"].size()},
+                      {"counts", (*rollout)["counts"]}};
+  }
   return json_response(200, out);
 }
 

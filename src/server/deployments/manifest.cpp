@@ -1060,7 +1060,8 @@ Status validate_gates(const json& v, Manifest::Gates& g, json& out) {
   const std::string path = "spec.rollout.gates";
   OUTPOST_TRY(expect_map(v, path,
                          {"max_error_rate", "max_p95_latency_ms", "max_restarts",
-                          "max_fallback_rate", "max_confidence_shift"}));
+                          "max_fallback_rate", "max_confidence_shift", "max_failed_devices",
+                          "min_requests"}));
   out = json::object();
   auto fraction = [&](const char* key, std::optional<double>& slot) -> Status {
     if (const json* x = find(v, key)) {
@@ -1086,6 +1087,16 @@ Status validate_gates(const json& v, Manifest::Gates& g, json& out) {
   }
   OUTPOST_TRY(fraction("max_fallback_rate", g.max_fallback_rate));
   OUTPOST_TRY(fraction("max_confidence_shift", g.max_confidence_shift));
+  for (auto [key, slot] : {std::pair<const char*, int64_t*>{"max_failed_devices",
+                                                             &g.max_failed_devices},
+                           {"min_requests", &g.min_requests}}) {
+    if (const json* x = find(v, key)) {
+      auto n = get_int(*x, child(path, key), 0);
+      if (!n) return make_error(n.error());
+      *slot = *n;
+      out[key] = *n;
+    }
+  }
   return ok();
 }
 

@@ -90,6 +90,12 @@ struct Manifest {
     std::optional<int64_t> max_restarts;
     std::optional<double> max_fallback_rate;
     std::optional<double> max_confidence_shift;
+    // Devices of the rollout whose new revision failed (the agent rolled it back or could not
+    // start it) before the rollout fails.
+    int64_t max_failed_devices = 0;
+    // Requests the new revision must have served before the rate, latency and confidence
+    // gates judge it (fewer: "waiting for data", which does not stop a wave).
+    int64_t min_requests = 20;
   };
   enum class OnFailure { kRollback, kPause };
   // Daily window in site-local minutes since midnight; end < start wraps past midnight.

@@ -384,7 +384,7 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
   "generation, desired_json, desired_hash, status_json, status_at, schedule_json, cordoned"
 #define OUTPOST_ARTIFACT_COLUMNS "digest, size, media_type, created_at"
 #define OUTPOST_DEPLOYMENT_COLUMNS \
-  "name, revision, manifest_json, spec_hash, created_at, updated_at"
+  "name, revision, manifest_json, spec_hash, created_at, updated_at, stable_revision"
 #define OUTPOST_AUDIT_COLUMNS "seq, time, actor, action, target, details_json, prev_hash, hash"
 
 OperatorToken read_operator_token(const Statement& s) {
@@ -459,8 +459,26 @@ Deployment read_deployment(const Statement& s) {
       .spec_hash = s.text(3),
       .created_at = s.int64(4),
       .updated_at = s.int64(5),
+      .stable_revision = s.int64(6),
   };
 }
+
+Rollout read_rollout(const Statement& s) {
+  return Rollout{
+      .id = s.int64(0),
+      .deployment = s.text(1),
+      .from_revision = s.int64(2),
+      .to_revision = s.int64(3),
+      .state = s.text(4),
+      .doc_json = s.text(5),
+      .created_at = s.int64(6),
+      .updated_at = s.int64(7),
+      .created_by = s.text(8),
+  };
+}
+
+#define OUTPOST_ROLLOUT_COLUMNS \
+  "id, deployment, from_revision, to_revision, state, doc_json, created_at, updated_at, created_by"
 
 AuditEntry read_audit_entry(const Statement& s) {
   return AuditEntry{
@@ -567,6 +585,16 @@ class SqliteStore final : public Store {
   Result<std::vector<DeploymentRevision>> list_deployment_revisions(
       const std::string& name) override;
   Status delete_deployment(const std::string& name) override;
+  Result<int64_t> create_rollout(const Rollout& rollout) override;
+  Status update_rollout(const RolloutUpdate& update) override;
+  Result<std::optional<Rollout>> get_rollout(int64_t id) override;
+  Result<std::vector<Rollout>> list_rollouts(const std::string& deployment, bool active_only,
+                                             int64_t limit) override;
+  Result<std::vector<RevisionAssignment>> list_revision_assignments(
+      const std::string& deployment) override;
+  Status put_site(const Site& site) override;
+  Result<std::optional<Site>> get_site(const std::string& name) override;
+  Result<std::vector<Site>> list_sites() override;
   Result<AuditEntry> append_audit(const std::string& actor, const std::string& action,
                                   const std::string& target, const std::string& details_json,
                                   int64_t now_ms) override;
@@ -1338,6 +1366,8 @@ Result<ApplyOutcome> SqliteStore::apply_deployment(const std::string& name,
         last_revision = std::max(last_revision, stmt->int64(0));
       }
     }
+    // A new deployment runs its first revision everywhere; an update leaves devices on the
+    // stable revision until the rollout controller moves them.
     const Deployment next{
         .name = name,
         .revision = last_revision + 1,
@@ -1345,18 +1375,19 @@ Result<ApplyOutcome> SqliteStore::apply_deployment(const std::string& name,
         .spec_hash = spec_hash,
         .created_at = current ? current->created_at : now_ms,
         .updated_at = now_ms,
+        .stable_revision = current ? current->stable_revision : last_revision + 1,
     };
     {
       auto stmt =
           conn_.prepare("INSERT INTO deployments (" OUTPOST_DEPLOYMENT_COLUMNS
-                        ") VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                        ") VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
                         " revision = excluded.revision, manifest_json = excluded.manifest_json,"
                         " spec_hash = excluded.spec_hash, updated_at = excluded.updated_at");
       if (!stmt) {
         return make_error(std::move(stmt).error());
       }
       OUTPOST_TRY(stmt->bind(next.name, next.revision, next.manifest_json, next.spec_hash,
-                             next.created_at, next.updated_at)
+                             next.created_at, next.updated_at, next.stable_revision)
                       .run());
     }
     {
@@ -1400,8 +1431,8 @@ Result<std::vector<DeploymentRevision>> SqliteStore::list_deployment_revisions(
   return locked("listing revisions of deployment", name,
                 [&]() -> Result<std::vector<DeploymentRevision>> {
                   auto stmt = conn_.prepare(
-                      "SELECT name, revision, manifest_json, spec_hash, created_at, created_by"
-                      " FROM deployment_revisions WHERE name = ? ORDER BY revision");
+                      "SELECT name, revision, manifest_json, spec_hash, created_at, created_by,"
+                      " bad_reason FROM deployment_revisions WHERE name = ? ORDER BY revision");
                   if (!stmt) {
                     return make_error(std::move(stmt).error());
                   }
@@ -1413,6 +1444,7 @@ Result<std::vector<DeploymentRevision>> SqliteStore::list_deployment_revisions(
                         .spec_hash = s.text(3),
                         .created_at = s.int64(4),
                         .created_by = s.text(5),
+                        .bad_reason = s.text(6),
                     };
                   });
                 });
@@ -1420,12 +1452,196 @@ Result<std::vector<DeploymentRevision>> SqliteStore::list_deployment_revisions(
 
 Status SqliteStore::delete_deployment(const std::string& name) {
   return locked("deleting deployment", name, [&]() -> Status {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
     auto stmt = conn_.prepare("DELETE FROM deployments WHERE name = ?");
     if (!stmt) {
       return make_error(std::move(stmt).error());
     }
     OUTPOST_TRY(stmt->bind(name).run());
-    return expect_changed("deployment " + name);
+    OUTPOST_TRY(expect_changed("deployment " + name));
+    for (const char* sql :
+         {"DELETE FROM revision_assignments WHERE deployment = ?",
+          "UPDATE rollouts SET state = 'aborted' WHERE deployment = ? AND state IN ('running',"
+          " 'paused')"}) {
+      auto more = conn_.prepare(sql);
+      if (!more) {
+        return make_error(std::move(more).error());
+      }
+      OUTPOST_TRY(more->bind(name).run());
+    }
+    return txn->commit();
+  });
+}
+
+// ---- Rollouts ----
+
+Result<int64_t> SqliteStore::create_rollout(const Rollout& rollout) {
+  return locked("creating a rollout of deployment", rollout.deployment, [&]() -> Result<int64_t> {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    {
+      auto stmt = conn_.prepare(
+          "UPDATE rollouts SET state = 'superseded', updated_at = ? WHERE deployment = ? AND"
+          " state IN ('running', 'paused')");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      OUTPOST_TRY(stmt->bind(rollout.created_at, rollout.deployment).run());
+    }
+    auto stmt = conn_.prepare(
+        "INSERT INTO rollouts (deployment, from_revision, to_revision, state, doc_json,"
+        " created_at, updated_at, created_by) VALUES (?, ?, ?, 'running', ?, ?, ?, ?)");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(rollout.deployment, rollout.from_revision, rollout.to_revision,
+                           rollout.doc_json, rollout.created_at, rollout.created_at,
+                           rollout.created_by)
+                    .run());
+    const int64_t id = sqlite3_last_insert_rowid(conn_.db());
+    OUTPOST_TRY(txn->commit());
+    return id;
+  });
+}
+
+Status SqliteStore::update_rollout(const RolloutUpdate& u) {
+  const Rollout& r = u.rollout;
+  return locked("updating rollout of deployment", r.deployment, [&]() -> Status {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    auto exec = [&](const char* sql, auto&&... args) -> Status {
+      auto stmt = conn_.prepare(sql);
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      return stmt->bind(args...).run();
+    };
+    OUTPOST_TRY(exec("UPDATE rollouts SET from_revision = ?, to_revision = ?, state = ?,"
+                     " doc_json = ?, updated_at = ? WHERE id = ?",
+                     r.from_revision, r.to_revision, r.state, r.doc_json, r.updated_at, r.id));
+    OUTPOST_TRY(expect_changed("rollout " + std::to_string(r.id)));
+    if (u.clear_assignments) {
+      OUTPOST_TRY(exec("DELETE FROM revision_assignments WHERE deployment = ?", r.deployment));
+    }
+    for (const auto& [device, revision] : u.assign) {
+      OUTPOST_TRY(exec("INSERT INTO revision_assignments (deployment, device_id, revision)"
+                       " VALUES (?, ?, ?) ON CONFLICT (deployment, device_id) DO UPDATE SET"
+                       " revision = excluded.revision",
+                       r.deployment, device, revision));
+    }
+    for (const auto& device : u.unassign) {
+      OUTPOST_TRY(exec("DELETE FROM revision_assignments WHERE deployment = ? AND device_id = ?",
+                       r.deployment, device));
+    }
+    if (u.stable_revision) {
+      OUTPOST_TRY(exec("UPDATE deployments SET stable_revision = ? WHERE name = ?",
+                       *u.stable_revision, r.deployment));
+    }
+    if (u.reset_to_revision) {
+      OUTPOST_TRY(exec("UPDATE deployments SET revision = r.revision, manifest_json ="
+                       " r.manifest_json, spec_hash = r.spec_hash, updated_at = ? FROM"
+                       " deployment_revisions AS r WHERE deployments.name = ? AND r.name ="
+                       " deployments.name AND r.revision = ?",
+                       r.updated_at, r.deployment, *u.reset_to_revision));
+      OUTPOST_TRY(expect_changed("revision " + std::to_string(*u.reset_to_revision) +
+                                 " of deployment " + r.deployment));
+    }
+    if (u.mark_bad) {
+      OUTPOST_TRY(exec("UPDATE deployment_revisions SET bad_reason = ? WHERE name = ? AND"
+                       " revision = ?",
+                       u.mark_bad->second, r.deployment, u.mark_bad->first));
+      OUTPOST_TRY(expect_changed("revision " + std::to_string(u.mark_bad->first) +
+                                 " of deployment " + r.deployment));
+    }
+    return txn->commit();
+  });
+}
+
+Result<std::optional<Rollout>> SqliteStore::get_rollout(int64_t id) {
+  return locked("reading rollout", std::to_string(id), [&]() -> Result<std::optional<Rollout>> {
+    auto stmt = conn_.prepare("SELECT " OUTPOST_ROLLOUT_COLUMNS " FROM rollouts WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_one<Rollout>(stmt->bind(id), read_rollout);
+  });
+}
+
+Result<std::vector<Rollout>> SqliteStore::list_rollouts(const std::string& deployment,
+                                                        bool active_only, int64_t limit) {
+  return locked("listing rollouts", deployment, [&]() -> Result<std::vector<Rollout>> {
+    auto stmt = conn_.prepare(
+        "SELECT " OUTPOST_ROLLOUT_COLUMNS
+        " FROM rollouts WHERE (? = '' OR deployment = ?) AND (? = 0 OR state IN ('running',"
+        " 'paused')) ORDER BY id DESC LIMIT ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_all<Rollout>(stmt->bind(deployment, deployment, active_only ? 1 : 0, limit),
+                             read_rollout);
+  });
+}
+
+Result<std::vector<RevisionAssignment>> SqliteStore::list_revision_assignments(
+    const std::string& deployment) {
+  return locked("listing revision assignments", deployment,
+                [&]() -> Result<std::vector<RevisionAssignment>> {
+                  auto stmt = conn_.prepare(
+                      "SELECT deployment, device_id, revision FROM revision_assignments"
+                      " WHERE (? = '' OR deployment = ?) ORDER BY deployment, device_id");
+                  if (!stmt) {
+                    return make_error(std::move(stmt).error());
+                  }
+                  return read_all<RevisionAssignment>(
+                      stmt->bind(deployment, deployment), [](const Statement& s) {
+                        return RevisionAssignment{s.text(0), s.text(1), s.int64(2)};
+                      });
+                });
+}
+
+// ---- Sites ----
+
+Status SqliteStore::put_site(const Site& site) {
+  return locked("writing site", site.name, [&]() -> Status {
+    auto stmt = conn_.prepare(
+        "INSERT INTO sites (name, timezone, region, updated_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET timezone = excluded.timezone,"
+        " region = excluded.region, updated_at = excluded.updated_at");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return stmt->bind(site.name, site.timezone, site.region, site.updated_at).run();
+  });
+}
+
+Site read_site(const Statement& s) { return Site{s.text(0), s.text(1), s.text(2), s.int64(3)}; }
+
+Result<std::optional<Site>> SqliteStore::get_site(const std::string& name) {
+  return locked("reading site", name, [&]() -> Result<std::optional<Site>> {
+    auto stmt =
+        conn_.prepare("SELECT name, timezone, region, updated_at FROM sites WHERE name = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_one<Site>(stmt->bind(name), read_site);
+  });
+}
+
+Result<std::vector<Site>> SqliteStore::list_sites() {
+  return locked("listing sites", "", [&]() -> Result<std::vector<Site>> {
+    auto stmt =
+        conn_.prepare("SELECT name, timezone, region, updated_at FROM sites ORDER BY name");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_all<Site>(*stmt, read_site);
   });
 }
 
