@@ -764,42 +764,39 @@ void Agent::collect_garbage() {
   }
 }
 
-json Agent::deployment_report(const Runtime& rt) const {
-  auto revision_of = [&](const std::string& key) -> json {
-    if (key.empty()) return nullptr;
+DeploymentReport Agent::deployment_report(const Runtime& rt) const {
+  auto revision_of = [&](const std::string& key) -> std::optional<int64_t> {
+    if (key.empty()) return std::nullopt;
     auto dash = key.find('-');
     return std::atoll(key.substr(1, dash - 1).c_str());
   };
-  return {{"name", rt.name},
-          {"revision", rt.entry.value("revision", static_cast<int64_t>(0))},
-          {"key", rt.target},
-          {"phase", rt.phase},
-          {"message", rt.message},
-          {"restarts", rt.restarts},
-          // Of the revision running now (what a rollout's restart gate reads).
-          {"revision_restarts",
-           rt.process && rt.process_key == rt.ptr.current ? rt.process->snapshot().restarts : 0},
-          {"bytes_downloaded", rt.bytes_downloaded},
-          {"current_revision", revision_of(rt.ptr.current)},
-          {"previous_revision", revision_of(rt.ptr.previous)}};
+  DeploymentReport r;
+  r.name = rt.name;
+  r.revision = rt.entry.value("revision", static_cast<int64_t>(0));
+  r.key = rt.target;
+  r.phase = rt.phase;
+  r.message = rt.message;
+  r.restarts = rt.restarts;
+  // Of the revision running now (what a rollout's restart gate reads).
+  r.revision_restarts =
+      rt.process && rt.process_key == rt.ptr.current ? rt.process->snapshot().restarts : 0;
+  r.bytes_downloaded = rt.bytes_downloaded;
+  r.current_revision = revision_of(rt.ptr.current);
+  r.previous_revision = revision_of(rt.ptr.previous);
+  return r;
 }
 
 void Agent::report_if_changed(bool periodic) {
   json deployments = json::array();
   json changes = json::array();  // what decides "changed": not the byte counters
   for (const auto& [name, rt] : deployments_) {
-    json d = deployment_report(*rt);
-    changes.push_back({d["name"], d["key"], d["phase"], d["restarts"], d["revision_restarts"],
-                       d["current_revision"],
-                       rt->phase == "downloading" ? json("") : d["message"]});
-    deployments.push_back(std::move(d));
+    const DeploymentReport d = deployment_report(*rt);
+    changes.push_back(deployment_report_change(d));
+    deployments.push_back(deployment_report_json(d));
   }
   std::string signature = std::to_string(generation_) + changes.dump();
   if (signature == last_report_ && !(periodic && outbox_->pending() == 0)) return;
-  json report = {{"generation", generation_},
-                 {"at", now_ms()},
-                 {"agent_version", kAgentVersion},
-                 {"deployments", std::move(deployments)}};
+  json report = status_report(generation_, now_ms(), kAgentVersion, std::move(deployments));
   json stable = stable_facts(facts_);
   if (stable != reported_facts_) {
     report["facts"] = facts_;
@@ -821,7 +818,7 @@ void Agent::report_if_changed(bool periodic) {
 void Agent::publish_snapshot() {
   json deployments = json::array();
   for (const auto& [name, rt] : deployments_) {
-    json d = deployment_report(*rt);
+    json d = deployment_report_json(deployment_report(*rt));
     if (rt->process) {
       WorkloadEvent ev = rt->process->snapshot();
       d["process"] = {{"pid", ev.pid},

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "agent/activate/revisions.h"
+#include "agent/device_api.h"
 #include "agent/fetch/fetcher.h"
 #include "agent/identity.h"
 #include "agent/serve/model_server.h"
@@ -86,7 +87,7 @@ class Agent {
                     const std::string& message);
   void collect_garbage();
   Status save_pointers(Runtime& rt);
-  nlohmann::json deployment_report(const Runtime& rt) const;
+  DeploymentReport deployment_report(const Runtime& rt) const;
   void report_if_changed(bool periodic);
   void publish_snapshot();
   int64_t now_ms() const;

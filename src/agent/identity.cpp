@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include "agent/device_api.h"
 #include "common/crypto.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
@@ -79,34 +80,12 @@ Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& reques
   OUTPOST_TRY(make_dirs(data_dir, 0700));
   auto key = load_or_make_key(data_dir);
   if (!key) return make_error(key.error());
-  json body = {{"token", request.token},
-               {"public_key", crypto::base64_encode(key->public_key)},
-               {"labels", request.labels},
-               {"facts", request.facts}};
-  if (!request.site.empty()) body["site"] = request.site;
   HttpClient client(request.server, "", request.ca_file);
-  auto resp = client.request("POST", "/api/v1/device/enroll", body.dump());
-  if (!resp) return make_error(resp.error().with_context("enrolling"));
-  if (resp->status != 201 && resp->status != 200) {
-    Error error = error_from_response(*resp);
-    error.message = "enrollment refused by " + request.server + ": " + error.message;
-    return make_error(std::move(error));
-  }
-  auto doc = json::parse(resp->body, nullptr, false);
-  Identity id;
-  id.server = client.base_url();
-  id.ca_file = request.ca_file;
-  try {
-    id.device_id = doc.at("device_id").get<std::string>();
-    id.credential = doc.at("credential").get<std::string>();
-    id.server_public_key = doc.at("server_public_key").get<std::string>();
-    id.site = doc.value("site", "");
-    id.labels = doc.value("labels", std::map<std::string, std::string>{});
-  } catch (const json::exception& e) {
-    return make_error(Errc::kUnavailable,
-                      "enrollment answer from " + request.server + " is malformed: " + e.what());
-  }
-  OUTPOST_TRY(save_identity(data_dir, id));
+  auto id =
+      enroll_answer(send(client, enroll_request(request, crypto::base64_encode(key->public_key))),
+                    request, client.base_url());
+  if (!id) return make_error(id.error());
+  OUTPOST_TRY(save_identity(data_dir, *id));
   return id;
 }
 

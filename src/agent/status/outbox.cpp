@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "agent/device_api.h"
 #include "agent/sync/desired_sync.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
@@ -110,15 +111,12 @@ void StatusOutbox::run() {
         body = doc.dump();
       }
     }
-    HttpRequestOptions request;
-    request.timeout_ms = 15'000;
-    request.cancel = &stopping_;
-    auto resp = client.request("POST", "/api/v1/device/status", body, "application/json", request);
+    auto resp = send(client, status_request(std::move(body)), &stopping_);
     if (stopping_) return;
-    bool delivered = resp && resp->status >= 200 && resp->status < 300;
+    const Delivery delivery = upload_delivery(resp);
+    const bool delivered = delivery == Delivery::kDelivered;
     // A report the server refuses as malformed would block the queue forever: drop it.
-    bool refused = resp && resp->status >= 400 && resp->status < 500 && resp->status != 401 &&
-                   resp->status != 408 && resp->status != 429;
+    const bool refused = delivery == Delivery::kRefused;
     if (delivered || refused) {
       if (refused) {
         spdlog::error("status report {} refused: {}", seq, error_from_response(*resp).message);

@@ -6,6 +6,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "agent/device_api.h"
 #include "common/crypto.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
@@ -157,47 +158,26 @@ void DesiredSync::run() {
   HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
   Backoff backoff(options_.backoff_initial_ms, options_.backoff_max_ms);
   while (!stopping_) {
-    HttpRequestOptions request;
-    request.timeout_ms = (options_.wait_s + 15) * 1000;
-    request.cancel = &stopping_;
-    auto resp = client.request("GET",
-                               "/api/v1/device/desired?generation=" + std::to_string(generation_) +
-                                   "&wait=" + std::to_string(options_.wait_s),
-                               {}, {}, request);
+    SyncAnswer answer =
+        desired_answer(send(client, desired_request(generation_, options_.wait_s), &stopping_),
+                       generation_, identity_);
     if (stopping_) break;
-    std::string problem;
-    if (!resp) {
-      problem = resp.error().message;
-    } else if (resp->status == 304) {
+    std::string problem = answer.problem;
+    if (answer.kind == SyncAnswer::Kind::kUnchanged) {
       backoff.reset();
       on_link_(true, {});
       continue;
-    } else if (resp->status == 200) {
-      int64_t announced = 0;
-      try {
-        announced = std::stoll(resp->headers["x-outpost-generation"]);
-      } catch (const std::exception&) {
-        announced = -1;
-      }
-      auto state = verify_desired(std::move(resp->body), resp->headers["x-outpost-signature"],
-                                  announced, identity_);
-      if (!state) {
-        problem = state.error().message;
-      } else if (state->generation <= generation_) {
-        // Never go back to an older generation (a replay or a server restored from backup).
-        problem = "server sent generation " + std::to_string(state->generation) +
-                  ", not newer than " + std::to_string(generation_) + "; ignored";
-      } else if (auto saved = persist_desired(data_dir_, *state); !saved) {
+    }
+    if (answer.kind == SyncAnswer::Kind::kNew) {
+      if (auto saved = persist_desired(data_dir_, *answer.state); !saved) {
         problem = "cannot save the desired state: " + saved.error().message;
       } else {
-        generation_ = state->generation;
+        generation_ = answer.state->generation;
         backoff.reset();
         on_link_(true, {});
-        on_desired_(*state);
+        on_desired_(*answer.state);
         continue;
       }
-    } else {
-      problem = error_from_response(*resp).message;
     }
     on_link_(false, problem);
     int64_t delay = backoff.next_ms();

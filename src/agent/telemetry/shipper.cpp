@@ -6,6 +6,7 @@
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
+#include "agent/device_api.h"
 #include "agent/sync/desired_sync.h"
 #include "common/http_client.h"
 
@@ -74,25 +75,18 @@ Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
     return Outcome::kRetry;
   }
   if (pending->empty()) return Outcome::kDone;
-  const std::string json = outpost::telemetry::batch_json(pending->first_seq(), pending->last_seq(),
-                                                          buffer_.dropped(), pending->texts);
-  // A minute's batch is small: the strongest level costs a few ms and saves ~8% on the link.
-  // A backlog's big batches take a faster one.
-  auto body = outpost::telemetry::compress(json, json.size() <= (64 << 10) ? 19 : 9);
+  auto body =
+      telemetry_body(pending->first_seq(), pending->last_seq(), buffer_.dropped(), pending->texts);
   if (!body) {
     std::lock_guard lock(mu_);
     stats_.last_error = body.error().message;
     ++stats_.failures;
     return Outcome::kRetry;
   }
-  body_bytes = static_cast<int64_t>(body->size());
-  HttpRequestOptions request;
-  request.timeout_ms = options_.timeout_ms;
-  request.cancel = &stopping_;
-  request.headers.emplace_back("Content-Encoding", "zstd");
-  request.count_bytes = true;
-  auto resp =
-      client.request("POST", "/api/v1/device/telemetry", *body, "application/json", request);
+  body_bytes = static_cast<int64_t>(body->compressed.size());
+  const int64_t json_bytes = static_cast<int64_t>(body->json.size());
+  auto resp = send(client, telemetry_request(std::move(body->compressed), options_.timeout_ms),
+                   &stopping_, /*count_bytes=*/true);
   {
     // A try that failed in transport counts its body: what it cost is not known more exactly.
     std::lock_guard lock(mu_);
@@ -107,21 +101,16 @@ Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
     return Outcome::kRetry;
   }
   const long status = resp->status;
-  if (status == 200) {
-    auto doc = nlohmann::json::parse(resp->body, nullptr, false);
-    int64_t acked = -1;
-    if (doc.is_object() && doc.contains("acked") && doc["acked"].is_number_integer()) {
-      acked = doc["acked"].get<int64_t>();
-    }
-    // An answer that acknowledges nothing of this batch would have us resend it forever.
-    if (acked < pending->first_seq()) {
+  const Delivery delivery = upload_delivery(resp);
+  if (delivery == Delivery::kDelivered) {
+    auto answered = telemetry_acked(*resp, pending->first_seq(), pending->last_seq());
+    if (!answered) {
       std::lock_guard lock(mu_);
-      stats_.last_error = "telemetry batch " + std::to_string(pending->first_seq()) + ".." +
-                          std::to_string(pending->last_seq()) +
-                          ": the server acknowledged only up to " + std::to_string(acked);
+      stats_.last_error = answered.error().message;
       ++stats_.failures;
       return Outcome::kRetry;
     }
+    const int64_t acked = *answered;
     if (auto done = buffer_.ack(acked); !done) {
       std::lock_guard lock(mu_);
       stats_.last_error = done.error().message;
@@ -134,15 +123,13 @@ Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
     ++stats_.batches_sent;
     stats_.records_sent += records;
     stats_.bytes_sent += body_bytes;
-    stats_.json_bytes += static_cast<int64_t>(json.size());
+    stats_.json_bytes += json_bytes;
     stats_.last_acked_at = unix_ms_now();
     stats_.last_error.clear();
     return Outcome::kSent;
   }
   const Error error = error_from_response(*resp);
-  const bool refused =
-      status >= 400 && status < 500 && status != 401 && status != 408 && status != 429;
-  if (refused) {
+  if (delivery == Delivery::kRefused) {
     spdlog::error("telemetry batch {}..{} refused (HTTP {}): {}; its {} record(s) are dropped",
                   pending->first_seq(), pending->last_seq(), status, error.message,
                   pending->seqs.size());
