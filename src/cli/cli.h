@@ -91,6 +91,7 @@ void add_audit_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_telemetry_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_rollout_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_site_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_sim_command(CLI::App& app, GlobalOptions& options, int& exit_code);
 
 // Exit codes shared by all verbs.
 constexpr int kExitOk = 0;

@@ -106,6 +106,7 @@ int main(int argc, char** argv) {
   outpost::cli::add_telemetry_commands(app, globals, exit_code);
   outpost::cli::add_rollout_commands(app, globals, exit_code);
   outpost::cli::add_site_commands(app, globals, exit_code);
+  outpost::cli::add_sim_command(app, globals, exit_code);
 
   try {
     app.parse(argc, argv);
