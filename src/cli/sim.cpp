@@ -30,6 +30,7 @@ struct SimFlags {
   std::string telemetry_interval = "60s";
   double inference_rate = 1.0;
   std::string activate = "500ms";
+  std::string backoff_max = "60s";
   double drop_rate = 0.05;
   std::string latency = "20ms-400ms";
   std::string bandwidth;
@@ -49,7 +50,7 @@ struct SimFlags {
 };
 
 Result<int64_t> duration_flag(const std::string& flag, const std::string& text, bool allow_zero) {
-  auto ms = parse_duration_ms(text);
+  auto ms = text == "0" ? Result<int64_t>(0) : parse_duration_ms(text);
   if (!ms || *ms < 0 || (!allow_zero && *ms == 0)) {
     return make_error(Errc::kInvalidArgument,
                       flag + ": expected a duration like 30s, 5m or 250ms" +
@@ -103,6 +104,7 @@ Result<sim::FleetOptions> to_options(const SimFlags& f, Session& session) {
   OUTPOST_TRY(set(duration_flag("--telemetry-interval", f.telemetry_interval, true),
                   o.telemetry_interval_ms));
   OUTPOST_TRY(set(duration_flag("--activate", f.activate, true), o.activate_ms));
+  OUTPOST_TRY(set(duration_flag("--backoff-max", f.backoff_max, false), o.backoff_max_ms));
   if (f.inference_rate < 0) {
     return make_error(Errc::kInvalidArgument, "--inference-rate: expected 0 or more",
                       "inference-rate");
@@ -282,6 +284,9 @@ void add_sim_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--activate", f->activate,
                   "Stand-in time to fetch and start a revision (each device +-50%)")
+      ->capture_default_str();
+  sim->add_option("--backoff-max", f->backoff_max,
+                  "Longest wait between retries after a failure (the agent's is 60s)")
       ->capture_default_str();
   sim->add_option("--drop-rate", f->drop_rate, "flaky: share of requests lost")
       ->capture_default_str();
