@@ -67,6 +67,14 @@ struct StatusReport {
   std::string status_json;
 };
 
+// One status report to store (record_device_statuses).
+struct DeviceStatusWrite {
+  std::string device_id;
+  int64_t seq = 0;
+  std::string status_json;
+  int64_t now_ms = 0;
+};
+
 struct DeviceFilter {
   std::optional<std::string> site;  // exact site name
   Labels labels;                    // every label must match exactly
@@ -141,7 +149,7 @@ struct RevisionAssignment {
 // One step of a rollout, applied in one transaction: the rollout row as given, then the
 // deployment's assignments and revisions.
 struct RolloutUpdate {
-  Rollout rollout;  // id > 0; every field but id, deployment, created_* is written
+  Rollout rollout;                 // id > 0; every field but id, deployment, created_* is written
   bool clear_assignments = false;  // first drop every assignment of the deployment
   std::vector<std::pair<std::string, int64_t>> assign;  // device -> revision
   std::vector<std::string> unassign;                    // devices back to the stable revision
@@ -337,6 +345,12 @@ class Store {
   [[nodiscard]] virtual Result<bool> record_device_status(const std::string& id, int64_t seq,
                                                           const std::string& status_json,
                                                           int64_t now_ms, int64_t keep_log) = 0;
+  // Several reports in one transaction (one commit for a whole group of devices), each with
+  // record_device_status's rules. One outcome per write, in order: a device that does not exist
+  // fails alone (kNotFound); should the group's transaction fail, each write is tried again in
+  // a transaction of its own, so one bad write never fails the others.
+  [[nodiscard]] virtual Result<std::vector<Result<bool>>> record_device_statuses(
+      const std::vector<DeviceStatusWrite>& writes, int64_t keep_log) = 0;
   // The newest `limit` logged reports of a device, oldest first.
   [[nodiscard]] virtual Result<std::vector<StatusReport>> list_device_status_log(
       const std::string& id, int64_t limit) = 0;

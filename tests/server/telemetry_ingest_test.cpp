@@ -1,4 +1,4 @@
-// Telemetry ingest through the control plane: the group-commit queue (TelemetryIngestQueue)
+// Telemetry ingest through the control plane: the group-commit writer (TelemetryWriter)
 // in front of a real SQLite store, and concurrent uploads over HTTP to an in-process
 // control plane, each answered with its own outcome, the fleet totals counting each record
 // once.
@@ -101,7 +101,7 @@ int64_t committed_watermark(const std::string& db_path, const std::string& devic
 // Uploads queued while the writer waits for the database are stored together; every upload
 // gets its own outcome (a batch the store refuses fails alone), and only after its
 // transaction committed.
-TEST(TelemetryIngestQueueTest, GroupedUploadsGetTheirOwnOutcomesAfterCommit) {
+TEST(TelemetryWriterTest, GroupedUploadsGetTheirOwnOutcomesAfterCommit) {
   const std::string dir = temp_dir();
   ASSERT_FALSE(dir.empty());
   const std::string db_path = dir + "/outpost.db";
@@ -110,7 +110,7 @@ TEST(TelemetryIngestQueueTest, GroupedUploadsGetTheirOwnOutcomesAfterCommit) {
   store::Store& store = **opened;
   ManualClock clock(kT0 + 3'600'000);
   boost::asio::thread_pool workers(4);
-  api::TelemetryIngestQueue queue;
+  auto queue = api::make_telemetry_writer(store, clock);
 
   // Another connection holds the write lock: the writer's first group waits in BEGIN
   // IMMEDIATE while the other uploads queue up behind it.
@@ -129,14 +129,14 @@ TEST(TelemetryIngestQueueTest, GroupedUploadsGetTheirOwnOutcomesAfterCommit) {
   std::atomic<int> answered{0};
   std::vector<telemetry::Batch> batches;  // kept alive: uploads own copies
   auto submit = [&](const std::string& device, const std::string& what, telemetry::Batch b) {
-    api::TelemetryIngestQueue::Upload upload{device, "plant-a", std::move(b), nullptr};
-    upload.done = [&, device, what](Result<store::TelemetryIngestOutcome> outcome) {
+    api::TelemetryUpload upload{device, "plant-a", std::move(b)};
+    auto done = [&, device, what](Result<store::TelemetryIngestOutcome> outcome) {
       Answer a{device, what, std::move(outcome), committed_watermark(db_path, device)};
       std::lock_guard lock(mu);
       answers.push_back(std::move(a));
       ++answered;
     };
-    queue.submit(store, clock, workers, std::move(upload));
+    queue->submit(workers, std::move(upload), std::move(done));
   };
 
   submit("first", "good", batch(1, 3));

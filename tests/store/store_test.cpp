@@ -424,6 +424,40 @@ Status as_status(const Result<bool>& result) {
   return ok();
 }
 
+TEST_P(StoreTest, StatusReportsOfManyDevicesInOneGroupEachKeepTheirOwnOutcome) {
+  add_device(device("cam-01"));
+  add_device(device("cam-02"));
+  ASSERT_OK(store_->record_device_status("cam-02", 5, R"({"seq":5})", 50, 10));
+  std::vector<store::DeviceStatusWrite> writes = {
+      {"cam-01", 1, R"({"seq":1})", 100},
+      {"ghost", 1, R"({"seq":1})", 100},                // no such device: fails alone
+      {"cam-02", 5, R"({"seq":5,"again":true})", 101},  // a duplicate
+      {"cam-02", 4, R"({"seq":4})", 102},               // late: logged, does not replace seq 5
+      {"cam-01", 2, R"({"seq":2})", 103},               // the same device twice in one group
+  };
+  auto outcomes = store_->record_device_statuses(writes, 10);
+  ASSERT_OK(outcomes);
+  ASSERT_EQ(outcomes->size(), writes.size());
+  EXPECT_TRUE((*outcomes)[0].has_value() && *(*outcomes)[0]);
+  ASSERT_FALSE((*outcomes)[1].has_value());
+  EXPECT_EQ((*outcomes)[1].error().code, Errc::kNotFound);
+  EXPECT_TRUE((*outcomes)[2].has_value() && !*(*outcomes)[2]);
+  EXPECT_TRUE((*outcomes)[3].has_value() && *(*outcomes)[3]);
+  EXPECT_TRUE((*outcomes)[4].has_value() && *(*outcomes)[4]);
+  auto one = store_->get_device("cam-01");
+  ASSERT_OK(one);
+  EXPECT_EQ((*one)->status_json, R"({"seq":2})");
+  EXPECT_EQ((*one)->status_at, 103);
+  auto two = store_->get_device("cam-02");
+  ASSERT_OK(two);
+  EXPECT_EQ((*two)->status_json, R"({"seq":5})");
+  auto log = store_->list_device_status_log("cam-02", 10);
+  ASSERT_OK(log);
+  ASSERT_EQ(log->size(), 2u);  // 4 and 5, in seq order
+  EXPECT_EQ((*log)[0].seq, 4);
+  EXPECT_EQ((*log)[1].seq, 5);
+}
+
 TEST_P(StoreTest, StatusLogKeepsReportsInSeqOrderAndIgnoresDuplicatesAndStaleOnes) {
   add_device(device("cam-01"));
   // Sent in order 1, 2, 4, then 3 arrives late and 2 is resent.

@@ -17,8 +17,10 @@
 
 #include "common/clock.h"
 #include "common/error.h"
+#include "common/telemetry_batch.h"
 #include "http/http_server.h"
 #include "server/device_sessions.h"
+#include "server/group_writer.h"
 #include "store/store.h"
 
 namespace outpost::server {
@@ -59,33 +61,20 @@ struct TelemetryIngestCounters {
   std::atomic<uint64_t> refused_store{0};
 };
 
-// Group commit of telemetry uploads: batches that arrive while the store is writing the
-// previous group wait here and are then stored together, in one transaction (one fsync),
-// by one writer on the worker pool. Each upload is answered only after its transaction
-// committed, with its own outcome; a batch that fails fails alone (the store retries the
-// group batch by batch). Thread-safe.
-class TelemetryIngestQueue {
- public:
-  using Done = std::function<void(Result<store::TelemetryIngestOutcome>)>;
-  struct Upload {
-    std::string device_id;
-    std::string site;
-    telemetry::Batch batch;
-    Done done;  // called once, on a worker thread
-  };
-
-  // Queues `upload`; starts a writer on `workers` unless one is running.
-  void submit(store::Store& store, const Clock& clock, boost::asio::thread_pool& workers,
-              Upload upload);
-
- private:
-  // Stores queued groups until the queue is empty.
-  void write_groups(store::Store& store, const Clock& clock);
-
-  std::mutex mu_;
-  std::vector<Upload> queued_;  // guarded by mu_
-  bool writing_ = false;        // guarded by mu_: a writer is draining queued_
+// A telemetry upload as the ingest stores it.
+struct TelemetryUpload {
+  std::string device_id;
+  std::string site;
+  telemetry::Batch batch;
 };
+// Group commit of telemetry uploads (group_writer.h): batches that arrive while the store is
+// writing the previous group are stored together; a batch that fails fails alone (the store
+// retries the group batch by batch).
+using TelemetryWriter = GroupWriter<TelemetryUpload, store::TelemetryIngestOutcome>;
+std::unique_ptr<TelemetryWriter> make_telemetry_writer(store::Store& store, const Clock& clock);
+// Group commit of status reports (the rollouts controller and `device show` read them).
+using StatusWriter = GroupWriter<store::DeviceStatusWrite, bool>;
+std::unique_ptr<StatusWriter> make_status_writer(store::Store& store);
 
 struct ApiContext {
   store::Store& store;
@@ -100,7 +89,8 @@ struct ApiContext {
   std::string server_public_key_b64;
   int64_t long_poll_ms = 55'000;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
-  std::unique_ptr<TelemetryIngestQueue> telemetry_queue = std::make_unique<TelemetryIngestQueue>();
+  std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);
+  std::unique_ptr<StatusWriter> status_writer = make_status_writer(store);
 };
 
 // A device counts as online when it was seen this recently (a healthy agent long-polls about

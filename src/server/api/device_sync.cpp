@@ -138,47 +138,70 @@ constexpr int64_t kStatusLogKeep = 500;
 
 // The agent sends {"seq":N,"generation":G,"deployments":[...],"facts":{...}?}; facts only
 // when they changed (new hardware, a GPU driver installed), which reschedules the device.
-Result<http::Response> post_status(ApiContext& ctx, const http::Request& req,
-                                   const Caller& caller) {
+// Reports of many devices are stored together (the status writer) and each is answered after
+// its commit. Blocking up to the queueing: runs on a worker.
+void post_status(ApiContext& ctx, const http::Request& req, http::Responder respond) {
+  auto caller = authenticate_device(ctx, req);
+  if (!caller) return respond(http::Response::error(caller.error()));
   auto doc = parse_json_body(req.body);
-  if (!doc) return make_error(doc.error());
-  if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "status: expected an object");
+  if (!doc) return respond(http::Response::error(doc.error()));
+  if (!doc->is_object()) {
+    return respond(
+        http::Response::error(Error{Errc::kInvalidArgument, "status: expected an object", ""}));
+  }
   int64_t seq = 0;
   if (auto it = doc->find("seq"); it != doc->end()) {
     if (!it->is_number_integer() || it->get<int64_t>() < 1) {
-      return make_error(Errc::kInvalidArgument, "seq: expected an integer >= 1", "seq");
+      return respond(http::Response::error(
+          Error{Errc::kInvalidArgument, "seq: expected an integer >= 1", "seq"}));
     }
     seq = it->get<int64_t>();
   }
   std::optional<nlohmann::json> facts;
   if (auto it = doc->find("facts"); it != doc->end()) {
-    if (!it->is_object())
-      return make_error(Errc::kInvalidArgument, "facts: expected an object", "facts");
+    if (!it->is_object()) {
+      return respond(http::Response::error(
+          Error{Errc::kInvalidArgument, "facts: expected an object", "facts"}));
+    }
     facts = std::move(*it);
     doc->erase("facts");
   }
   const int64_t now = ctx.clock.now_ms();
   (*doc)["received_at"] = now;
-  ctx.sessions.seen(caller.device_id, now);
-  auto fresh =
-      ctx.store.record_device_status(caller.device_id, seq, doc->dump(), now, kStatusLogKeep);
-  if (!fresh) return make_error(fresh.error());
-  if (facts) {
-    auto device = ctx.store.get_device(caller.device_id);
-    if (!device) return make_error(device.error());
-    if (*device && nlohmann::json::parse((*device)->facts_json, nullptr, false) != *facts) {
-      OUTPOST_TRY(ctx.store.update_device_facts(caller.device_id, facts->dump()));
-      auto summary = ctx.desired.reconcile_device(caller.device_id);
-      if (!summary) {
-        spdlog::warn("rescheduling device {} after new facts: {}", caller.device_id,
-                     summary.error().message);
+  ctx.sessions.seen(caller->device_id, now);
+  store::DeviceStatusWrite write{caller->device_id, seq, doc->dump(), now};
+  auto done = [&ctx, device_id = caller->device_id, seq, facts = std::move(facts),
+               respond = std::move(respond)](Result<bool> fresh) {
+    if (!fresh) return respond(http::Response::error(fresh.error()));
+    if (facts) {
+      auto device = ctx.store.get_device(device_id);
+      if (!device) return respond(http::Response::error(device.error()));
+      if (*device && nlohmann::json::parse((*device)->facts_json, nullptr, false) != *facts) {
+        if (auto updated = ctx.store.update_device_facts(device_id, facts->dump()); !updated) {
+          return respond(http::Response::error(updated.error()));
+        }
+        auto summary = ctx.desired.reconcile_device(device_id);
+        if (!summary) {
+          spdlog::warn("rescheduling device {} after new facts: {}", device_id,
+                       summary.error().message);
+        }
       }
     }
-  }
-  return json_response(200, {{"ok", true}, {"seq", seq}, {"duplicate", !*fresh}});
+    respond(json_response(200, {{"ok", true}, {"seq", seq}, {"duplicate", !*fresh}}));
+  };
+  ctx.status_writer->submit(ctx.workers, std::move(write), std::move(done));
 }
 
 }  // namespace
+
+std::unique_ptr<StatusWriter> make_status_writer(store::Store& store) {
+  // A group is at most 512 reports: a burst (a fleet reporting a new revision) in a few
+  // commits, without holding the store's writer for long.
+  return std::make_unique<StatusWriter>(
+      "storing status reports", 512, [&store](std::vector<store::DeviceStatusWrite>& group) {
+        return store.record_device_statuses(group, kStatusLogKeep);
+      });
+}
 
 void register_device_sync_routes(http::Router& router, ApiContext& ctx) {
   router.add("POST", "/api/v1/device/enroll", [&ctx](http::Request&& req, http::Responder respond) {
@@ -193,7 +216,20 @@ void register_device_sync_routes(http::Router& router, ApiContext& ctx) {
         get_desired(ctx, std::move(req), std::move(respond));
       },
       long_poll);
-  add_device_route(router, ctx, "POST", "/api/v1/device/status", post_status);
+  router.add("POST", "/api/v1/device/status", [&ctx](http::Request&& req, http::Responder respond) {
+    boost::asio::post(
+        ctx.workers, [&ctx, req = std::move(req), respond = std::move(respond)]() mutable {
+          // Once queued, the write owns `respond`; an exception before that answers here.
+          auto shared = std::make_shared<http::Responder>(std::move(respond));
+          try {
+            post_status(ctx, req, [shared](http::Response resp) { (*shared)(std::move(resp)); });
+          } catch (const std::exception& e) {
+            spdlog::error("status report failed with an exception: {}", e.what());
+            (*shared)(http::Response::error(
+                Error{Errc::kInternal, std::string("internal error: ") + e.what(), ""}));
+          }
+        });
+  });
 }
 
 }  // namespace outpost::server::api

@@ -26,7 +26,7 @@ nlohmann::json finite(double value) {
 // At most this many batches in one transaction: bounds how long the store's lock is held.
 constexpr size_t kMaxIngestGroup = 256;
 
-// Checks and decodes an upload and queues it for the store (TelemetryIngestQueue); answers
+// Checks and decodes an upload and queues it for the store (the telemetry writer); answers
 // through `respond` once it is stored, or at once when it is refused. Blocking: runs on a
 // worker.
 void post_telemetry(ApiContext& ctx, const http::Request& req, http::Responder respond) {
@@ -63,10 +63,9 @@ void post_telemetry(ApiContext& ctx, const http::Request& req, http::Responder r
   if (!device) return refuse(device.error());
   if (!*device) return refuse(Error{Errc::kNotFound, "device " + caller->device_id + " is gone"});
   ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
-  TelemetryIngestQueue::Upload upload{caller->device_id, (*device)->site, std::move(*batch),
-                                      nullptr};
-  upload.done = [&counters,
-                 respond = std::move(respond)](Result<store::TelemetryIngestOutcome> outcome) {
+  TelemetryUpload upload{caller->device_id, (*device)->site, std::move(*batch)};
+  auto done = [&counters,
+               respond = std::move(respond)](Result<store::TelemetryIngestOutcome> outcome) {
     if (!outcome) {
       ++counters.refused_store;
       respond(http::Response::error(outcome.error()));
@@ -80,7 +79,7 @@ void post_telemetry(ApiContext& ctx, const http::Request& req, http::Responder r
                                 {"stored", outcome->stored},
                                 {"duplicates", outcome->duplicates}}));
   };
-  ctx.telemetry_queue->submit(ctx.store, ctx.clock, ctx.workers, std::move(upload));
+  ctx.telemetry_queue->submit(ctx.workers, std::move(upload), std::move(done));
 }
 
 // The per-kind numbers of a merged set of points.
@@ -368,55 +367,16 @@ Result<nlohmann::json> deployment_fleet_summary(ApiContext& ctx, const std::stri
                         {"devices_reporting", requests->devices}};
 }
 
-void TelemetryIngestQueue::submit(store::Store& store, const Clock& clock,
-                                  boost::asio::thread_pool& workers, Upload upload) {
-  {
-    std::lock_guard lock(mu_);
-    queued_.push_back(std::move(upload));
-    if (writing_) return;  // the running writer takes it with its next group
-    writing_ = true;
-  }
-  boost::asio::post(workers, [this, &store, &clock] { write_groups(store, clock); });
-}
-
-void TelemetryIngestQueue::write_groups(store::Store& store, const Clock& clock) {
-  std::vector<Upload> group;
-  std::vector<store::TelemetryIngest> batches;
-  while (true) {
-    group.clear();
-    {
-      std::lock_guard lock(mu_);
-      if (queued_.empty()) {
-        writing_ = false;
-        return;
-      }
-      if (queued_.size() <= kMaxIngestGroup) {
-        group.swap(queued_);
-      } else {
-        const auto end = queued_.begin() + static_cast<std::ptrdiff_t>(kMaxIngestGroup);
-        group.assign(std::make_move_iterator(queued_.begin()), std::make_move_iterator(end));
-        queued_.erase(queued_.begin(), end);
-      }
-    }
-    batches.clear();
-    for (const Upload& u : group) batches.push_back({u.device_id, u.site, &u.batch});
-    // Answered only now, after the commit: a crash before it makes the agent send again,
-    // and the watermark turns the resent records into duplicates.
-    auto outcomes = [&]() -> Result<std::vector<Result<store::TelemetryIngestOutcome>>> {
-      try {
+std::unique_ptr<TelemetryWriter> make_telemetry_writer(store::Store& store, const Clock& clock) {
+  return std::make_unique<TelemetryWriter>(
+      "storing telemetry", kMaxIngestGroup, [&store, &clock](std::vector<TelemetryUpload>& group) {
+        std::vector<store::TelemetryIngest> batches;
+        batches.reserve(group.size());
+        for (const TelemetryUpload& u : group) batches.push_back({u.device_id, u.site, &u.batch});
+        // Answered only after this commit: a crash before it makes the agent send again, and
+        // the watermark turns the resent records into duplicates.
         return store.ingest_telemetry_batches(batches, clock.now_ms());
-      } catch (const std::exception& e) {
-        return make_error(Errc::kInternal, std::string("storing telemetry: ") + e.what());
-      }
-    }();
-    for (size_t i = 0; i < group.size(); ++i) {
-      if (!outcomes) {
-        group[i].done(make_error(outcomes.error()));
-      } else {
-        group[i].done(std::move((*outcomes)[i]));
-      }
-    }
-  }
+      });
 }
 
 bool device_online(int64_t last_seen, int64_t now_ms) {

@@ -477,8 +477,9 @@ Rollout read_rollout(const Statement& s) {
   };
 }
 
-#define OUTPOST_ROLLOUT_COLUMNS \
-  "id, deployment, from_revision, to_revision, state, doc_json, created_at, updated_at, created_by"
+#define OUTPOST_ROLLOUT_COLUMNS                                                           \
+  "id, deployment, from_revision, to_revision, state, doc_json, created_at, updated_at, " \
+  "created_by"
 
 AuditEntry read_audit_entry(const Statement& s) {
   return AuditEntry{
@@ -563,6 +564,8 @@ class SqliteStore final : public Store {
   Result<bool> record_device_status(const std::string& id, int64_t seq,
                                     const std::string& status_json, int64_t now_ms,
                                     int64_t keep_log) override;
+  Result<std::vector<Result<bool>>> record_device_statuses(
+      const std::vector<DeviceStatusWrite>& writes, int64_t keep_log) override;
   Result<std::vector<StatusReport>> list_device_status_log(const std::string& id,
                                                            int64_t limit) override;
   Status update_device_facts(const std::string& id, const std::string& facts_json) override;
@@ -656,6 +659,9 @@ class SqliteStore final : public Store {
   }
 
   Status load_variants(ModelVersion& version);
+  Result<bool> write_device_status(const std::string& id, int64_t seq,
+                                   const std::string& status_json, int64_t now_ms,
+                                   int64_t keep_log);
 
   std::mutex mu_;
   Connection conn_;  // guarded by mu_
@@ -991,6 +997,54 @@ Result<int64_t> SqliteStore::update_desired_state(const std::string& id,
   });
 }
 
+// One report inside the caller's write transaction. kNotFound (before any write) when the
+// device does not exist.
+Result<bool> SqliteStore::write_device_status(const std::string& id, int64_t seq,
+                                              const std::string& status_json, int64_t now_ms,
+                                              int64_t keep_log) {
+  int64_t current_seq = 0;
+  {
+    auto stmt = conn_.prepare("SELECT status_seq FROM devices WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    auto row = stmt->bind(id).step();
+    if (!row) {
+      return make_error(std::move(row).error());
+    }
+    if (!*row) {
+      return make_error(Errc::kNotFound, "device " + id + " not found");
+    }
+    current_seq = stmt->int64(0);
+  }
+  if (seq > 0) {
+    auto insert = conn_.prepare(
+        "INSERT OR IGNORE INTO device_status_log (device_id, seq, received_at, status_json)"
+        " VALUES (?, ?, ?, ?)");
+    if (!insert) {
+      return make_error(std::move(insert).error());
+    }
+    OUTPOST_TRY(insert->bind(id, seq, now_ms, status_json).run());
+    if (conn_.changes() == 0) return false;
+    auto trim = conn_.prepare(
+        "DELETE FROM device_status_log WHERE device_id = ? AND seq <= (SELECT seq FROM"
+        " device_status_log WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)");
+    if (!trim) {
+      return make_error(std::move(trim).error());
+    }
+    OUTPOST_TRY(trim->bind(id, id, keep_log).run());
+  }
+  if (seq == 0 || seq > current_seq) {
+    auto stmt = conn_.prepare(
+        "UPDATE devices SET status_json = ?, status_at = ?, status_seq = ? WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(status_json, now_ms, std::max(seq, current_seq), id).run());
+  }
+  return true;
+}
+
 Result<bool> SqliteStore::record_device_status(const std::string& id, int64_t seq,
                                                const std::string& status_json, int64_t now_ms,
                                                int64_t keep_log) {
@@ -999,52 +1053,42 @@ Result<bool> SqliteStore::record_device_status(const std::string& id, int64_t se
     if (!txn) {
       return make_error(std::move(txn).error());
     }
-    int64_t current_seq = 0;
-    {
-      auto stmt = conn_.prepare("SELECT status_seq FROM devices WHERE id = ?");
-      if (!stmt) {
-        return make_error(std::move(stmt).error());
-      }
-      auto row = stmt->bind(id).step();
-      if (!row) {
-        return make_error(std::move(row).error());
-      }
-      if (!*row) {
-        return make_error(Errc::kNotFound, "device " + id + " not found");
-      }
-      current_seq = stmt->int64(0);
-    }
-    if (seq > 0) {
-      auto insert = conn_.prepare(
-          "INSERT OR IGNORE INTO device_status_log (device_id, seq, received_at, status_json)"
-          " VALUES (?, ?, ?, ?)");
-      if (!insert) {
-        return make_error(std::move(insert).error());
-      }
-      OUTPOST_TRY(insert->bind(id, seq, now_ms, status_json).run());
-      if (conn_.changes() == 0) {
-        OUTPOST_TRY(txn->commit());
-        return false;
-      }
-      auto trim = conn_.prepare(
-          "DELETE FROM device_status_log WHERE device_id = ? AND seq <= (SELECT seq FROM"
-          " device_status_log WHERE device_id = ? ORDER BY seq DESC LIMIT 1 OFFSET ?)");
-      if (!trim) {
-        return make_error(std::move(trim).error());
-      }
-      OUTPOST_TRY(trim->bind(id, id, keep_log).run());
-    }
-    if (seq == 0 || seq > current_seq) {
-      auto stmt = conn_.prepare(
-          "UPDATE devices SET status_json = ?, status_at = ?, status_seq = ? WHERE id = ?");
-      if (!stmt) {
-        return make_error(std::move(stmt).error());
-      }
-      OUTPOST_TRY(stmt->bind(status_json, now_ms, std::max(seq, current_seq), id).run());
-    }
+    auto written = write_device_status(id, seq, status_json, now_ms, keep_log);
+    if (!written) return written;
     OUTPOST_TRY(txn->commit());
-    return true;
+    return written;
   });
+}
+
+Result<std::vector<Result<bool>>> SqliteStore::record_device_statuses(
+    const std::vector<DeviceStatusWrite>& writes, int64_t keep_log) {
+  auto grouped = locked("recording status reports of devices", std::to_string(writes.size()),
+                        [&]() -> Result<std::vector<Result<bool>>> {
+                          auto txn = conn_.begin_write();
+                          if (!txn) {
+                            return make_error(std::move(txn).error());
+                          }
+                          std::vector<Result<bool>> out;
+                          out.reserve(writes.size());
+                          for (const auto& w : writes) {
+                            auto one = write_device_status(w.device_id, w.seq, w.status_json,
+                                                           w.now_ms, keep_log);
+                            // kNotFound is checked before anything is written: it fails alone.
+                            if (!one && one.error().code != Errc::kNotFound) {
+                              return make_error(one.error());
+                            }
+                            out.push_back(std::move(one));
+                          }
+                          OUTPOST_TRY(txn->commit());
+                          return out;
+                        });
+  if (grouped) return grouped;
+  std::vector<Result<bool>> out;
+  out.reserve(writes.size());
+  for (const auto& w : writes) {
+    out.push_back(record_device_status(w.device_id, w.seq, w.status_json, w.now_ms, keep_log));
+  }
+  return out;
 }
 
 Result<std::vector<StatusReport>> SqliteStore::list_device_status_log(const std::string& id,
@@ -1523,18 +1567,20 @@ Status SqliteStore::update_rollout(const RolloutUpdate& u) {
       }
       return stmt->bind(args...).run();
     };
-    OUTPOST_TRY(exec("UPDATE rollouts SET from_revision = ?, to_revision = ?, state = ?,"
-                     " doc_json = ?, updated_at = ? WHERE id = ?",
-                     r.from_revision, r.to_revision, r.state, r.doc_json, r.updated_at, r.id));
+    OUTPOST_TRY(
+        exec("UPDATE rollouts SET from_revision = ?, to_revision = ?, state = ?,"
+             " doc_json = ?, updated_at = ? WHERE id = ?",
+             r.from_revision, r.to_revision, r.state, r.doc_json, r.updated_at, r.id));
     OUTPOST_TRY(expect_changed("rollout " + std::to_string(r.id)));
     if (u.clear_assignments) {
       OUTPOST_TRY(exec("DELETE FROM revision_assignments WHERE deployment = ?", r.deployment));
     }
     for (const auto& [device, revision] : u.assign) {
-      OUTPOST_TRY(exec("INSERT INTO revision_assignments (deployment, device_id, revision)"
-                       " VALUES (?, ?, ?) ON CONFLICT (deployment, device_id) DO UPDATE SET"
-                       " revision = excluded.revision",
-                       r.deployment, device, revision));
+      OUTPOST_TRY(
+          exec("INSERT INTO revision_assignments (deployment, device_id, revision)"
+               " VALUES (?, ?, ?) ON CONFLICT (deployment, device_id) DO UPDATE SET"
+               " revision = excluded.revision",
+               r.deployment, device, revision));
     }
     for (const auto& device : u.unassign) {
       OUTPOST_TRY(exec("DELETE FROM revision_assignments WHERE deployment = ? AND device_id = ?",
@@ -1545,18 +1591,20 @@ Status SqliteStore::update_rollout(const RolloutUpdate& u) {
                        *u.stable_revision, r.deployment));
     }
     if (u.reset_to_revision) {
-      OUTPOST_TRY(exec("UPDATE deployments SET revision = r.revision, manifest_json ="
-                       " r.manifest_json, spec_hash = r.spec_hash, updated_at = ? FROM"
-                       " deployment_revisions AS r WHERE deployments.name = ? AND r.name ="
-                       " deployments.name AND r.revision = ?",
-                       r.updated_at, r.deployment, *u.reset_to_revision));
+      OUTPOST_TRY(
+          exec("UPDATE deployments SET revision = r.revision, manifest_json ="
+               " r.manifest_json, spec_hash = r.spec_hash, updated_at = ? FROM"
+               " deployment_revisions AS r WHERE deployments.name = ? AND r.name ="
+               " deployments.name AND r.revision = ?",
+               r.updated_at, r.deployment, *u.reset_to_revision));
       OUTPOST_TRY(expect_changed("revision " + std::to_string(*u.reset_to_revision) +
                                  " of deployment " + r.deployment));
     }
     if (u.mark_bad) {
-      OUTPOST_TRY(exec("UPDATE deployment_revisions SET bad_reason = ? WHERE name = ? AND"
-                       " revision = ?",
-                       u.mark_bad->second, r.deployment, u.mark_bad->first));
+      OUTPOST_TRY(
+          exec("UPDATE deployment_revisions SET bad_reason = ? WHERE name = ? AND"
+               " revision = ?",
+               u.mark_bad->second, r.deployment, u.mark_bad->first));
       OUTPOST_TRY(expect_changed("revision " + std::to_string(u.mark_bad->first) +
                                  " of deployment " + r.deployment));
     }
@@ -1636,8 +1684,7 @@ Result<std::optional<Site>> SqliteStore::get_site(const std::string& name) {
 
 Result<std::vector<Site>> SqliteStore::list_sites() {
   return locked("listing sites", "", [&]() -> Result<std::vector<Site>> {
-    auto stmt =
-        conn_.prepare("SELECT name, timezone, region, updated_at FROM sites ORDER BY name");
+    auto stmt = conn_.prepare("SELECT name, timezone, region, updated_at FROM sites ORDER BY name");
     if (!stmt) {
       return make_error(std::move(stmt).error());
     }
