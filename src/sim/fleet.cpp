@@ -52,12 +52,6 @@ int64_t steady_ms() {
       .count();
 }
 
-int64_t steady_us() {
-  return std::chrono::duration_cast<std::chrono::microseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
 int64_t unix_ms() {
   return std::chrono::duration_cast<std::chrono::milliseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -270,9 +264,15 @@ class Shard {
   void start(int64_t start_ms) {
     asio::post(io_, [this, start_ms] {
       start_ms_ = start_ms;
+      // An agent keeps its sequence numbers on disk; a virtual device starts from the run's
+      // start time (2^20 numbers a second), so a later run with the same --state continues
+      // above everything an earlier one sent and the server takes its reports as new.
+      const int64_t seq_base = (unix_ms() / 1000) << 20;
       for (auto& dp : devices_) {
         Device& d = *dp;
         if (!d.enrolled) continue;
+        d.status_seq = seq_base;
+        d.telemetry_seq = seq_base;
         d.sync_backoff = agent::Backoff(1'000, options_.backoff_max_ms);
         d.status_backoff = agent::Backoff(1'000, options_.backoff_max_ms);
         d.telemetry_backoff = agent::Backoff(1'000, options_.backoff_max_ms);
@@ -302,10 +302,9 @@ class Shard {
         Device& d = *dp;
         if (!d.enrolled) continue;
         ++checking_;
-        const int64_t started = steady_us();
         transport_.send(agent::desired_request(d.generation, 0), d.id.credential,
-                        [this, &d, started](Result<HttpResponse> r, int64_t) {
-                          observe(kCheck, started);
+                        [this, &d](Result<HttpResponse> r, HttpTransport::Exchange info) {
+                          observe(kCheck, info);
                           ++c_.checked;
                           if (!r) {
                             ++c_.check_errors;
@@ -348,8 +347,8 @@ class Shard {
   int64_t elapsed() const { return steady_ms() - start_ms_; }
   bool link_up(const Device& d) const { return link_.up(d.index, d.site_index, elapsed()); }
 
-  void observe(int kind, int64_t started_us) {
-    latency_[kind]->observe(static_cast<double>(steady_us() - started_us) / 1000.0);
+  void observe(int kind, const HttpTransport::Exchange& info) {
+    latency_[kind]->observe(static_cast<double>(info.duration_us) / 1000.0);
   }
 
   void count_error(const std::string& what, const std::string& message) {
@@ -406,12 +405,11 @@ class Shard {
     request.labels = options_.labels;
     request.facts = sim_facts();
     const auto keys = crypto::ed25519_generate();
-    const int64_t started = steady_us();
     transport_.send(
         agent::enroll_request(request, crypto::base64_encode(keys.public_key)), "",
-        [this, &d, request, started](Result<HttpResponse> r, int64_t bytes) {
-          observe(kEnroll, started);
-          c_.wire_bytes += bytes;
+        [this, &d, request](Result<HttpResponse> r, HttpTransport::Exchange info) {
+          observe(kEnroll, info);
+          c_.wire_bytes += info.wire_bytes;
           ++c_.requests;
           --enrolling_;
           const bool retry = !r || r->status >= 500 || r->status == 429 || r->status == 408;
@@ -459,19 +457,19 @@ class Shard {
         answer(make_error(Errc::kUnavailable, "connection lost (simulated: flaky link)"), true);
         return;
       }
-      const int64_t started = steady_us();
-      auto done = [this, &d, kind, on_channel, f, started, answer = std::move(answer)](
-                      Result<HttpResponse> r, int64_t bytes) mutable {
+      auto done = [this, &d, kind, on_channel, f, answer = std::move(answer)](
+                      Result<HttpResponse> r, HttpTransport::Exchange info) mutable {
         ++c_.requests;
-        c_.wire_bytes += bytes;
-        if (kind != kSync || options_.sync_interval_ms > 0) observe(kind, started);
+        c_.wire_bytes += info.wire_bytes;
+        // A held long-poll's time is the server waiting on purpose, not latency.
+        if (kind != kSync || options_.sync_interval_ms > 0) observe(kind, info);
         if (stopping_) return;
         if (f.lost_after && r) {
           if (on_channel && d.channel) d.channel->close();
           answer(make_error(Errc::kUnavailable, "answer lost (simulated: flaky link)"), true);
           return;
         }
-        const int64_t transfer = link_.transfer_ms(bytes);
+        const int64_t transfer = link_.transfer_ms(info.wire_bytes);
         if (transfer <= 0) return answer(std::move(r), false);
         auto shared = std::make_shared<Result<HttpResponse>>(std::move(r));
         timers_.after(transfer, [shared, answer = std::move(answer)]() mutable {

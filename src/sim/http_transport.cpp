@@ -1,5 +1,8 @@
 #include "sim/http_transport.h"
 
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <algorithm>
 #include <cctype>
 #include <optional>
@@ -20,7 +23,7 @@ using tcp = asio::ip::tcp;
 // (shared_from_this in every handler) or the transport keeps it idle.
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  using Finish = std::function<void(Result<HttpResponse>, int64_t wire_bytes, bool reusable)>;
+  using Finish = std::function<void(Result<HttpResponse>, HttpTransport::Exchange, bool reusable)>;
 
   Connection(asio::io_context& io, std::shared_ptr<HttpTransport::Stats> stats,
              tcp::endpoint server, std::optional<asio::ip::address> source, uint64_t body_limit)
@@ -38,6 +41,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void start(const agent::ApiRequest& request, const std::string& bearer, const std::string& host,
              Finish finish) {
     finish_ = std::move(finish);
+    started_ = std::chrono::steady_clock::now();
     if (cancelled_) return fail("starting", asio::error::operation_aborted);
     timeout_ms_ = std::max<int64_t>(request.timeout_ms, 1);
     bytes_ = 0;
@@ -81,13 +85,25 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
  private:
   std::chrono::milliseconds timeout() const { return std::chrono::milliseconds(timeout_ms_); }
+  HttpTransport::Exchange exchange() const {
+    return {bytes_, std::chrono::duration_cast<std::chrono::microseconds>(
+                        std::chrono::steady_clock::now() - started_)
+                        .count()};
+  }
 
   void connect() {
     close();
     beast::error_code ec;
     auto& socket = stream_.socket();
     socket.open(server_.protocol(), ec);
-    if (!ec && source_) socket.bind(tcp::endpoint(*source_, 0), ec);
+    if (!ec && source_) {
+      // Choose the port at connect time, from the whole 4-tuple: bound with port 0 the kernel
+      // must find a port free for every destination, which slows down to a crawl (and runs
+      // out) with thousands of connections.
+      int one = 1;
+      ::setsockopt(socket.native_handle(), IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+      socket.bind(tcp::endpoint(*source_, 0), ec);
+    }
     if (ec) return fail("opening a socket", ec);
     counted_open_ = true;
     ++stats_->open;
@@ -152,7 +168,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     ++stats_->requests;
     auto finish = std::move(finish_);
     finish_ = nullptr;
-    finish(std::move(response), bytes_, keep);
+    finish(std::move(response), exchange(), keep);
   }
 
   void fail(const char* step, beast::error_code ec) {
@@ -168,7 +184,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
                     "): " + ec.message();
     auto finish = std::move(finish_);
     finish_ = nullptr;
-    if (finish) finish(make_error(std::move(error)), bytes_, false);
+    if (finish) finish(make_error(std::move(error)), exchange(), false);
   }
 
   beast::tcp_stream stream_;
@@ -182,6 +198,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   Finish finish_;
   int64_t timeout_ms_ = 30'000;
   int64_t bytes_ = 0;
+  std::chrono::steady_clock::time_point started_;
   bool reused_ = false;
   bool retried_ = false;
   bool counted_open_ = false;
@@ -234,7 +251,7 @@ std::shared_ptr<Connection> HttpTransport::make_connection(size_t source) {
 
 void HttpTransport::send(const agent::ApiRequest& request, const std::string& bearer, Done done) {
   if (shut_down_) {
-    asio::post(io_, [done = std::move(done)] { done(shut_down_error(), 0); });
+    asio::post(io_, [done = std::move(done)] { done(shut_down_error(), {}); });
     return;
   }
   Pending pending{request, bearer, std::move(done)};
@@ -252,7 +269,7 @@ void HttpTransport::dispatch(Pending pending) {
   // busy_ was counted when the exchange was admitted.
   if (shut_down_) {
     --busy_;
-    pending.done(shut_down_error(), 0);
+    pending.done(shut_down_error(), {});
     return;
   }
   std::shared_ptr<Connection> c;
@@ -263,12 +280,12 @@ void HttpTransport::dispatch(Pending pending) {
     c = make_connection(created_++);
   }
   c->start(pending.request, pending.bearer, options_.host_header,
-           [this, c, done = std::move(pending.done)](Result<HttpResponse> r, int64_t bytes,
+           [this, c, done = std::move(pending.done)](Result<HttpResponse> r, Exchange info,
                                                      bool reusable) mutable {
              --busy_;
              if (reusable && !shut_down_) idle_.push_back(std::move(c));
              pump();
-             done(std::move(r), bytes);
+             done(std::move(r), info);
            });
 }
 
@@ -291,7 +308,7 @@ void HttpTransport::shutdown() {
   while (!queue_.empty()) {
     Pending p = std::move(queue_.front());
     queue_.pop_front();
-    asio::post(io_, [done = std::move(p.done)] { done(shut_down_error(), 0); });
+    asio::post(io_, [done = std::move(p.done)] { done(shut_down_error(), {}); });
   }
 }
 
@@ -309,7 +326,7 @@ bool HttpTransport::Channel::busy() const { return connection_ && connection_->b
 void HttpTransport::Channel::send(const agent::ApiRequest& request, const std::string& bearer,
                                   Done done) {
   if (transport_.shut_down_) {
-    asio::post(transport_.io_, [done = std::move(done)] { done(shut_down_error(), 0); });
+    asio::post(transport_.io_, [done = std::move(done)] { done(shut_down_error(), {}); });
     return;
   }
   if (!connection_) connection_ = transport_.make_connection(source_);
@@ -317,8 +334,8 @@ void HttpTransport::Channel::send(const agent::ApiRequest& request, const std::s
   asio::post(transport_.io_, [c, request, bearer, host = transport_.options_.host_header,
                               done = std::move(done)]() mutable {
     c->start(request, bearer, host,
-             [done = std::move(done)](Result<HttpResponse> r, int64_t bytes, bool) {
-               done(std::move(r), bytes);
+             [done = std::move(done)](Result<HttpResponse> r, Exchange info, bool) {
+               done(std::move(r), info);
              });
   });
 }

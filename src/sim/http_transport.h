@@ -42,9 +42,15 @@ class HttpTransport {
     int64_t queued = 0;    // waiting for a pooled connection now
     int64_t queued_max = 0;
   };
-  // The answer (any HTTP status) or a transport error (kUnavailable / kDeadlineExceeded), and
-  // the bytes the exchange put on the wire both ways (heads and bodies).
-  using Done = std::function<void(Result<HttpResponse>, int64_t wire_bytes)>;
+  // What one exchange cost: the bytes it put on the wire both ways (heads and bodies), and its
+  // time on the connection (from connecting or writing to the answer; not the queueing for a
+  // pooled connection), which is what the server's latency looks like from a device.
+  struct Exchange {
+    int64_t wire_bytes = 0;
+    int64_t duration_us = 0;
+  };
+  // The answer (any HTTP status) or a transport error (kUnavailable / kDeadlineExceeded).
+  using Done = std::function<void(Result<HttpResponse>, Exchange)>;
 
   HttpTransport(boost::asio::io_context& io, Options options);
   ~HttpTransport();

@@ -107,10 +107,11 @@ TEST_F(TransportTest, PooledRequestsShareKeptAliveConnectionsUpToThePoolSize) {
     r.method = "POST";
     r.path = "/slow";
     r.body = std::to_string(i);
-    transport.send(r, "cred-1", [&](Result<HttpResponse> resp, int64_t bytes) {
+    transport.send(r, "cred-1", [&](Result<HttpResponse> resp, HttpTransport::Exchange info) {
       ASSERT_TRUE(resp.has_value()) << resp.error().message;
       EXPECT_EQ(resp->status, 200);
-      EXPECT_GT(bytes, 0);
+      EXPECT_GT(info.wire_bytes, 0);
+      EXPECT_GE(info.duration_us, 100'000);  // the route holds each request 100 ms
       bodies.push_back(resp->body);
       ++answered;
     });
@@ -135,7 +136,9 @@ TEST_F(TransportTest, ConnectionsComeFromEverySourceAddressAndCarryTheBearer) {
     auto channel = transport.channel(static_cast<size_t>(i));
     channel->send(get("/hello"), "d-1.secret",
                   [&, keep = std::shared_ptr<HttpTransport::Channel>(std::move(channel))](
-                      Result<HttpResponse> r, int64_t) { ok += r && r->status == 200 ? 1 : 0; });
+                      Result<HttpResponse> r, HttpTransport::Exchange) {
+                    ok += r && r->status == 200 ? 1 : 0;
+                  });
   }
   io.run();
   EXPECT_EQ(ok, 4);
@@ -150,12 +153,12 @@ TEST_F(TransportTest, AConnectionTheServerClosedWhileIdleIsReplacedTransparently
   asio::io_context io;
   HttpTransport transport(io, options(1));
   int ok = 0;
-  transport.send(get("/hello"), "", [&](Result<HttpResponse> r, int64_t) {
+  transport.send(get("/hello"), "", [&](Result<HttpResponse> r, HttpTransport::Exchange) {
     ok += r && r->status == 200;
     // The server drops idle connections after 300 ms: the next request finds ours stale.
     auto timer = std::make_shared<asio::steady_timer>(io, std::chrono::milliseconds(700));
     timer->async_wait([&, timer](const boost::system::error_code&) {
-      transport.send(get("/hello"), "", [&](Result<HttpResponse> again, int64_t) {
+      transport.send(get("/hello"), "", [&](Result<HttpResponse> again, HttpTransport::Exchange) {
         ASSERT_TRUE(again.has_value()) << again.error().message;
         ok += again->status == 200;
       });
@@ -170,12 +173,12 @@ TEST_F(TransportTest, ATimeoutIsDeadlineExceededAndAChannelHangUpIsSeenByTheServ
   asio::io_context io;
   HttpTransport transport(io, options(2));
   std::optional<Error> timed_out, hung_up;
-  transport.send(get("/hold", 200), "", [&](Result<HttpResponse> r, int64_t) {
+  transport.send(get("/hold", 200), "", [&](Result<HttpResponse> r, HttpTransport::Exchange) {
     ASSERT_FALSE(r.has_value());
     timed_out = r.error();
   });
   auto channel = transport.channel(0);
-  channel->send(get("/hold", 10'000), "", [&](Result<HttpResponse> r, int64_t) {
+  channel->send(get("/hold", 10'000), "", [&](Result<HttpResponse> r, HttpTransport::Exchange) {
     ASSERT_FALSE(r.has_value());
     hung_up = r.error();
   });
@@ -197,7 +200,7 @@ TEST_F(TransportTest, AfterShutdownSendsFailAtOnceAndTheLoopEnds) {
   HttpTransport transport(io, options(2));
   transport.shutdown();
   bool failed = false;
-  transport.send(get("/hello"), "", [&](Result<HttpResponse> r, int64_t) {
+  transport.send(get("/hello"), "", [&](Result<HttpResponse> r, HttpTransport::Exchange) {
     failed = !r.has_value() && r.error().message.find("shutting down") != std::string::npos;
   });
   io.run();
