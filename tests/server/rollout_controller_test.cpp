@@ -248,6 +248,13 @@ TEST_F(RolloutScenario, ABadRevisionStopsAtTheFirstWaveAndRollsBack) {
   EXPECT_NE(s["reason"].get<std::string>().find("exited with code 3"), std::string::npos);
   EXPECT_EQ(count_on(2), 0);  // nobody beyond the first wave ever got it, and those are back
   EXPECT_EQ(count_on(1), 100);
+  // Back on revision 1, the devices report only it; the status still says what happened.
+  devices_act();
+  s = status();
+  EXPECT_EQ(s["waves"][0]["counts"]["failed"], 5) << s.dump(2);
+  EXPECT_EQ(s["waves"][0]["state"], "rolled_back");
+  EXPECT_EQ(s["failed"].size(), 5u) << s.dump(2);
+  EXPECT_EQ(s["counts"].value("updating", 0), 0) << s.dump(2);
   auto d = store_->get_deployment("app");
   EXPECT_EQ((*d)->revision, 1);  // the deployment is back at revision 1
   auto revisions = store_->list_deployment_revisions("app");
@@ -270,6 +277,8 @@ TEST_F(RolloutScenario, ATelemetryGateComparesTheNewRevisionWithTheOld) {
   devices_act();
   second();
   EXPECT_EQ(status()["waves"][0]["state"], "baking");
+  // Two waves that bake a minute each: the estimate counts both bakes.
+  EXPECT_GE(status()["eta_ms"].get<int64_t>() - clock_.now_ms(), 110'000) << status().dump(2);
   // Devices on revision 2 error on 30% of requests; those on revision 1 on 1%.
   int64_t seq = 0;
   for (const auto& id : ids_) {

@@ -175,6 +175,13 @@ std::vector<View> compute_views(const json& doc, const Snapshot& s, int64_t now)
     v.site = text_at(d, "site");
     v.prev = int_at(d, "prev");
     v.at = int_at(d, "at");
+    if (auto fin = d.find("final"); fin != d.end() && fin->is_object()) {
+      // Rolled back: what the device did in this rollout, not what it runs since.
+      v.phase = text_at(*fin, "phase");
+      v.message = text_at(*fin, "message");
+      out.push_back(std::move(v));
+      continue;
+    }
     auto found = s.info.find(v.id);
     if (found == s.info.end()) {
       v.phase = "gone";
@@ -555,6 +562,13 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
     }
     for (const auto& v : views) {
       if (v.at == 0 || v.phase == "gone") continue;
+      // Kept for `rollout status`: once back on their revision, the devices no longer report
+      // the new one, and the rollout would show them as updating.
+      doc["devices"][v.index]["final"] = {
+          {"phase", v.phase},
+          {"message", v.phase == "deferred" ? "offline: gets revision " + std::to_string(v.prev) +
+                                                  " back when it returns"
+                                            : v.message}};
       if (v.prev == s.deployment.stable_revision) {
         update.unassign.push_back(v.id);
       } else {
@@ -777,6 +791,7 @@ Result<json> RolloutController::status_locked(const std::string& deployment) {
     std::string state = static_cast<int>(w) < current ? "done"
                         : static_cast<int>(w) == current
                             ? (r->state == "completed" ? "done"
+                               : r->state != "running" ? r->state  // paused, rolled_back, aborted
                                : int_at(doc, "wave_settled_at") > 0 ? "baking"
                                                                     : "active")
                             : "waiting";
@@ -803,16 +818,22 @@ Result<json> RolloutController::status_locked(const std::string& deployment) {
   out["held"] = std::move(held);
   out["failed"] = std::move(failed);
   if (r->state == "running" && !waves.empty()) {
-    // A rough estimate: waves left at the mean time a wave took so far (or this one so far).
-    int64_t per_wave = now - int_at(doc, "wave_started_at");
+    // A rough estimate: the rest of this wave (its bake at least), then the waves after it at
+    // the mean time a wave took so far (or this one so far), each at least its bake.
+    const int64_t elapsed = now - int_at(doc, "wave_started_at");
+    int64_t per_wave = elapsed;
     const json& times = doc["wave_times"];
     if (times.is_array() && !times.empty()) {
       int64_t sum = 0;
       for (const auto& t : times) sum += t.get<int64_t>();
       per_wave = std::max<int64_t>(sum / static_cast<int64_t>(times.size()), per_wave);
     }
-    const int64_t left = static_cast<int64_t>(waves.size()) - current;
-    out["eta_ms"] = now + std::max<int64_t>(left * per_wave - (now - int_at(doc, "wave_started_at")), 0);
+    per_wave = std::max(per_wave, bake);
+    const int64_t settled_at = int_at(doc, "wave_settled_at");
+    const int64_t this_wave = settled_at > 0 ? std::max<int64_t>(settled_at + bake - now, 0)
+                                             : std::max(per_wave - elapsed, bake);
+    const int64_t after = static_cast<int64_t>(waves.size()) - current - 1;
+    out["eta_ms"] = now + this_wave + after * per_wave;
   }
   return out;
 }
