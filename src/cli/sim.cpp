@@ -41,7 +41,7 @@ struct SimFlags {
   std::string partition_length;
   std::string partition_sites = "25%";
   int threads = 1;
-  size_t connections = 64;
+  size_t connections = 256;
   int source_addresses = 0;
   int enroll_parallel = 32;
   std::string enroll_token;

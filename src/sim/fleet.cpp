@@ -294,6 +294,8 @@ class Shard {
     asio::post(io_, [this] {
       stopping_ = true;
       timers_.clear();
+      // What the devices queued and never sent does not hold up the check.
+      transport_.drop_queued();
       for (auto& d : devices_) {
         if (d->channel) d->channel->close();
       }

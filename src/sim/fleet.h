@@ -48,7 +48,7 @@ struct FleetOptions {
   int64_t activate_ms = 500;               // stand-in time to fetch and start a revision (+-50%)
   int64_t backoff_max_ms = 60'000;         // the agent's default retry cap
   int threads = 1;
-  size_t connections = 64;   // shared keep-alive connections per thread
+  size_t connections = 256;  // shared keep-alive connections per thread
   int source_addresses = 0;  // 127.0.0.x addresses to bind on loopback; 0: as many as needed
   int enroll_parallel = 32;
   std::string state_file;  // identities kept between runs (enroll once, run many times)

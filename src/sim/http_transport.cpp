@@ -298,6 +298,16 @@ void HttpTransport::pump() {
   }
 }
 
+void HttpTransport::drop_queued() {
+  while (!queue_.empty()) {
+    Pending p = std::move(queue_.front());
+    queue_.pop_front();
+    asio::post(io_, [done = std::move(p.done)] {
+      done(make_error(Errc::kUnavailable, "dropped from the queue: the simulator is stopping"), {});
+    });
+  }
+}
+
 void HttpTransport::shutdown() {
   shut_down_ = true;
   for (auto& w : all_) {

@@ -79,6 +79,8 @@ class HttpTransport {
   std::unique_ptr<Channel> channel(size_t source_hint);
 
   Stats stats() const;
+  // Fails every request still waiting for a pooled connection (in-flight ones finish).
+  void drop_queued();
   // Closes every connection (in-flight exchanges end with errors). Later sends fail at once.
   void shutdown();
 
