@@ -24,12 +24,19 @@ Status DeviceSessions::verify(const std::string& device_id, const std::string& s
     std::lock_guard lock(mutex_);
     auto& entry = entries_[device_id];
     entry.credential_hash = expected;
+    entry.site = (*device)->site;
     entry.last_seen = std::max(entry.last_seen, (*device)->last_seen);
   }
   if (!crypto::constant_time_equal(expected, presented)) {
     return make_error(Errc::kUnauthenticated, "device credential is not valid");
   }
   return ok();
+}
+
+std::string DeviceSessions::site(const std::string& device_id) const {
+  std::lock_guard lock(mutex_);
+  auto it = entries_.find(device_id);
+  return it == entries_.end() ? std::string() : it->second.site;
 }
 
 void DeviceSessions::seen(const std::string& device_id, int64_t now_ms) {

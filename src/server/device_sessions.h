@@ -24,6 +24,10 @@ class DeviceSessions {
   // Errors: kUnauthenticated for an unknown device or a wrong secret; store errors.
   [[nodiscard]] Status verify(const std::string& device_id, const std::string& secret);
 
+  // The site of a device verify() has seen (sites are fixed at enrollment), so telemetry
+  // ingest reads no device row; "" when not known yet.
+  std::string site(const std::string& device_id) const;
+
   // Records that the device was seen at `now_ms` (memory only; flush() writes it).
   void seen(const std::string& device_id, int64_t now_ms);
 
@@ -37,6 +41,7 @@ class DeviceSessions {
  private:
   struct Entry {
     std::string credential_hash;
+    std::string site;
     int64_t last_seen = 0;
     bool dirty = false;
   };

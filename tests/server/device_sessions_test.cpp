@@ -51,6 +51,14 @@ TEST_F(DeviceSessionsTest, VerifiesSecretsAndRefusesOthers) {
   EXPECT_EQ(unknown.error().code, Errc::kUnauthenticated);
 }
 
+TEST_F(DeviceSessionsTest, KnowsTheSiteOfAVerifiedDevice) {
+  DeviceSessions sessions(*store_);
+  EXPECT_EQ(sessions.site("d-1"), "");  // not seen yet
+  ASSERT_TRUE(sessions.verify("d-1", "d-1-secret").has_value());
+  EXPECT_EQ(sessions.site("d-1"), "plant-7");
+  EXPECT_EQ(sessions.site("d-2"), "");
+}
+
 TEST_F(DeviceSessionsTest, LastSeenIsBatchedUntilFlush) {
   DeviceSessions sessions(*store_);
   for (int64_t t = 2'000; t <= 10'000; t += 1'000) sessions.seen("d-1", t);

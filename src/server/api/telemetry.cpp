@@ -59,11 +59,16 @@ void post_telemetry(ApiContext& ctx, const http::Request& req, http::Responder r
     spdlog::debug("telemetry batch from {} refused: {}", caller->device_id, batch.error().message);
     return refuse(batch.error().with_context("telemetry batch"));
   }
-  auto device = ctx.store.get_device(caller->device_id);
-  if (!device) return refuse(device.error());
-  if (!*device) return refuse(Error{Errc::kNotFound, "device " + caller->device_id + " is gone"});
+  // The site from the sessions' memory: a store read here would wait for the writer.
+  std::string site = ctx.sessions.site(caller->device_id);
+  if (site.empty()) {
+    auto device = ctx.store.get_device(caller->device_id);
+    if (!device) return refuse(device.error());
+    if (!*device) return refuse(Error{Errc::kNotFound, "device " + caller->device_id + " is gone"});
+    site = (*device)->site;
+  }
   ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
-  TelemetryUpload upload{caller->device_id, (*device)->site, std::move(*batch)};
+  TelemetryUpload upload{caller->device_id, site, std::move(*batch)};
   auto done = [&counters,
                respond = std::move(respond)](Result<store::TelemetryIngestOutcome> outcome) {
     if (!outcome) {
