@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 # -O2 without debug info: quicker to compile and link on CI's 2 cores.
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG"
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve bench-telemetry format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve bench-telemetry bench-sim format clean
 
 deps:
 	@scripts/install-deps
@@ -44,6 +44,7 @@ bench: bench-build
 	bench/agent/footprint.sh
 	BUILD=0 bench/serve/run.sh
 	BUILD=0 bench/telemetry/run.sh
+	bench/sim/run.sh
 
 bench-agent: build
 	bench/agent/footprint.sh
@@ -53,6 +54,11 @@ bench-serve: bench-build
 
 bench-telemetry: bench-build
 	BUILD=0 bench/telemetry/run.sh
+
+# Fleet figures with `outpost sim` (about 25 minutes): sync at 100,000 devices, convergence,
+# reconnect storm, rollout overhead. One scenario: bench/sim/run.sh sync|converge|storm|rollout
+bench-sim: build
+	bench/sim/run.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')

@@ -23,6 +23,7 @@ struct SimFlags {
   std::string profile = "steady";
   std::string duration = "60s";
   std::string ramp = "0s";
+  std::string warmup = "0s";
   uint64_t seed = 1;
   std::string sync_interval = "0s";
   std::string long_poll = "55s";
@@ -96,6 +97,7 @@ Result<sim::FleetOptions> to_options(const SimFlags& f, Session& session) {
   };
   OUTPOST_TRY(set(duration_flag("--duration", f.duration, true), o.duration_ms));
   OUTPOST_TRY(set(duration_flag("--ramp", f.ramp, true), o.ramp_ms));
+  OUTPOST_TRY(set(duration_flag("--warmup", f.warmup, true), o.warmup_ms));
   OUTPOST_TRY(set(duration_flag("--sync-interval", f.sync_interval, true), o.sync_interval_ms));
   int64_t long_poll_ms = 0;
   OUTPOST_TRY(set(duration_flag("--long-poll", f.long_poll, false), long_poll_ms));
@@ -265,6 +267,9 @@ void add_sim_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
   sim->add_option("--duration", f->duration, "How long the devices run (0: until Ctrl-C)")
       ->capture_default_str();
   sim->add_option("--ramp", f->ramp, "Devices start spread over this long")->capture_default_str();
+  sim->add_option("--warmup", f->warmup,
+                  "Latencies and the measured request rate count only after this long")
+      ->capture_default_str();
   sim->add_option("--seed", f->seed, "Seed of every random choice (faults, windows, timings)")
       ->capture_default_str();
   sim->add_option("--sync-interval", f->sync_interval,

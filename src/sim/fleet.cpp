@@ -225,7 +225,7 @@ class Shard {
         requests{0}, errors{0}, faults{0}, wire_bytes{0}, reports_sent{0}, reports_refused{0},
         telemetry_batches{0}, telemetry_records{0}, telemetry_refused{0}, telemetry_dropped{0},
         activations{0}, crashes{0}, checked{0}, check_converged{0}, check_behind{0},
-        check_errors{0};
+        check_errors{0}, measured_requests{0};
   };
 
   Shard(const FleetOptions& options, const LinkModel& link, HttpTransport::Options transport)
@@ -350,6 +350,8 @@ class Shard {
   bool link_up(const Device& d) const { return link_.up(d.index, d.site_index, elapsed()); }
 
   void observe(int kind, const HttpTransport::Exchange& info) {
+    // Enrollment and the final check are their own phases; the run's after the warm-up.
+    if (kind != kEnroll && kind != kCheck && elapsed() < options_.warmup_ms) return;
     latency_[kind]->observe(static_cast<double>(info.duration_us) / 1000.0);
   }
 
@@ -462,6 +464,7 @@ class Shard {
       auto done = [this, &d, kind, on_channel, f, answer = std::move(answer)](
                       Result<HttpResponse> r, HttpTransport::Exchange info) mutable {
         ++c_.requests;
+        if (elapsed() >= options_.warmup_ms) ++c_.measured_requests;
         c_.wire_bytes += info.wire_bytes;
         // A held long-poll's time is the server waiting on purpose, not latency.
         if (kind != kSync || options_.sync_interval_ms > 0) observe(kind, info);
@@ -1267,7 +1270,7 @@ json Fleet::summary() const {
   int64_t enrolled = 0, enroll_failed = 0, connected = 0, converged_live = 0, updates = 0,
           requests = 0, errors = 0, faults = 0, wire = 0, reports = 0, reports_refused = 0,
           batches = 0, records = 0, refused = 0, dropped = 0, activations = 0, crashes = 0,
-          checked = 0, converged = 0, behind = 0, check_errors = 0, opened = 0;
+          checked = 0, converged = 0, behind = 0, check_errors = 0, opened = 0, measured = 0;
   std::map<std::string, std::map<int64_t, int64_t>> running;
   std::map<std::string, int64_t> kinds;
   std::vector<agent::serve::Histogram::Snapshot> lat(kKinds);
@@ -1294,6 +1297,7 @@ json Fleet::summary() const {
     converged += c.check_converged;
     behind += c.check_behind;
     check_errors += c.check_errors;
+    measured += c.measured_requests;
     opened += s->transport_stats().opened;
     for (const auto& [dep, revs] : s->running()) {
       for (const auto& [rev, n] : revs) running[dep][rev] += n;
@@ -1311,6 +1315,8 @@ json Fleet::summary() const {
     }
   }
   const double run_s = std::max<double>(static_cast<double>(d.run_ms) / 1000.0, 0.001);
+  const double measured_s = std::max<double>(
+      static_cast<double>(d.run_ms - std::min(o.warmup_ms, d.run_ms)) / 1000.0, 0.001);
   json latency = json::object();
   for (int k = 0; k < kKinds; ++k) {
     if (lat[k].count == 0) continue;
@@ -1343,6 +1349,8 @@ json Fleet::summary() const {
               {"faults", faults},
               {"requests", requests},
               {"requests_per_s", static_cast<double>(requests) / run_s},
+              {"measured_s", measured_s},
+              {"measured_requests_per_s", static_cast<double>(measured) / measured_s},
               {"wire_bytes", wire},
               {"reports_sent", reports},
               {"reports_refused", reports_refused},

@@ -38,6 +38,7 @@ struct FleetOptions {
   LinkOptions link;
   int64_t duration_ms = 60'000;  // 0: until stopped
   int64_t ramp_ms = 0;           // devices start spread over this long
+  int64_t warmup_ms = 0;         // latencies and request rates are measured after this long
   // 0: long-poll like the agent (one connection per device); else poll every interval on
   // the shared connections (for fleets beyond the open-file limit).
   int64_t sync_interval_ms = 0;
