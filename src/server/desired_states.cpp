@@ -106,7 +106,8 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     auto revisions = store_.list_deployment_revisions(d.name);
     if (!revisions) return make_error(revisions.error());
     for (const auto& r : *revisions) {
-      if (others.contains(r.revision)) OUTPOST_TRY(add_manifest(d.name, r.revision, r.manifest_json));
+      if (others.contains(r.revision))
+        OUTPOST_TRY(add_manifest(d.name, r.revision, r.manifest_json));
     }
   }
   // One lookup per model version for the whole pass, not one per device.
@@ -124,6 +125,25 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
 
   Summary summary;
   std::vector<scheduler::DeploymentInput> inputs;
+  // Written in groups: one transaction (one fsync) per kWriteGroup devices, so a rollout step
+  // or a new revision for a large fleet is not one commit per device.
+  constexpr size_t kWriteGroup = 512;
+  std::vector<store::DesiredStateWrite> writes;
+  std::vector<int64_t> old_generations;
+  auto flush = [&]() -> Status {
+    if (writes.empty()) return ok();
+    auto generations = store_.update_desired_states(writes);
+    if (!generations) return make_error(generations.error());
+    for (size_t i = 0; i < writes.size(); ++i) {
+      if ((*generations)[i] != old_generations[i]) {
+        ++summary.changed;
+        hub_.publish(writes[i].device_id, sign((*generations)[i], writes[i].desired_json));
+      }
+    }
+    writes.clear();
+    old_generations.clear();
+    return ok();
+  };
   for (const auto& device : devices) {
     ++summary.devices;
     inputs.clear();
@@ -132,8 +152,8 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
       auto it = manifests.find({d.name, revision});
       if (it == manifests.end()) {
         return make_error(Errc::kInternal, "deployment " + d.name + " has no revision " +
-                                               std::to_string(revision) + " (device " +
-                                               device.id + ")");
+                                               std::to_string(revision) + " (device " + device.id +
+                                               ")");
       }
       inputs.push_back({&it->second, revision});
     }
@@ -147,14 +167,12 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
         spdlog::info("device {} cannot run {}: {}", device.id, name, entry.value("reason", ""));
       }
     }
-    auto generation = store_.update_desired_state(
-        device.id, computed->desired_json, computed->desired_hash, computed->schedule.dump());
-    if (!generation) return make_error(generation.error().with_context("device " + device.id));
-    if (*generation != device.generation) {
-      ++summary.changed;
-      hub_.publish(device.id, sign(*generation, computed->desired_json));
-    }
+    writes.push_back({device.id, std::move(computed->desired_json),
+                      std::move(computed->desired_hash), computed->schedule.dump()});
+    old_generations.push_back(device.generation);
+    if (writes.size() >= kWriteGroup) OUTPOST_TRY(flush());
   }
+  OUTPOST_TRY(flush());
   return summary;
 }
 

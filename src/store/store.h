@@ -67,6 +67,14 @@ struct StatusReport {
   std::string status_json;
 };
 
+// One device's newly computed desired state (update_desired_states).
+struct DesiredStateWrite {
+  std::string device_id;
+  std::string desired_json;
+  std::string desired_hash;
+  std::string schedule_json;
+};
+
 // One status report to store (record_device_statuses).
 struct DeviceStatusWrite {
   std::string device_id;
@@ -337,6 +345,11 @@ class Store {
                                                              const std::string& desired_json,
                                                              const std::string& desired_hash,
                                                              const std::string& schedule_json) = 0;
+  // The same for many devices in one transaction (a rollout step or a new revision reaching
+  // thousands of devices: one commit instead of one per device). Generations in order; a
+  // device that does not exist fails the whole group (kNotFound naming it), nothing written.
+  [[nodiscard]] virtual Result<std::vector<int64_t>> update_desired_states(
+      const std::vector<DesiredStateWrite>& writes) = 0;
   // Records a status report. Reports with seq > 0 are also appended to the device's status
   // log (a seq already logged is ignored: agents resend when an answer was lost), and only
   // the newest keep_log entries stay. devices.status_json follows the highest seq seen, so a

@@ -390,6 +390,35 @@ TEST_P(StoreTest, ListDevicesFiltersBySiteAndLabels) {
   EXPECT_EQ(ids({.site = "plant-z", .labels = {}}), Ids{});
 }
 
+TEST_P(StoreTest, DesiredStatesOfManyDevicesAreWrittenTogetherWithTheSameRules) {
+  add_device(device("cam-01"));
+  add_device(device("cam-02"));
+  ASSERT_OK(store_->update_desired_state("cam-02", R"({"v":1})", "h1", R"({"s":1})"));
+  std::vector<store::DesiredStateWrite> writes = {
+      {"cam-01", R"({"v":1})", "h1", R"({"s":1})"},  // new: generation 1
+      {"cam-02", R"({"v":1})", "h1", R"({"s":9})"},  // unchanged: stays 1, schedule updated
+      {"cam-01", R"({"v":2})", "h2", R"({"s":2})"},  // the same device again: 2
+  };
+  auto generations = store_->update_desired_states(writes);
+  ASSERT_OK(generations);
+  EXPECT_EQ(*generations, (std::vector<int64_t>{1, 1, 2}));
+  auto one = store_->get_device("cam-01");
+  ASSERT_OK(one);
+  EXPECT_EQ((*one)->generation, 2);
+  EXPECT_EQ((*one)->desired_json, R"({"v":2})");
+  auto two = store_->get_device("cam-02");
+  ASSERT_OK(two);
+  EXPECT_EQ((*two)->schedule_json, R"({"s":9})");
+  // A device that does not exist fails the group and nothing of it is written.
+  auto failed = store_->update_desired_states(
+      {{"cam-01", R"({"v":3})", "h3", "{}"}, {"ghost", "{}", "h", "{}"}});
+  ASSERT_FALSE(failed.has_value());
+  EXPECT_EQ(failed.error().code, Errc::kNotFound);
+  one = store_->get_device("cam-01");
+  ASSERT_OK(one);
+  EXPECT_EQ((*one)->generation, 2);
+}
+
 TEST_P(StoreTest, DesiredStateGenerationGrowsOnlyOnRealChange) {
   add_device(device("cam-01"));
   auto gen = store_->update_desired_state("cam-01", R"({"v":1})", "h1", R"({"s":1})");

@@ -60,8 +60,8 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
     if (!unchanged && !force && r.spec_hash == spec_hash && !r.bad_reason.empty()) {
       return make_error(Errc::kFailedPrecondition,
                         "revision " + std::to_string(r.revision) + " of deployment " +
-                            manifest->name + " had this spec and was rolled back (" +
-                            r.bad_reason + "); apply with --force to roll it out again");
+                            manifest->name + " had this spec and was rolled back (" + r.bad_reason +
+                            "); apply with --force to roll it out again");
     }
   }
   const int64_t previous = *current ? (*current)->revision : 0;
@@ -73,32 +73,39 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
   if (outcome->changed) {
     audit(ctx, caller, "deployment.apply", "deployment/" + manifest->name,
           {{"revision", outcome->deployment.revision}, {"spec_hash", spec_hash}, {"force", force}});
-    // A first revision goes everywhere at once; a new one starts a staged rollout.
-    auto rollout = ctx.rollouts.start(manifest->name, previous, caller.name);
+    // A first revision goes everywhere at once; a new one starts a staged rollout, whose
+    // first step the controller takes on its next tick (a large fleet's first wave would
+    // hold this answer for seconds).
+    auto rollout = ctx.rollouts.start(manifest->name, previous, caller.name, "apply",
+                                      /*first_step=*/false);
     if (!rollout) return make_error(rollout.error().with_context("starting the rollout"));
     out["rollout"] = *rollout;
     if (*rollout > 0) {
-      auto status = ctx.rollouts.status(manifest->name);
-      if (status) {
-        out["rollout_status"] = {{"waves", (*status)["waves"].size()},
-                                 {"devices", (*status)["devices"]},
-                                 {"state", (*status)["state"]}};
+      auto row = ctx.store.get_rollout(*rollout);
+      if (!row) return make_error(row.error());
+      if (*row) {
+        const nlohmann::json plan = parse_or_empty((*row)->doc_json);
+        out["rollout_status"] = {{"waves", plan.value("waves", nlohmann::json::array()).size()},
+                                 {"devices", plan.value("devices", nlohmann::json::array()).size()},
+                                 {"state", (*row)->state}};
       }
+    } else {
+      auto devices = ctx.store.list_devices({});
+      if (!devices) return make_error(devices.error());
+      size_t targeted = 0, unschedulable = 0;
+      for (const auto& d : *devices) {
+        nlohmann::json schedule = parse_or_empty(d.schedule_json);
+        if (!schedule.contains("deployments") ||
+            !schedule["deployments"].contains(manifest->name)) {
+          continue;
+        }
+        ++targeted;
+        if (schedule["deployments"][manifest->name].value("state", "") == "unschedulable")
+          ++unschedulable;
+      }
+      out["devices"] = {
+          {"total", devices->size()}, {"targeted", targeted}, {"unschedulable", unschedulable}};
     }
-    auto devices = ctx.store.list_devices({});
-    if (!devices) return make_error(devices.error());
-    size_t targeted = 0, unschedulable = 0;
-    for (const auto& d : *devices) {
-      nlohmann::json schedule = parse_or_empty(d.schedule_json);
-      if (!schedule.contains("deployments") || !schedule["deployments"].contains(manifest->name))
-        continue;
-      ++targeted;
-      if (schedule["deployments"][manifest->name].value("state", "") == "unschedulable")
-        ++unschedulable;
-    }
-    out["devices"] = {{"total", devices->size()},
-                      {"targeted", targeted},
-                      {"unschedulable", unschedulable}};
   }
   return json_response(outcome->changed ? (outcome->deployment.revision == 1 ? 201 : 200) : 200,
                        out);
@@ -139,9 +146,10 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
     nlohmann::json schedule = parse_or_empty(d.schedule_json);
     if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
     const auto& entry = schedule["deployments"][name];
-    nlohmann::json target = {
-        {"device", d.id}, {"site", d.site}, {"state", entry.value("state", "")},
-        {"revision", entry.value("revision", int64_t{0})}};
+    nlohmann::json target = {{"device", d.id},
+                             {"site", d.site},
+                             {"state", entry.value("state", "")},
+                             {"revision", entry.value("revision", int64_t{0})}};
     if (entry.contains("reason")) target["reason"] = entry["reason"];
     if (entry.value("state", "") == "unschedulable") {
       ++unschedulable;

@@ -70,8 +70,8 @@ Result<Manifest> load_manifest(store::Store& store, const std::string& name, int
 // What a device last said about the deployment, read once per step.
 struct DeviceInfo {
   const store::Device* device = nullptr;
-  bool reported = false;         // it reported an entry for the new revision
-  std::string phase;             // that entry's phase
+  bool reported = false;  // it reported an entry for the new revision
+  std::string phase;      // that entry's phase
   std::string message;
   int64_t current_revision = 0;  // what it actually runs
   int64_t restarts = 0;          // restarts of the revision it runs
@@ -224,8 +224,9 @@ std::vector<View> compute_views(const json& doc, const Snapshot& s, int64_t now)
     }
     if (v.phase == "updating" && now - v.at >= s.grace_ms && info.heard_at < v.at) {
       v.phase = "deferred";
-      v.message = "offline: not heard from since it was given the revision; updated when it "
-                  "returns";
+      v.message =
+          "offline: not heard from since it was given the revision; updated when it "
+          "returns";
     }
     out.push_back(std::move(v));
   }
@@ -241,9 +242,8 @@ struct Side {
   store::TelemetryStats confidence;
 };
 
-Result<std::pair<Side, Side>> read_sides(store::Store& store, const std::string& name,
-                                         int64_t to, int64_t since, int64_t now,
-                                         const Manifest::Gates& g) {
+Result<std::pair<Side, Side>> read_sides(store::Store& store, const std::string& name, int64_t to,
+                                         int64_t since, int64_t now, const Manifest::Gates& g) {
   Side fresh, old;
   const std::string mine = std::to_string(to);
   auto query = [&](const char* metric, auto&& take) -> Status {
@@ -274,8 +274,9 @@ Result<std::pair<Side, Side>> read_sides(store::Store& store, const std::string&
                       [](Side& side, const store::TelemetryStats& t) { side.latency.merge(t); }));
   }
   if (g.max_confidence_shift) {
-    OUTPOST_TRY(query("inference_confidence",
-                      [](Side& side, const store::TelemetryStats& t) { side.confidence.merge(t); }));
+    OUTPOST_TRY(query("inference_confidence", [](Side& side, const store::TelemetryStats& t) {
+      side.confidence.merge(t);
+    }));
   }
   return std::make_pair(fresh, old);
 }
@@ -285,8 +286,9 @@ struct GateReport {
   std::optional<json> breach;  // the first gate that broke: name, limit, value, baseline
 };
 
-void add_gate(GateReport& report, const std::string& name, double limit, std::optional<double> value,
-              std::optional<double> baseline, bool broken, const std::string& note) {
+void add_gate(GateReport& report, const std::string& name, double limit,
+              std::optional<double> value, std::optional<double> baseline, bool broken,
+              const std::string& note) {
   json g = {{"name", name}, {"limit", limit}};
   g["value"] = value ? json(*value) : json(nullptr);
   g["baseline"] = baseline ? json(*baseline) : json(nullptr);
@@ -326,9 +328,10 @@ GateReport device_gates(const std::vector<View>& views, const Manifest::Gates& g
 void telemetry_gates(GateReport& report, const Side& fresh, const Side& old,
                      const Manifest::Gates& g) {
   const bool enough = fresh.requests >= static_cast<double>(g.min_requests) && fresh.requests > 0;
-  const std::string waiting =
-      enough ? "" : std::to_string(static_cast<int64_t>(fresh.requests)) + " of " +
-                        std::to_string(g.min_requests) + " requests needed";
+  const std::string waiting = enough
+                                  ? ""
+                                  : std::to_string(static_cast<int64_t>(fresh.requests)) + " of " +
+                                        std::to_string(g.min_requests) + " requests needed";
   auto rate = [&](const char* name, std::optional<double> limit, double num_new, double num_old) {
     if (!limit) return;
     std::optional<double> value, baseline;
@@ -343,9 +346,9 @@ void telemetry_gates(GateReport& report, const Side& fresh, const Side& old,
     std::optional<double> value, baseline;
     if (enough && fresh.latency.count > 0) value = fresh.latency.quantile(0.95) * 1000;
     if (old.latency.count > 0) baseline = old.latency.quantile(0.95) * 1000;
-    const bool broken = value && *value > *g.max_p95_latency_ms && (!baseline || *value > *baseline);
-    add_gate(report, "max_p95_latency_ms", *g.max_p95_latency_ms, value, baseline, broken,
-             waiting);
+    const bool broken =
+        value && *value > *g.max_p95_latency_ms && (!baseline || *value > *baseline);
+    add_gate(report, "max_p95_latency_ms", *g.max_p95_latency_ms, value, baseline, broken, waiting);
   }
   if (g.max_confidence_shift) {
     std::optional<double> value, baseline;
@@ -362,8 +365,7 @@ void telemetry_gates(GateReport& report, const Side& fresh, const Side& old,
 }
 
 bool has_telemetry_gates(const Manifest::Gates& g) {
-  return g.max_error_rate || g.max_p95_latency_ms || g.max_fallback_rate ||
-         g.max_confidence_shift;
+  return g.max_error_rate || g.max_p95_latency_ms || g.max_fallback_rate || g.max_confidence_shift;
 }
 
 std::string breach_text(const json& b) {
@@ -427,15 +429,15 @@ Result<Snapshot> load_snapshot(store::Store& store, const store::Rollout& r,
 }  // namespace
 
 Result<int64_t> RolloutController::start(const std::string& deployment, int64_t previous_revision,
-                                         const std::string& actor, const std::string& kind) {
+                                         const std::string& actor, const std::string& kind,
+                                         bool first_step) {
   std::lock_guard lock(mu_);
-  return start_locked(deployment, previous_revision, actor, kind);
+  return start_locked(deployment, previous_revision, actor, kind, first_step);
 }
 
 Result<int64_t> RolloutController::start_locked(const std::string& deployment,
-                                                int64_t previous_revision,
-                                                const std::string& actor,
-                                                const std::string& kind) {
+                                                int64_t previous_revision, const std::string& actor,
+                                                const std::string& kind, bool first_step) {
   auto found = store_.get_deployment(deployment);
   if (!found) return make_error(found.error());
   if (!*found) return make_error(Errc::kNotFound, "deployment " + deployment + " does not exist");
@@ -508,8 +510,10 @@ Result<int64_t> RolloutController::start_locked(const std::string& deployment,
          {"devices", n}});
   spdlog::info("rollout {} of {}: revision {} -> {} over {} devices", r.id, deployment,
                r.from_revision, r.to_revision, n);
-  bool done = false;
-  OUTPOST_TRY(step_locked(r, &done));
+  if (first_step) {
+    bool done = false;
+    OUTPOST_TRY(step_locked(r, &done));
+  }
   return r.id;
 }
 
@@ -589,8 +593,8 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
            {"back_to", back_to},
            {"gate", breach},
            {"devices", touched.size()}});
-    spdlog::warn("rollout {} of {}: revision {} rolled back: {}", r.id, r.deployment,
-                 r.to_revision, why);
+    spdlog::warn("rollout {} of {}: revision {} rolled back: {}", r.id, r.deployment, r.to_revision,
+                 why);
   };
 
   const json& waves = doc["waves"];
@@ -601,8 +605,8 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
     const bool due = force_telemetry || now - int_at(doc, "gates_at") >= options_.gate_interval_ms;
     if (has_telemetry_gates(gates)) {
       if (due) {
-        auto sides = read_sides(store_, r.deployment, r.to_revision, int_at(doc, "gates_since"),
-                                now, gates);
+        auto sides =
+            read_sides(store_, r.deployment, r.to_revision, int_at(doc, "gates_since"), now, gates);
         if (sides) {
           telemetry_gates(report, sides->first, sides->second, gates);
           doc["gates_at"] = now;
@@ -659,13 +663,12 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
       if (!all_settled) break;
       if (int_at(doc, "wave_settled_at") == 0) {
         doc["wave_settled_at"] = now;
-        add_history(doc, now,
-                    "wave " + std::to_string(w + 1) + " settled (" + std::to_string(target) +
-                        " devices)" +
-                        (s.manifest.rollout.bake_ms > 0
-                             ? "; baking for " + deployments::format_duration(
-                                                     s.manifest.rollout.bake_ms)
-                             : ""));
+        add_history(
+            doc, now,
+            "wave " + std::to_string(w + 1) + " settled (" + std::to_string(target) + " devices)" +
+                (s.manifest.rollout.bake_ms > 0
+                     ? "; baking for " + deployments::format_duration(s.manifest.rollout.bake_ms)
+                     : ""));
       }
       if (now < int_at(doc, "wave_settled_at") + s.manifest.rollout.bake_ms) break;
       // Baked: the gates are read once more, fresh, before the next wave.
@@ -695,7 +698,8 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
     update.clear_assignments = true;
     update.assign.clear();
     for (const auto& v : views) {
-      if (v.at == 0 && v.cordoned && v.prev != r.to_revision) update.assign.emplace_back(v.id, v.prev);
+      if (v.at == 0 && v.cordoned && v.prev != r.to_revision)
+        update.assign.emplace_back(v.id, v.prev);
     }
     update.stable_revision = r.to_revision;
     reconcile_everything = true;
@@ -711,8 +715,8 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
     spdlog::info("rollout {} of {}: revision {} completed", r.id, r.deployment, r.to_revision);
   }
 
-  const bool changed = doc != before || r.state != "running" || !update.assign.empty() ||
-                       !update.unassign.empty();
+  const bool changed =
+      doc != before || r.state != "running" || !update.assign.empty() || !update.unassign.empty();
   if (!changed) return ok();
   r.doc_json = doc.dump();
   r.updated_at = now;
@@ -795,7 +799,10 @@ Result<json> RolloutController::status_locked(const std::string& deployment) {
                                : int_at(doc, "wave_settled_at") > 0 ? "baking"
                                                                     : "active")
                             : "waiting";
-    json entry = {{"wave", w + 1}, {"devices", upper - lower}, {"upto", upper}, {"state", state},
+    json entry = {{"wave", w + 1},
+                  {"devices", upper - lower},
+                  {"upto", upper},
+                  {"state", state},
                   {"counts", counts}};
     if (static_cast<int>(w) == current && int_at(doc, "wave_settled_at") > 0 && bake > 0) {
       entry["bake_until"] = int_at(doc, "wave_settled_at") + bake;
@@ -941,10 +948,12 @@ Result<json> RolloutController::undo(const std::string& deployment, const std::s
                                            deployment + " is not stored");
   }
   if (back->spec_hash == (*d)->spec_hash) {
-    return make_error(Errc::kFailedPrecondition,
-                      "nothing to undo: deployment " + deployment + " is already at the spec of "
-                      "revision " + std::to_string(back->revision) + " (rollout " +
-                          std::to_string(r->id) + " is " + r->state + ")");
+    return make_error(Errc::kFailedPrecondition, "nothing to undo: deployment " + deployment +
+                                                     " is already at the spec of "
+                                                     "revision " +
+                                                     std::to_string(back->revision) + " (rollout " +
+                                                     std::to_string(r->id) + " is " + r->state +
+                                                     ")");
   }
   const int64_t previous = (*d)->revision;
   auto applied = store_.apply_deployment(deployment, back->manifest_json, back->spec_hash, actor,

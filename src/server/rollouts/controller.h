@@ -42,9 +42,9 @@ class DesiredStateUpdater;
 namespace outpost::rollouts {
 
 struct ControllerOptions {
-  int64_t gate_interval_ms = 5'000;               // telemetry gates are read this often at most
+  int64_t gate_interval_ms = 5'000;                // telemetry gates are read this often at most
   int64_t default_offline_grace_ms = 10 * 60'000;  // spec.rollout.offline_grace when absent
-  int64_t online_window_ms = 3 * 60'000;  // a device not heard from this long is offline
+  int64_t online_window_ms = 3 * 60'000;           // a device not heard from this long is offline
 };
 
 class RolloutController {
@@ -56,8 +56,10 @@ class RolloutController {
   // starts a rollout from the stable revision to the new one, superseding an active rollout,
   // and takes its first step. A first revision (nothing to roll from) reconciles every device
   // at once. Returns the rollout's id, 0 when none was needed. kind: "apply" or "undo".
+  // With first_step false the first wave waits for the next tick().
   [[nodiscard]] Result<int64_t> start(const std::string& deployment, int64_t previous_revision,
-                                      const std::string& actor, const std::string& kind = "apply");
+                                      const std::string& actor, const std::string& kind = "apply",
+                                      bool first_step = true);
   // One step of every running rollout. Call it periodically (every second or so).
   [[nodiscard]] Status tick();
 
@@ -82,7 +84,7 @@ class RolloutController {
   [[nodiscard]] Result<store::Rollout> newest_locked(const std::string& deployment);
   [[nodiscard]] Result<int64_t> start_locked(const std::string& deployment,
                                              int64_t previous_revision, const std::string& actor,
-                                             const std::string& kind);
+                                             const std::string& kind, bool first_step = true);
   void audit(const std::string& actor, const std::string& action, const std::string& deployment,
              const nlohmann::json& details);
 

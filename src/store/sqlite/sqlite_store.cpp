@@ -564,6 +564,8 @@ class SqliteStore final : public Store {
   Result<bool> record_device_status(const std::string& id, int64_t seq,
                                     const std::string& status_json, int64_t now_ms,
                                     int64_t keep_log) override;
+  Result<std::vector<int64_t>> update_desired_states(
+      const std::vector<DesiredStateWrite>& writes) override;
   Result<std::vector<Result<bool>>> record_device_statuses(
       const std::vector<DeviceStatusWrite>& writes, int64_t keep_log) override;
   Result<std::vector<StatusReport>> list_device_status_log(const std::string& id,
@@ -659,6 +661,9 @@ class SqliteStore final : public Store {
   }
 
   Status load_variants(ModelVersion& version);
+  Result<int64_t> write_desired_state(const std::string& id, const std::string& desired_json,
+                                      const std::string& desired_hash,
+                                      const std::string& schedule_json);
   Result<bool> write_device_status(const std::string& id, int64_t seq,
                                    const std::string& status_json, int64_t now_ms,
                                    int64_t keep_log);
@@ -950,6 +955,47 @@ Result<std::vector<Device>> SqliteStore::list_devices(const DeviceFilter& filter
   });
 }
 
+// One device's desired state inside the caller's write transaction.
+Result<int64_t> SqliteStore::write_desired_state(const std::string& id,
+                                                 const std::string& desired_json,
+                                                 const std::string& desired_hash,
+                                                 const std::string& schedule_json) {
+  int64_t generation = 0;
+  bool changed = false;
+  {
+    auto stmt = conn_.prepare("SELECT generation, desired_hash FROM devices WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    auto row = stmt->bind(id).step();
+    if (!row) {
+      return make_error(std::move(row).error());
+    }
+    if (!*row) {
+      return make_error(Errc::kNotFound, "device " + id + " not found");
+    }
+    generation = stmt->int64(0);
+    changed = stmt->text(1) != desired_hash;
+  }
+  if (changed) {
+    ++generation;
+    auto stmt = conn_.prepare(
+        "UPDATE devices SET desired_json = ?, desired_hash = ?, schedule_json = ?,"
+        " generation = ? WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(desired_json, desired_hash, schedule_json, generation, id).run());
+  } else {
+    auto stmt = conn_.prepare("UPDATE devices SET schedule_json = ? WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(schedule_json, id).run());
+  }
+  return generation;
+}
+
 Result<int64_t> SqliteStore::update_desired_state(const std::string& id,
                                                   const std::string& desired_json,
                                                   const std::string& desired_hash,
@@ -959,42 +1005,32 @@ Result<int64_t> SqliteStore::update_desired_state(const std::string& id,
     if (!txn) {
       return make_error(std::move(txn).error());
     }
-    int64_t generation = 0;
-    bool changed = false;
-    {
-      auto stmt = conn_.prepare("SELECT generation, desired_hash FROM devices WHERE id = ?");
-      if (!stmt) {
-        return make_error(std::move(stmt).error());
-      }
-      auto row = stmt->bind(id).step();
-      if (!row) {
-        return make_error(std::move(row).error());
-      }
-      if (!*row) {
-        return make_error(Errc::kNotFound, "device " + id + " not found");
-      }
-      generation = stmt->int64(0);
-      changed = stmt->text(1) != desired_hash;
-    }
-    if (changed) {
-      ++generation;
-      auto stmt = conn_.prepare(
-          "UPDATE devices SET desired_json = ?, desired_hash = ?, schedule_json = ?,"
-          " generation = ? WHERE id = ?");
-      if (!stmt) {
-        return make_error(std::move(stmt).error());
-      }
-      OUTPOST_TRY(stmt->bind(desired_json, desired_hash, schedule_json, generation, id).run());
-    } else {
-      auto stmt = conn_.prepare("UPDATE devices SET schedule_json = ? WHERE id = ?");
-      if (!stmt) {
-        return make_error(std::move(stmt).error());
-      }
-      OUTPOST_TRY(stmt->bind(schedule_json, id).run());
-    }
+    auto generation = write_desired_state(id, desired_json, desired_hash, schedule_json);
+    if (!generation) return generation;
     OUTPOST_TRY(txn->commit());
     return generation;
   });
+}
+
+Result<std::vector<int64_t>> SqliteStore::update_desired_states(
+    const std::vector<DesiredStateWrite>& writes) {
+  return locked("updating desired states of devices", std::to_string(writes.size()),
+                [&]() -> Result<std::vector<int64_t>> {
+                  auto txn = conn_.begin_write();
+                  if (!txn) {
+                    return make_error(std::move(txn).error());
+                  }
+                  std::vector<int64_t> out;
+                  out.reserve(writes.size());
+                  for (const auto& w : writes) {
+                    auto generation = write_desired_state(w.device_id, w.desired_json,
+                                                          w.desired_hash, w.schedule_json);
+                    if (!generation) return make_error(generation.error());
+                    out.push_back(*generation);
+                  }
+                  OUTPOST_TRY(txn->commit());
+                  return out;
+                });
 }
 
 // One report inside the caller's write transaction. kNotFound (before any write) when the
