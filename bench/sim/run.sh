@@ -2,9 +2,11 @@
 # The fleet figures of DESIGN.md §8, measured with `outpost sim` against a real `outpost server`
 # on SQLite, both on this machine (the simulator takes one core, the server the rest):
 #   sync      SYNC_DEVICES virtual devices polling every 30 s (status every 60 s, telemetry
-#             every 60 s, as the agent): requests/s, sync p50/p99, server CPU and RSS; then the
-#             same fleet cut to each size in SYNC_FLEETS, to find the largest with sync p99
-#             under 100 ms.
+#             every 60 s, as the agent): requests/s, sync p50/p99, server CPU and RSS; then
+#             each size in SYNC_FLEETS, to find the largest with sync p99 under 100 ms: a size
+#             up to SYNC_DEVICES is that many devices; a larger one is the enrolled devices
+#             with every period shortened by SYNC_DEVICES / size (the same requests per second
+#             as that fleet; the store holds fewer devices).
 #   converge  for each size in CONVERGE_SIZES: a new revision to every device at once
 #             (waves [100%], max_unavailable 100%); seconds from `outpost apply` to the rollout
 #             completed (every device reported it running). Fleets over LONGPOLL_MAX devices
@@ -19,7 +21,9 @@
 # Appends a section to bench/RESULTS.md (RECORD=1) with the machine, commit and commands.
 #
 # Usage: bench/sim/run.sh [sync] [converge] [storm] [rollout]   (default: all four)
-# Knobs: SYNC_DEVICES (100000), SYNC_FLEETS ("100000 75000 50000 25000"), SYNC_MEASURE (60),
+# Knobs: SYNC_DEVICES (100000), SYNC_FLEETS ("100000 150000 200000 300000"), SYNC_MEASURE (60),
+#   SYNC_CONNECTIONS (1024: the simulator's shared connections; "sim queue max" in the table
+#   says whether it kept up, a growing queue means the fleet was held back by the simulator),
 #   CONVERGE_SIZES ("1000 10000 100000"), CONVERGE_REPS (3), LONGPOLL_MAX (15000),
 #   STORM_DEVICES (10000), STORM_REPS (3), ROLLOUT_DEVICES (10000), ROLLOUT_REPS (3),
 #   BUILD_DIR (build), DATA_PARENT ($TMPDIR or /tmp), RECORD (1), KEEP (0), PROFILE (0: 1 runs
@@ -31,8 +35,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 BUILD_DIR=${BUILD_DIR:-$root/build}
 case $BUILD_DIR in /*) ;; *) BUILD_DIR=$root/$BUILD_DIR ;; esac
 SYNC_DEVICES=${SYNC_DEVICES:-100000}
-SYNC_FLEETS=${SYNC_FLEETS:-"100000 75000 50000 25000"}
+SYNC_FLEETS=${SYNC_FLEETS:-"100000 150000 200000 300000"}
 SYNC_MEASURE=${SYNC_MEASURE:-60}
+SYNC_CONNECTIONS=${SYNC_CONNECTIONS:-1024}
 CONVERGE_SIZES=${CONVERGE_SIZES:-"1000 10000 100000"}
 CONVERGE_REPS=${CONVERGE_REPS:-3}
 LONGPOLL_MAX=${LONGPOLL_MAX:-15000}
@@ -177,23 +182,31 @@ for scenario in "${scenarios[@]}"; do
     stop_sim
     enroll_s=$(jq -r .enroll_s "$work/sync/enroll.log.json")
     emit ""
-    emit "**Sync at fleet scale**: devices poll every 30 s (\`--sync-interval 30s\`, shared connections), report status every 60 s and ship telemetry every 60 s (health and one model aggregate); devices start spread over 30 s, then ${SYNC_MEASURE} s are measured after a 35 s warm-up. Enrollment of $SYNC_DEVICES devices: ${enroll_s} s. One run per size."
+    emit "**Sync at fleet scale**: devices poll every 30 s (\`--sync-interval 30s\`, on the clock, shared connections), report status every 60 s and ship telemetry every 60 s (health and one model aggregate), as the agent; devices start spread over 30 s, then ${SYNC_MEASURE} s are measured after a 70 s warm-up (past the first reports and telemetry). Enrollment of $SYNC_DEVICES devices: ${enroll_s} s. A fleet above $SYNC_DEVICES is the enrolled devices with every period shortened by $SYNC_DEVICES/size: the same requests per second as that fleet, against a store that holds $SYNC_DEVICES devices. One run per size; syncs/s is the fleet's nominal rate (devices / 30 s)."
     emit ""
-    emit "| devices | requests/s | syncs/s | sync p50 ms | sync p99 ms | status p99 ms | telemetry p99 ms | server cores | server RSS MB | sim cores | errors | converged |"
-    emit "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    emit "| fleet | devices run | sync every | requests/s | syncs/s | sync p50 ms | sync p99 ms | status p99 ms | telemetry p99 ms | server cores | server RSS MB | sim cores | sim queue max | errors | converged |"
+    emit "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for n in $SYNC_FLEETS; do
-      log "sync: $n devices"
-      start_sim "$work/sync/run-$n.log" --devices "$n" --sites $((SYNC_DEVICES / 100)) --sync-interval 30s \
-        --state "$state" --ramp 30s --warmup 35s --progress 5s
-      sleep 35
+      run_n=$n
+      interval_ms=30000
+      if [ "$n" -gt "$SYNC_DEVICES" ]; then
+        run_n=$SYNC_DEVICES
+        interval_ms=$((30000 * SYNC_DEVICES / n))
+      fi
+      log "sync: fleet $n ($run_n devices every ${interval_ms} ms)"
+      start_sim "$work/sync/run-$n.log" --devices "$run_n" --sites $((SYNC_DEVICES / 100)) \
+        --sync-interval "${interval_ms}ms" --status-period "$((interval_ms * 2))ms" \
+        --telemetry-interval "$((interval_ms * 2))ms" --state "$state" --ramp "${interval_ms}ms" \
+        --warmup 70s --progress 5s --connections "$SYNC_CONNECTIONS"
+      sleep 70
       s0=$(cpu_ticks "$server_pid")
       m0=$(cpu_ticks "$sim_pid")
       if [ "$PROFILE" = "1" ] && command -v perf >/dev/null; then
         # Where the server's time goes, over the measured minute (perf samples at 499 Hz).
         perf record -F 499 -g -p "$server_pid" -o "$work/sync/perf-$n.data" -- sleep "$SYNC_MEASURE" 2>/dev/null >&2
-        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso 2>/dev/null | grep '%' | head -12 >"$work/sync/perf-$n-dso.txt"
-        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep '%' | head -40 | cut -c1-160 >"$work/sync/perf-$n-symbols.txt"
-        perf report -i "$work/sync/perf-$n.data" --children --sort symbol -g none 2>/dev/null | grep '%' | grep 'outpost::' | head -40 | cut -c1-200 >"$work/sync/perf-$n-ours.txt"
+        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso 2>/dev/null | grep '%' | head -12 >"$work/sync/perf-$n-dso.txt" || true
+        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep '%' | head -40 | cut -c1-160 >"$work/sync/perf-$n-symbols.txt" || true
+        perf report -i "$work/sync/perf-$n.data" --children --sort symbol -g none 2>/dev/null | grep '%' | grep 'outpost::' | head -40 | cut -c1-200 >"$work/sync/perf-$n-ours.txt" || true
         log "sync: profile of the server in $work/sync/perf-$n-*.txt"
       else
         sleep "$SYNC_MEASURE"
@@ -203,7 +216,7 @@ for scenario in "${scenarios[@]}"; do
       rss=$(rss_mb "$server_pid" VmRSS)
       stop_sim
       j=$work/sync/run-$n.log.json
-      emit "| $n | $(jq -r '.measured_requests_per_s | floor' "$j") | $(echo "$n / 30" | bc) | $(jq -r '.latency.sync.p50_ms * 100 | round / 100' "$j") | $(jq -r '.latency.sync.p99_ms * 100 | round / 100' "$j") | $(jq -r '.latency.status.p99_ms // null | if . == null then "-" else (. * 10 | round / 10) end' "$j") | $(jq -r '.latency.telemetry.p99_ms // null | if . == null then "-" else (. * 10 | round / 10) end' "$j") | $(echo "scale=2; ($s1 - $s0) / $hz / $SYNC_MEASURE" | bc) | $rss | $(echo "scale=2; ($m1 - $m0) / $hz / $SYNC_MEASURE" | bc) | $(jq -r .errors "$j") | $(jq -r .converged "$j")/$n |"
+      emit "| $n | $run_n | $(echo "scale=1; $interval_ms / 1000" | bc) s | $(jq -r '.measured_requests_per_s | floor' "$j") | $(echo "$n / 30" | bc) | $(jq -r '.latency.sync.p50_ms * 100 | round / 100' "$j") | $(jq -r '.latency.sync.p99_ms * 100 | round / 100' "$j") | $(jq -r '.latency.status.p99_ms // null | if . == null then "-" else (. * 10 | round / 10) end' "$j") | $(jq -r '.latency.telemetry.p99_ms // null | if . == null then "-" else (. * 10 | round / 10) end' "$j") | $(echo "scale=2; ($s1 - $s0) / $hz / $SYNC_MEASURE" | bc) | $rss | $(echo "scale=2; ($m1 - $m0) / $hz / $SYNC_MEASURE" | bc) | $(jq -r .queued_max "$j") | $(jq -r .errors "$j") | $(jq -r .converged "$j")/$run_n |"
     done
     emit ""
     emit "Server peak RSS over the scenario (enrollment included): $(rss_mb "$server_pid" VmHWM) MB."

@@ -294,6 +294,7 @@ class Shard {
     asio::post(io_, [this] {
       stopping_ = true;
       timers_.clear();
+      run_queued_max_ = transport_.stats().queued_max;  // the check queues everyone at once
       // What the devices queued and never sent does not hold up the check.
       transport_.drop_queued();
       for (auto& d : devices_) {
@@ -340,6 +341,7 @@ class Shard {
     return error_kinds_;
   }
   agent::serve::Histogram::Snapshot latency(int kind) const { return latency_[kind]->snapshot(); }
+  int64_t run_queued_max() const { return run_queued_max_; }
   HttpTransport::Stats transport_stats() {
     // Read on the loop's thread; after the loop ended, directly.
     return transport_.stats();
@@ -463,12 +465,14 @@ class Shard {
       }
       auto done = [this, &d, kind, on_channel, f, answer = std::move(answer)](
                       Result<HttpResponse> r, HttpTransport::Exchange info) mutable {
+        // After the stop, what ends (queued requests failed at once, polls hung up) is the
+        // simulator winding down, not the server's answers: not counted.
+        if (stopping_) return;
         ++c_.requests;
         if (elapsed() >= options_.warmup_ms) ++c_.measured_requests;
         c_.wire_bytes += info.wire_bytes;
         // A held long-poll's time is the server waiting on purpose, not latency.
         if (kind != kSync || options_.sync_interval_ms > 0) observe(kind, info);
-        if (stopping_) return;
         if (f.lost_after && r) {
           if (on_channel && d.channel) d.channel->close();
           answer(make_error(Errc::kUnavailable, "answer lost (simulated: flaky link)"), true);
@@ -529,13 +533,16 @@ class Shard {
              });
   }
 
+  // Polls every sync_interval on the clock (not from the last answer), so a fleet of N
+  // devices asks N / interval times a second however long the answers take.
   void poll(Device& d) {
     if (stopping_) return;
+    const int64_t due = steady_ms() + options_.sync_interval_ms;
     exchange(d, agent::desired_request(d.generation, 0), kSync, false,
-             [this, &d](Result<HttpResponse> r, bool fault) {
+             [this, &d, due](Result<HttpResponse> r, bool fault) {
                if (stopping_) return;
                const bool ok = on_sync_answer(d, std::move(r), fault);
-               int64_t next = options_.sync_interval_ms;
+               int64_t next = std::max<int64_t>(due - steady_ms(), 0);
                if (ok) {
                  d.sync_backoff.reset();
                } else {
@@ -911,6 +918,7 @@ class Shard {
   uint64_t activation_tokens_ = 0;
   bool stopping_ = false;
   int64_t checking_ = 0;
+  int64_t run_queued_max_ = 0;
 };
 
 struct Fleet::Impl {
@@ -1270,7 +1278,8 @@ json Fleet::summary() const {
   int64_t enrolled = 0, enroll_failed = 0, connected = 0, converged_live = 0, updates = 0,
           requests = 0, errors = 0, faults = 0, wire = 0, reports = 0, reports_refused = 0,
           batches = 0, records = 0, refused = 0, dropped = 0, activations = 0, crashes = 0,
-          checked = 0, converged = 0, behind = 0, check_errors = 0, opened = 0, measured = 0;
+          checked = 0, converged = 0, behind = 0, check_errors = 0, opened = 0, measured = 0,
+          queued_max = 0;
   std::map<std::string, std::map<int64_t, int64_t>> running;
   std::map<std::string, int64_t> kinds;
   std::vector<agent::serve::Histogram::Snapshot> lat(kKinds);
@@ -1299,6 +1308,7 @@ json Fleet::summary() const {
     check_errors += c.check_errors;
     measured += c.measured_requests;
     opened += s->transport_stats().opened;
+    queued_max = std::max(queued_max, s->run_queued_max());
     for (const auto& [dep, revs] : s->running()) {
       for (const auto& [rev, n] : revs) running[dep][rev] += n;
     }
@@ -1359,6 +1369,9 @@ json Fleet::summary() const {
               {"telemetry_refused", refused},
               {"telemetry_dropped", dropped},
               {"connections_opened", opened},
+              // Requests that waited for a shared connection at once, at most: when it grows,
+              // the simulator (not the server) holds the fleet back; add --connections.
+              {"queued_max", queued_max},
               {"source_addresses", d.sources.size()},
               {"threads", o.threads},
               {"enroll_s", static_cast<double>(d.enroll_ms) / 1000.0},
