@@ -33,6 +33,21 @@ Status DeviceSessions::verify(const std::string& device_id, const std::string& s
   return ok();
 }
 
+std::optional<Status> DeviceSessions::verify_known(const std::string& device_id,
+                                                   const std::string& secret) const {
+  std::string expected;
+  {
+    std::lock_guard lock(mutex_);
+    auto it = entries_.find(device_id);
+    if (it == entries_.end() || it->second.credential_hash.empty()) return std::nullopt;
+    expected = it->second.credential_hash;
+  }
+  if (!crypto::constant_time_equal(expected, sha256_hex(secret))) {
+    return Status(make_error(Errc::kUnauthenticated, "device credential is not valid"));
+  }
+  return Status(ok());
+}
+
 std::string DeviceSessions::site(const std::string& device_id) const {
   std::lock_guard lock(mutex_);
   auto it = entries_.find(device_id);

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -23,6 +24,11 @@ class DeviceSessions {
   // (credentials never change once issued); unknown devices are read again every time.
   // Errors: kUnauthenticated for an unknown device or a wrong secret; store errors.
   [[nodiscard]] Status verify(const std::string& device_id, const std::string& secret);
+
+  // verify() from memory alone: nullopt when the device's credential is not in memory yet
+  // (verify() must read the store). Never blocks on the store, so it may run on an I/O thread.
+  [[nodiscard]] std::optional<Status> verify_known(const std::string& device_id,
+                                                   const std::string& secret) const;
 
   // The site of a device verify() has seen (sites are fixed at enrollment), so telemetry
   // ingest reads no device row; "" when not known yet.

@@ -255,6 +255,13 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   auto negative = device.desired(server_->url(), known, -1);
   EXPECT_EQ(negative.status, 400) << negative.body;
   EXPECT_NE(negative.body.find("wait"), std::string::npos) << negative.body;
+  // Now that the server knows the device (its polls are answered from memory, on the I/O
+  // thread), a wrong secret is still refused.
+  FakeDevice impostor = device;
+  impostor.credential = device.id + ".not-the-secret";
+  auto wrong = impostor.desired(server_->url(), known, 0);
+  EXPECT_EQ(wrong.status, 401) << wrong.body;
+  EXPECT_NE(wrong.body.find("credential is not valid"), std::string::npos) << wrong.body;
 
   // Park a long-poll, then apply: the poll must return with the new state.
   auto poll =

@@ -51,6 +51,20 @@ TEST_F(DeviceSessionsTest, VerifiesSecretsAndRefusesOthers) {
   EXPECT_EQ(unknown.error().code, Errc::kUnauthenticated);
 }
 
+TEST_F(DeviceSessionsTest, VerifiesFromMemoryOnlyDevicesItHasSeen) {
+  DeviceSessions sessions(*store_);
+  EXPECT_FALSE(sessions.verify_known("d-1", "d-1-secret").has_value());  // the store would tell
+  ASSERT_TRUE(sessions.verify("d-1", "d-1-secret").has_value());
+  auto known = sessions.verify_known("d-1", "d-1-secret");
+  ASSERT_TRUE(known.has_value());
+  EXPECT_TRUE(known->has_value());
+  auto wrong = sessions.verify_known("d-1", "d-2-secret");
+  ASSERT_TRUE(wrong.has_value());
+  ASSERT_FALSE(wrong->has_value());
+  EXPECT_EQ(wrong->error().code, Errc::kUnauthenticated);
+  EXPECT_FALSE(sessions.verify_known("d-2", "d-2-secret").has_value());
+}
+
 TEST_F(DeviceSessionsTest, KnowsTheSiteOfAVerifiedDevice) {
   DeviceSessions sessions(*store_);
   EXPECT_EQ(sessions.site("d-1"), "");  // not seen yet

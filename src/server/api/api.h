@@ -119,6 +119,10 @@ enum class Role { kViewer, kOperator, kAdmin };
                                                    Role needed);
 // Authenticates a device call (Bearer <device-id>.<secret>). Blocking.
 [[nodiscard]] Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req);
+// The same from memory alone, for I/O threads: nullopt when the store would have to be read
+// (a device not seen since the server started, or no well-formed credential).
+[[nodiscard]] std::optional<Result<Caller>> authenticate_device_from_memory(
+    ApiContext& ctx, const http::Request& req);
 
 // Appends an audit entry; failures are logged (the change itself already happened).
 void audit(ApiContext& ctx, const Caller& caller, const std::string& action,

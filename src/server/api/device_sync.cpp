@@ -79,57 +79,71 @@ Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
   return json_response(201, out);
 }
 
+// The poll once the caller is known: answers at once, or parks the request until the
+// device's generation moves or the wait is over. Reads the store only when the device's
+// desired state is not in memory yet.
+void poll_desired(ApiContext& ctx, const http::Request& req, const http::Responder& respond,
+                  const Caller& caller) {
+  int64_t known = 0;
+  int64_t wait_ms = ctx.long_poll_ms;
+  auto integer = [&](const char* name, int64_t min) -> Result<std::optional<int64_t>> {
+    auto text = req.query_param(name);
+    if (!text) return std::optional<int64_t>();
+    int64_t value = 0;
+    auto [end, ec] = std::from_chars(text->data(), text->data() + text->size(), value);
+    if (ec != std::errc() || end != text->data() + text->size() || value < min) {
+      return make_error(Errc::kInvalidArgument,
+                        std::string(name) + ": expected an integer >= " + std::to_string(min) +
+                            ", got \"" + *text + "\"",
+                        name);
+    }
+    return std::optional<int64_t>(value);
+  };
+  auto generation = integer("generation", -1);
+  if (!generation) return respond(http::Response::error(generation.error()));
+  if (*generation) known = **generation;
+  auto wait_s = integer("wait", 0);
+  if (!wait_s) return respond(http::Response::error(wait_s.error()));
+  // Seconds, capped by the server's long-poll limit (which also keeps the product small).
+  if (*wait_s && **wait_s < ctx.long_poll_ms / 1000) wait_ms = **wait_s * 1000;
+  ctx.sessions.seen(caller.device_id, ctx.clock.now_ms());
+  if (!ctx.hub.current(caller.device_id)) {
+    auto loaded = ctx.desired.signed_desired(caller.device_id);
+    if (!loaded) return respond(http::Response::error(loaded.error()));
+    ctx.hub.publish(caller.device_id, *loaded);
+  }
+  uint64_t parked = ctx.hub.wait(
+      caller.device_id, known, wait_ms, [respond](std::optional<sync::SignedDesired> desired) {
+        if (!desired) {
+          http::Response resp;
+          resp.status = 304;
+          resp.content_type = "application/json";
+          return respond(std::move(resp));
+        }
+        http::Response resp = http::Response::json(200, *desired->body);
+        resp.headers.emplace_back("X-Outpost-Generation", std::to_string(desired->generation));
+        resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
+        respond(std::move(resp));
+      });
+  // A device that hangs up (lost link, restart) frees its parked poll and socket now.
+  if (parked != 0 && req.hangup) {
+    req.hangup->on_hangup(
+        [&hub = ctx.hub, device = caller.device_id, parked] { hub.cancel(device, parked); });
+  }
+}
+
 void get_desired(ApiContext& ctx, http::Request&& req, http::Responder respond) {
-  // Authentication reads the store: do it on a worker, then park the wait.
+  // Fast path: a device whose credential and desired state are both in memory costs no store
+  // access, so it is served on the I/O thread, not queued behind the store work (status and
+  // telemetry writes) on the workers. Anything else goes to a worker.
+  if (auto caller = authenticate_device_from_memory(ctx, req)) {
+    if (!*caller) return respond(http::Response::error(caller->error()));
+    if (ctx.hub.current((*caller)->device_id)) return poll_desired(ctx, req, respond, **caller);
+  }
   boost::asio::post(ctx.workers, [&ctx, req = std::move(req), respond = std::move(respond)]() {
     auto caller = authenticate_device(ctx, req);
     if (!caller) return respond(http::Response::error(caller.error()));
-    int64_t known = 0;
-    int64_t wait_ms = ctx.long_poll_ms;
-    auto integer = [&](const char* name, int64_t min) -> Result<std::optional<int64_t>> {
-      auto text = req.query_param(name);
-      if (!text) return std::optional<int64_t>();
-      int64_t value = 0;
-      auto [end, ec] = std::from_chars(text->data(), text->data() + text->size(), value);
-      if (ec != std::errc() || end != text->data() + text->size() || value < min) {
-        return make_error(Errc::kInvalidArgument,
-                          std::string(name) + ": expected an integer >= " + std::to_string(min) +
-                              ", got \"" + *text + "\"",
-                          name);
-      }
-      return std::optional<int64_t>(value);
-    };
-    auto generation = integer("generation", -1);
-    if (!generation) return respond(http::Response::error(generation.error()));
-    if (*generation) known = **generation;
-    auto wait_s = integer("wait", 0);
-    if (!wait_s) return respond(http::Response::error(wait_s.error()));
-    // Seconds, capped by the server's long-poll limit (which also keeps the product small).
-    if (*wait_s && **wait_s < ctx.long_poll_ms / 1000) wait_ms = **wait_s * 1000;
-    ctx.sessions.seen(caller->device_id, ctx.clock.now_ms());
-    if (!ctx.hub.current(caller->device_id)) {
-      auto loaded = ctx.desired.signed_desired(caller->device_id);
-      if (!loaded) return respond(http::Response::error(loaded.error()));
-      ctx.hub.publish(caller->device_id, *loaded);
-    }
-    uint64_t parked = ctx.hub.wait(
-        caller->device_id, known, wait_ms, [respond](std::optional<sync::SignedDesired> desired) {
-          if (!desired) {
-            http::Response resp;
-            resp.status = 304;
-            resp.content_type = "application/json";
-            return respond(std::move(resp));
-          }
-          http::Response resp = http::Response::json(200, *desired->body);
-          resp.headers.emplace_back("X-Outpost-Generation", std::to_string(desired->generation));
-          resp.headers.emplace_back("X-Outpost-Signature", desired->signature);
-          respond(std::move(resp));
-        });
-    // A device that hangs up (lost link, restart) frees its parked poll and socket now.
-    if (parked != 0 && req.hangup) {
-      req.hangup->on_hangup(
-          [&hub = ctx.hub, device = caller->device_id, parked] { hub.cancel(device, parked); });
-    }
+    poll_desired(ctx, req, respond, *caller);
   });
 }
 
