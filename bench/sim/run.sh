@@ -207,7 +207,7 @@ for scenario in "${scenarios[@]}"; do
       if [ "$PROFILE" = "1" ] && command -v perf >/dev/null; then
         # Where the server's time goes, over the measured minute (perf samples at 499 Hz).
         perf record -F 499 -g -p "$server_pid" -o "$work/sync/perf-$n.data" -- sleep "$SYNC_MEASURE" 2>/dev/null >&2
-        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso 2>/dev/null | grep '%' | head -12 >"$work/sync/perf-$n-dso.txt" || true
+        perf report -i "$work/sync/perf-$n.data" --no-children --sort dso -g none 2>/dev/null | grep -E '^ +[0-9]' | head -12 >"$work/sync/perf-$n-dso.txt" || true
         perf report -i "$work/sync/perf-$n.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep '%' | head -40 | cut -c1-160 >"$work/sync/perf-$n-symbols.txt" || true
         perf report -i "$work/sync/perf-$n.data" --children --sort symbol -g none 2>/dev/null | grep '%' | grep 'outpost::' | head -40 | cut -c1-200 >"$work/sync/perf-$n-ours.txt" || true
         log "sync: profile of the server in $work/sync/perf-$n-*.txt"
