@@ -108,7 +108,7 @@ class SimE2E : public ::testing::Test {
 
 TEST_F(SimE2E, TwoHundredDevicesConvergeThroughAStagedRollout) {
   ASSERT_EQ(apply({{"tag", 1}}).exit_code, 0);
-  start_sim({"--devices", "200", "--sites", "4", "--duration", "20s", "--telemetry-interval", "4s",
+  start_sim({"--devices", "200", "--sites", "4", "--duration", "16s", "--telemetry-interval", "4s",
              "--activate", "200ms"});
   ASSERT_TRUE(wait_enrolled(200, 60)) << enrolled_devices();
   std::this_thread::sleep_for(std::chrono::seconds(2));
@@ -145,7 +145,7 @@ TEST_F(SimE2E, TwoHundredDevicesConvergeThroughAStagedRollout) {
 
 TEST_F(SimE2E, ACrashingRevisionStopsAtTheFirstWaveAndRollsBackAcrossTheFleet) {
   ASSERT_EQ(apply({{"tag", 1}}).exit_code, 0);
-  start_sim({"--devices", "100", "--sites", "5", "--duration", "15s", "--telemetry-interval", "0s",
+  start_sim({"--devices", "100", "--sites", "5", "--duration", "12s", "--telemetry-interval", "0s",
              "--activate", "100ms"});
   ASSERT_TRUE(wait_enrolled(100, 60));
   std::this_thread::sleep_for(std::chrono::seconds(2));
@@ -169,11 +169,41 @@ TEST_F(SimE2E, ACrashingRevisionStopsAtTheFirstWaveAndRollsBackAcrossTheFleet) {
   EXPECT_FALSE(s["running"]["app"].contains("2")) << s.dump(2);
 }
 
+TEST_F(SimE2E, ARevisionWhoseModelErrorsIsRolledBackByTheTelemetryGate) {
+  ASSERT_EQ(apply({{"tag", 1}}).exit_code, 0);
+  // Every device ships its model's numbers each second; revision 2's model fails half of
+  // its requests (the stand-in model's config.sim.error_rate), revision 1's none.
+  start_sim({"--devices", "40", "--sites", "4", "--duration", "16s", "--telemetry-interval", "1s",
+             "--inference-rate", "20", "--activate", "100ms"});
+  ASSERT_TRUE(wait_enrolled(40, 60));
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  ASSERT_EQ(apply({{"tag", 2}, {"sim", {{"error_rate", 0.5}}}},
+                  {{"waves", {"10%", "100%"}},
+                   {"max_unavailable", "100%"},
+                   {"bake", "20s"},
+                   {"gates", {{"max_error_rate", 0.05}, {"min_requests", 50}}}})
+                .exit_code,
+            0);
+  json status;
+  ASSERT_TRUE(wait_rollout("rolled_back", 20, &status)) << status.dump(2);
+  EXPECT_EQ(status["breach"]["name"], "max_error_rate") << status.dump(2);
+  const double rate = status["breach"]["value"].get<double>();
+  EXPECT_GT(rate, 0.3) << status.dump(2);  // about half of revision 2's requests failed
+  EXPECT_LT(rate, 0.7) << status.dump(2);
+  EXPECT_LT(status["breach"]["baseline"].get<double>(), 0.01) << status.dump(2);  // revision 1
+  // Only the first wave (4 devices) ever ran revision 2, and it is back on revision 1.
+  EXPECT_EQ(status["waves"][1]["counts"]["pending"], 36) << status.dump(2);
+  const json s = finish_sim();
+  EXPECT_EQ(s["errors"], 0) << s.dump(2);
+  EXPECT_EQ(s["converged"], 40) << s.dump(2);
+  EXPECT_EQ(s["running"]["app"]["1"], 40) << s.dump(2);
+}
+
 TEST_F(SimE2E, FlakyLinksLoseRequestsYetEveryDeviceConvergesWithoutErrors) {
   ASSERT_EQ(apply({{"tag", 1}}).exit_code, 0);
-  start_sim({"--devices", "60", "--sites", "3", "--duration", "15s", "--profile", "flaky",
+  start_sim({"--devices", "60", "--sites", "3", "--duration", "14s", "--profile", "flaky",
              "--drop-rate", "0.2", "--latency", "5ms-60ms", "--telemetry-interval", "2s", "--seed",
-             "42"});
+             "42", "--backoff-max", "2s"});
   ASSERT_TRUE(wait_enrolled(60, 60));
   std::this_thread::sleep_for(std::chrono::seconds(3));
   ASSERT_EQ(apply({{"tag", 2}}, {{"max_unavailable", "100%"}}).exit_code, 0);

@@ -235,7 +235,7 @@ std::vector<View> compute_views(const json& doc, const Snapshot& s, int64_t now)
 
 // Telemetry of the deployment since `since`, split into the new revision and all others.
 struct Side {
-  double requests = 0;  // served + errors
+  double requests = 0;  // served (failed ones included)
   double errors = 0;
   double fallbacks = 0;
   store::TelemetryStats latency;
@@ -261,10 +261,9 @@ Result<std::pair<Side, Side>> read_sides(store::Store& store, const std::string&
   };
   OUTPOST_TRY(query("inference_requests",
                     [](Side& side, const store::TelemetryStats& t) { side.requests += t.sum; }));
-  OUTPOST_TRY(query("inference_errors", [](Side& side, const store::TelemetryStats& t) {
-    side.errors += t.sum;
-    side.requests += t.sum;
-  }));
+  // inference_requests counts every request the version served, failed ones included.
+  OUTPOST_TRY(query("inference_errors",
+                    [](Side& side, const store::TelemetryStats& t) { side.errors += t.sum; }));
   if (g.max_fallback_rate) {
     OUTPOST_TRY(query("inference_fallbacks",
                       [](Side& side, const store::TelemetryStats& t) { side.fallbacks += t.sum; }));
