@@ -1,5 +1,5 @@
 # Shared by the bench scripts that need a control plane and one agent (sourced, not run):
-# stop_pid, start_control_plane, start_agent.
+# stop_pid, launch_server, start_control_plane, start_agent.
 # The caller defines log(), $work (a scratch folder), $server_bin and $agent_bin, and cleans
 # up $server_pid and $agent_pid on exit.
 
@@ -20,25 +20,32 @@ stop_pid() {
   wait "$pid" 2>/dev/null || true
 }
 
-# start_control_plane SITE USES: `outpost server` on a free loopback port with data in
-# $work/server; sets url, server_pid, enroll_token (for SITE, USES uses) and exports
-# OUTPOST_SERVER and OUTPOST_TOKEN for the CLI.
-start_control_plane() {
-  "$server_bin" server --listen 127.0.0.1:0 --data "$work/server" >"$work/server.log" 2>&1 &
+# launch_server DIR: `outpost server` on a free loopback port with data in DIR/server and its
+# log in DIR/server.log; waits for it; sets url and server_pid and exports OUTPOST_SERVER and
+# OUTPOST_TOKEN for the CLI.
+launch_server() {
+  local dir=$1
+  "$server_bin" server --listen 127.0.0.1:0 --data "$dir/server" >"$dir/server.log" 2>&1 &
   server_pid=$!
   url=""
   for _ in $(seq 1 100); do
-    url=$(sed -n 's/.*listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$work/server.log" |
+    url=$(sed -n 's/.*listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$dir/server.log" |
       head -n 1)
-    if [ -n "$url" ] && [ -s "$work/server/admin.token" ]; then break; fi
-    kill -0 "$server_pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
+    if [ -n "$url" ] && [ -s "$dir/server/admin.token" ]; then break; fi
+    kill -0 "$server_pid" 2>/dev/null || { cat "$dir/server.log" >&2; exit 1; }
     url=""
     sleep 0.1
   done
-  [ -n "$url" ] || { log "the server did not start within 10 s"; cat "$work/server.log" >&2; exit 1; }
+  [ -n "$url" ] || { log "the server did not start within 10 s"; cat "$dir/server.log" >&2; exit 1; }
   export OUTPOST_SERVER=$url
-  OUTPOST_TOKEN=$(cat "$work/server/admin.token")
+  OUTPOST_TOKEN=$(cat "$dir/server/admin.token")
   export OUTPOST_TOKEN
+}
+
+# start_control_plane SITE USES: launch_server in $work, then an enrollment token for SITE
+# (USES uses) in enroll_token.
+start_control_plane() {
+  launch_server "$work"
   enroll_token=$("$server_bin" token create --site "$1" --uses "$2" 2>"$work/token.err")
   log "control plane $url (pid $server_pid)"
 }

@@ -95,19 +95,7 @@ fresh_server() {
   stop_pid "$server_pid"
   local dir=$work/$1
   mkdir -p "$dir"
-  "$server_bin" server --listen 127.0.0.1:0 --data "$dir/server" >"$dir/server.log" 2>&1 &
-  server_pid=$!
-  url=""
-  for _ in $(seq 1 100); do
-    url=$(sed -n 's/.*listening on \(http:\/\/127\.0\.0\.1:[0-9]*\).*/\1/p' "$dir/server.log" | head -n 1)
-    if [ -n "$url" ] && [ -s "$dir/server/admin.token" ]; then break; fi
-    url=""
-    sleep 0.1
-  done
-  [ -n "$url" ] || { log "the server did not start"; cat "$dir/server.log" >&2; exit 1; }
-  export OUTPOST_SERVER=$url
-  OUTPOST_TOKEN=$(cat "$dir/server/admin.token")
-  export OUTPOST_TOKEN
+  launch_server "$dir"
   "$O" model gen --out "$dir/m.onnx" --seed 1 >/dev/null
   "$O" model push clf 1.0.0 --variant "accelerator=cpu=$dir/m.onnx" >/dev/null
   apply_revision 1 '{}'
