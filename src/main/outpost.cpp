@@ -85,7 +85,8 @@ int main(int argc, char** argv) {
                      "--rollout-gate-interval"}}) {
       auto ms = outpost::parse_duration_ms(*text);
       if (!ms || *ms <= 0) {
-        std::fprintf(stderr, "error: %s: expected a positive duration like 7d, 1s or 250ms, got \"%s\"\n",
+        std::fprintf(stderr,
+                     "error: %s: expected a positive duration like 7d, 1s or 250ms, got \"%s\"\n",
                      flag, text->c_str());
         exit_code = outpost::cli::kExitUsage;
         return;
