@@ -787,16 +787,12 @@ DeploymentReport Agent::deployment_report(const Runtime& rt) const {
 }
 
 void Agent::report_if_changed(bool periodic) {
-  json deployments = json::array();
-  json changes = json::array();  // what decides "changed": not the byte counters
-  for (const auto& [name, rt] : deployments_) {
-    const DeploymentReport d = deployment_report(*rt);
-    changes.push_back(deployment_report_change(d));
-    deployments.push_back(deployment_report_json(d));
-  }
-  std::string signature = std::to_string(generation_) + changes.dump();
-  if (signature == last_report_ && !(periodic && outbox_->pending() == 0)) return;
-  json report = status_report(generation_, now_ms(), kAgentVersion, std::move(deployments));
+  std::vector<DeploymentReport> deployments;
+  for (const auto& [name, rt] : deployments_) deployments.push_back(deployment_report(*rt));
+  StatusReportDraft draft = draft_status_report(generation_, now_ms(), kAgentVersion, deployments);
+  if (!report_due(draft.signature, last_report_, periodic, outbox_->pending() == 0)) return;
+  json report = std::move(draft.report);
+  std::string signature = std::move(draft.signature);
   json stable = stable_facts(facts_);
   if (stable != reported_facts_) {
     report["facts"] = facts_;

@@ -126,22 +126,29 @@ json deployment_report_json(const DeploymentReport& r) {
           {"previous_revision", r.previous_revision ? json(*r.previous_revision) : json(nullptr)}};
 }
 
-json deployment_report_change(const DeploymentReport& r) {
-  return {r.name,
-          r.key,
-          r.phase,
-          r.restarts,
-          r.revision_restarts,
-          r.current_revision ? json(*r.current_revision) : json(nullptr),
-          r.phase == "downloading" ? std::string() : r.message};
+StatusReportDraft draft_status_report(int64_t generation, int64_t at_ms,
+                                      const std::string& agent_version,
+                                      const std::vector<DeploymentReport>& deployments) {
+  json list = json::array();
+  json changes = json::array();
+  for (const auto& r : deployments) {
+    list.push_back(deployment_report_json(r));
+    changes.push_back({r.name, r.key, r.phase, r.restarts, r.revision_restarts,
+                       r.current_revision ? json(*r.current_revision) : json(nullptr),
+                       r.phase == "downloading" ? std::string() : r.message});
+  }
+  StatusReportDraft out;
+  out.signature = std::to_string(generation) + changes.dump();
+  out.report = {{"generation", generation},
+                {"at", at_ms},
+                {"agent_version", agent_version},
+                {"deployments", std::move(list)}};
+  return out;
 }
 
-json status_report(int64_t generation, int64_t at_ms, const std::string& agent_version,
-                   json deployments) {
-  return {{"generation", generation},
-          {"at", at_ms},
-          {"agent_version", agent_version},
-          {"deployments", std::move(deployments)}};
+bool report_due(const std::string& signature, const std::string& last_signature, bool periodic,
+                bool queue_empty) {
+  return signature != last_signature || (periodic && queue_empty);
 }
 
 ApiRequest status_request(std::string body) {

@@ -86,12 +86,21 @@ struct DeploymentReport {
   std::optional<int64_t> previous_revision;
 };
 nlohmann::json deployment_report_json(const DeploymentReport& report);
-// The part of a report that decides whether it changed (not the byte counters, nor a
-// downloading message that moves with every chunk).
-nlohmann::json deployment_report_change(const DeploymentReport& report);
-// {"generation","at","agent_version","deployments"}; the outbox adds "seq".
-nlohmann::json status_report(int64_t generation, int64_t at_ms, const std::string& agent_version,
-                             nlohmann::json deployments);
+// The report a device would send now ({"generation","at","agent_version","deployments"}; the
+// outbox adds "seq"), and its signature: what decides whether it changed (the generation and
+// each deployment's name, key, phase, restarts and current revision, and its message unless
+// downloading; not the byte counters).
+struct StatusReportDraft {
+  nlohmann::json report;
+  std::string signature;
+};
+StatusReportDraft draft_status_report(int64_t generation, int64_t at_ms,
+                                      const std::string& agent_version,
+                                      const std::vector<DeploymentReport>& deployments);
+// A report goes when it changed since the last one queued, or, periodically, when nothing is
+// queued (so the server hears from an idle device).
+bool report_due(const std::string& signature, const std::string& last_signature, bool periodic,
+                bool queue_empty);
 ApiRequest status_request(std::string body);
 
 // --- Telemetry: POST /api/v1/device/telemetry (zstd) ---

@@ -86,4 +86,9 @@ Result<std::map<std::string, std::string>> string_map(const nlohmann::json& obj,
   return out;
 }
 
+nlohmann::json parse_object_or_empty(const std::string& text) {
+  auto doc = nlohmann::json::parse(text, nullptr, false);
+  return doc.is_object() ? doc : nlohmann::json::object();
+}
+
 }  // namespace outpost::json_fields

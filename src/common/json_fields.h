@@ -25,6 +25,10 @@ namespace outpost::json_fields {
 [[nodiscard]] Result<std::map<std::string, std::string>> string_map(const nlohmann::json& obj,
                                                                     const std::string& key,
                                                                     const std::string& path);
+// A JSON object we stored ourselves (a manifest, schedule, status, rollout plan), or {} when
+// the text is not a JSON object.
+nlohmann::json parse_object_or_empty(const std::string& text);
+
 // "a string", "a number", "an object"... for messages.
 std::string type_name(const nlohmann::json& value);
 

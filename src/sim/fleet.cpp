@@ -668,8 +668,7 @@ class Shard {
 
   // --- status reports: the agent's report rule, its outbox bound and retry rule ---
   void report(Device& d, bool periodic) {
-    json deployments = json::array();
-    json changes = json::array();
+    std::vector<agent::DeploymentReport> deployments;
     for (const auto& [name, w] : d.workloads) {
       agent::DeploymentReport r;
       r.name = name;
@@ -679,13 +678,13 @@ class Shard {
       r.message = w.message;
       r.current_revision = w.current;
       r.previous_revision = w.previous;
-      changes.push_back(agent::deployment_report_change(r));
-      deployments.push_back(agent::deployment_report_json(r));
+      deployments.push_back(std::move(r));
     }
-    const std::string signature = std::to_string(d.generation) + changes.dump();
-    if (signature == d.last_signature && !(periodic && d.outbox.empty())) return;
-    json doc =
-        agent::status_report(d.generation, unix_ms(), kSimAgentVersion, std::move(deployments));
+    agent::StatusReportDraft draft =
+        agent::draft_status_report(d.generation, unix_ms(), kSimAgentVersion, deployments);
+    if (!agent::report_due(draft.signature, d.last_signature, periodic, d.outbox.empty())) return;
+    const std::string signature = std::move(draft.signature);
+    json doc = std::move(draft.report);
     doc["seq"] = ++d.status_seq;
     d.outbox.push_back(doc.dump());
     while (d.outbox.size() > kOutboxBound) {

@@ -17,6 +17,7 @@
 
 #include "common/clock.h"
 #include "common/error.h"
+#include "common/json_fields.h"
 #include "common/telemetry_batch.h"
 #include "http/http_server.h"
 #include "server/device_sessions.h"
@@ -110,6 +111,13 @@ bool device_online(int64_t last_seen, int64_t now_ms);
 // Runs `work` on the worker pool and answers with its result (errors as JSON errors).
 void run_on_worker(ApiContext& ctx, http::Responder respond,
                    std::function<Result<http::Response>()> work);
+// Adds a route whose handler runs on the worker pool and answers through the Responder later
+// (a write queued for group commit answers after its commit). An exception before the handler
+// handed the Responder on is answered as an internal error naming `what`.
+using DeferredHandler = void (*)(ApiContext&, const http::Request&, http::Responder);
+void add_deferred_route(http::Router& router, ApiContext& ctx, std::string method,
+                        std::string pattern, const char* what, DeferredHandler handler,
+                        http::RouteOptions options = {});
 
 // Minimum operator role for a call.
 enum class Role { kViewer, kOperator, kAdmin };
@@ -134,7 +142,7 @@ void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
 http::Response json_response(int status, const nlohmann::json& doc);
 
 // A JSON document stored by us (manifest, schedule, status), or {} when it does not parse.
-nlohmann::json parse_or_empty(const std::string& text);
+using json_fields::parse_object_or_empty;
 
 // Registers a route whose handler runs on the worker pool after the caller authenticated.
 using AuthedHandler =

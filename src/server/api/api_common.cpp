@@ -10,11 +10,6 @@
 
 namespace outpost::server::api {
 
-nlohmann::json parse_or_empty(const std::string& text) {
-  auto doc = nlohmann::json::parse(text, nullptr, false);
-  return doc.is_discarded() ? nlohmann::json::object() : doc;
-}
-
 http::Response json_response(int status, const nlohmann::json& doc) {
   return http::Response::json(status, doc.dump());
 }
@@ -142,6 +137,28 @@ void add_device_route(http::Router& router, ApiContext& ctx, std::string method,
                         if (!caller) return make_error(caller.error());
                         return handler(ctx, req, *caller);
                       });
+      },
+      options);
+}
+
+void add_deferred_route(http::Router& router, ApiContext& ctx, std::string method,
+                        std::string pattern, const char* what, DeferredHandler handler,
+                        http::RouteOptions options) {
+  router.add(
+      std::move(method), std::move(pattern),
+      [&ctx, what, handler](http::Request&& req, http::Responder respond) {
+        boost::asio::post(ctx.workers, [&ctx, what, handler, req = std::move(req),
+                                        respond = std::move(respond)]() mutable {
+          // Once queued, the write owns `respond`; an exception before that answers here.
+          auto shared = std::make_shared<http::Responder>(std::move(respond));
+          try {
+            handler(ctx, req, [shared](http::Response resp) { (*shared)(std::move(resp)); });
+          } catch (const std::exception& e) {
+            spdlog::error("{} failed with an exception: {}", what, e.what());
+            (*shared)(http::Response::error(
+                Error{Errc::kInternal, std::string("internal error: ") + e.what(), ""}));
+          }
+        });
       },
       options);
 }

@@ -11,7 +11,7 @@ namespace outpost::server::api {
 namespace {
 
 nlohmann::json deployment_json(const store::Deployment& d) {
-  nlohmann::json manifest = parse_or_empty(d.manifest_json);
+  nlohmann::json manifest = parse_object_or_empty(d.manifest_json);
   nlohmann::json model = manifest.contains("spec")
                              ? manifest["spec"].value("model", nlohmann::json())
                              : nlohmann::json();
@@ -84,7 +84,7 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
       auto row = ctx.store.get_rollout(*rollout);
       if (!row) return make_error(row.error());
       if (*row) {
-        const nlohmann::json plan = parse_or_empty((*row)->doc_json);
+        const nlohmann::json plan = parse_object_or_empty((*row)->doc_json);
         out["rollout_status"] = {{"waves", plan.value("waves", nlohmann::json::array()).size()},
                                  {"devices", plan.value("devices", nlohmann::json::array()).size()},
                                  {"state", (*row)->state}};
@@ -94,7 +94,7 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
       if (!devices) return make_error(devices.error());
       size_t targeted = 0, unschedulable = 0;
       for (const auto& d : *devices) {
-        nlohmann::json schedule = parse_or_empty(d.schedule_json);
+        nlohmann::json schedule = parse_object_or_empty(d.schedule_json);
         if (!schedule.contains("deployments") ||
             !schedule["deployments"].contains(manifest->name)) {
           continue;
@@ -125,7 +125,7 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
   if (!found) return make_error(found.error());
   if (!*found) return make_error(Errc::kNotFound, "deployment " + name + " does not exist");
   nlohmann::json out = deployment_json(**found);
-  out["manifest"] = parse_or_empty((*found)->manifest_json);
+  out["manifest"] = parse_object_or_empty((*found)->manifest_json);
   auto revisions = ctx.store.list_deployment_revisions(name);
   if (!revisions) return make_error(revisions.error());
   nlohmann::json revs = nlohmann::json::array();
@@ -143,7 +143,7 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
   nlohmann::json targets = nlohmann::json::array();
   size_t scheduled = 0, unschedulable = 0, reported = 0;
   for (const auto& d : *devices) {
-    nlohmann::json schedule = parse_or_empty(d.schedule_json);
+    nlohmann::json schedule = parse_object_or_empty(d.schedule_json);
     if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
     const auto& entry = schedule["deployments"][name];
     nlohmann::json target = {{"device", d.id},
@@ -156,7 +156,7 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
     } else {
       ++scheduled;
     }
-    nlohmann::json status = parse_or_empty(d.status_json);
+    nlohmann::json status = parse_object_or_empty(d.status_json);
     if (status.value("generation", static_cast<int64_t>(-1)) == d.generation) {
       ++reported;
       target["in_sync"] = true;

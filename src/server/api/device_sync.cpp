@@ -230,20 +230,7 @@ void register_device_sync_routes(http::Router& router, ApiContext& ctx) {
         get_desired(ctx, std::move(req), std::move(respond));
       },
       long_poll);
-  router.add("POST", "/api/v1/device/status", [&ctx](http::Request&& req, http::Responder respond) {
-    boost::asio::post(
-        ctx.workers, [&ctx, req = std::move(req), respond = std::move(respond)]() mutable {
-          // Once queued, the write owns `respond`; an exception before that answers here.
-          auto shared = std::make_shared<http::Responder>(std::move(respond));
-          try {
-            post_status(ctx, req, [shared](http::Response resp) { (*shared)(std::move(resp)); });
-          } catch (const std::exception& e) {
-            spdlog::error("status report failed with an exception: {}", e.what());
-            (*shared)(http::Response::error(
-                Error{Errc::kInternal, std::string("internal error: ") + e.what(), ""}));
-          }
-        });
-  });
+  add_deferred_route(router, ctx, "POST", "/api/v1/device/status", "status report", post_status);
 }
 
 }  // namespace outpost::server::api

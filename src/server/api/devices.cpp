@@ -29,7 +29,7 @@ nlohmann::json telemetry_summary(const store::TelemetryDeviceState* t) {
 
 nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
                               const store::TelemetryDeviceState* telemetry) {
-  nlohmann::json schedule = parse_or_empty(d.schedule_json);
+  nlohmann::json schedule = parse_object_or_empty(d.schedule_json);
   nlohmann::json unschedulable = nlohmann::json::array();
   size_t scheduled = 0;
   if (schedule.contains("deployments") && schedule["deployments"].is_object()) {
@@ -41,11 +41,11 @@ nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
       }
     }
   }
-  nlohmann::json status = parse_or_empty(d.status_json);
+  nlohmann::json status = parse_object_or_empty(d.status_json);
   return {{"id", d.id},
           {"site", d.site},
           {"labels", d.labels},
-          {"facts", parse_or_empty(d.facts_json)},
+          {"facts", parse_object_or_empty(d.facts_json)},
           {"enrolled_at", d.enrolled_at},
           {"last_seen", d.last_seen},
           {"seen_seconds_ago", d.last_seen > 0 ? (now_ms - d.last_seen) / 1000 : -1},
@@ -119,9 +119,9 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, co
   nlohmann::json out =
       device_summary(d, ctx.clock.now_ms(), state == states->end() ? nullptr : &state->second);
   out["public_key"] = d.public_key;
-  out["desired"] = parse_or_empty(d.desired_json);
-  out["schedule"] = parse_or_empty(d.schedule_json);
-  out["status"] = parse_or_empty(d.status_json);
+  out["desired"] = parse_object_or_empty(d.desired_json);
+  out["schedule"] = parse_object_or_empty(d.schedule_json);
+  out["status"] = parse_object_or_empty(d.status_json);
   out["status_at"] = d.status_at;
   return json_response(200, out);
 }
@@ -147,7 +147,7 @@ Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, con
   for (const auto& r : *log) {
     reports.push_back({{"seq", r.seq},
                        {"received_at", r.received_at},
-                       {"status", parse_or_empty(r.status_json)}});
+                       {"status", parse_object_or_empty(r.status_json)}});
   }
   return json_response(200, {{"device", id}, {"reports", reports}});
 }

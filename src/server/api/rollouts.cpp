@@ -11,7 +11,9 @@ namespace {
 using json = nlohmann::json;
 
 json site_json(const store::Site& s) {
-  return {{"name", s.name}, {"timezone", s.timezone}, {"region", s.region},
+  return {{"name", s.name},
+          {"timezone", s.timezone},
+          {"region", s.region},
           {"updated_at", s.updated_at}};
 }
 
@@ -22,8 +24,8 @@ Result<http::Response> put_site(ApiContext& ctx, const http::Request& req, const
   if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "site: expected an object");
   for (const auto& [key, value] : doc->items()) {
     if (key != "timezone" && key != "region") {
-      return make_error(Errc::kInvalidArgument,
-                        key + ": unknown field (expected timezone, region)", key);
+      return make_error(Errc::kInvalidArgument, key + ": unknown field (expected timezone, region)",
+                        key);
     }
     if (!value.is_string()) {
       return make_error(Errc::kInvalidArgument, key + ": expected a string", key);
@@ -84,13 +86,13 @@ void add_action(http::Router& router, ApiContext& ctx, const std::string& verb, 
 }  // namespace
 
 void register_rollout_routes(http::Router& router, ApiContext& ctx) {
-  add_operator_route(router, ctx, "GET", "/api/v1/deployments/{name}/rollout", Role::kViewer,
-                     [](ApiContext& c, const http::Request& req,
-                        const Caller&) -> Result<http::Response> {
-                       auto out = c.rollouts.status(req.params.at("name"));
-                       if (!out) return make_error(out.error());
-                       return json_response(200, *out);
-                     });
+  add_operator_route(
+      router, ctx, "GET", "/api/v1/deployments/{name}/rollout", Role::kViewer,
+      [](ApiContext& c, const http::Request& req, const Caller&) -> Result<http::Response> {
+        auto out = c.rollouts.status(req.params.at("name"));
+        if (!out) return make_error(out.error());
+        return json_response(200, *out);
+      });
   add_action(router, ctx, "pause", &rollouts::RolloutController::pause);
   add_action(router, ctx, "resume", &rollouts::RolloutController::resume);
   add_action(router, ctx, "abort", &rollouts::RolloutController::abort);

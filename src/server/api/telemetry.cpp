@@ -258,7 +258,7 @@ Result<std::string> fleet_metrics_text(ApiContext& ctx) {
   for (const auto& d : *devices) {
     auto& counts = by_site[d.site];
     (device_online(d.last_seen, now) ? counts.first : counts.second) += 1;
-    nlohmann::json status = parse_or_empty(d.status_json);
+    nlohmann::json status = parse_object_or_empty(d.status_json);
     if (!status.contains("deployments") || !status["deployments"].is_array()) continue;
     for (const auto& dep : status["deployments"]) {
       if (!dep.is_object()) continue;
@@ -391,23 +391,8 @@ bool device_online(int64_t last_seen, int64_t now_ms) {
 void register_telemetry_routes(http::Router& router, ApiContext& ctx) {
   http::RouteOptions upload;
   upload.body_limit = telemetry::kMaxCompressedBatch;
-  router.add(
-      "POST", "/api/v1/device/telemetry",
-      [&ctx](http::Request&& req, http::Responder respond) {
-        boost::asio::post(ctx.workers, [&ctx, req = std::move(req),
-                                        respond = std::move(respond)]() mutable {
-          // Once queued, the upload owns `respond`; an exception before that answers here.
-          auto shared = std::make_shared<http::Responder>(std::move(respond));
-          try {
-            post_telemetry(ctx, req, [shared](http::Response resp) { (*shared)(std::move(resp)); });
-          } catch (const std::exception& e) {
-            spdlog::error("telemetry upload failed with an exception: {}", e.what());
-            (*shared)(http::Response::error(
-                Error{Errc::kInternal, std::string("internal error: ") + e.what()}));
-          }
-        });
-      },
-      upload);
+  add_deferred_route(router, ctx, "POST", "/api/v1/device/telemetry", "telemetry upload",
+                     post_telemetry, upload);
   add_operator_route(router, ctx, "GET", "/api/v1/telemetry/query", Role::kViewer, query_telemetry);
 }
 

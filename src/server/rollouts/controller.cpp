@@ -7,6 +7,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/json_fields.h"
 #include "server/deployments/manifest.h"
 #include "server/desired_states.h"
 #include "server/rollouts/plan.h"
@@ -21,10 +22,7 @@ using deployments::Manifest;
 constexpr const char* kControllerActor = "rollouts-controller";
 constexpr size_t kHistoryKept = 200;
 
-json parse_or_empty(const std::string& text) {
-  json doc = json::parse(text, nullptr, false);
-  return doc.is_object() ? doc : json::object();
-}
+using json_fields::parse_object_or_empty;
 
 int64_t int_at(const json& obj, const char* key, int64_t fallback = 0) {
   auto it = obj.find(key);
@@ -84,7 +82,7 @@ DeviceInfo device_info(const store::Device& d, const std::string& name, int64_t 
   DeviceInfo info;
   info.device = &d;
   info.heard_at = std::max(d.last_seen, d.status_at);
-  const json schedule = parse_or_empty(d.schedule_json);
+  const json schedule = parse_object_or_empty(d.schedule_json);
   if (auto s = schedule.find("deployments"); s != schedule.end() && s->is_object()) {
     if (auto e = s->find(name); e != s->end() && e->is_object() &&
                                 text_at(*e, "state") == "unschedulable" &&
@@ -93,7 +91,7 @@ DeviceInfo device_info(const store::Device& d, const std::string& name, int64_t 
       info.unschedulable_reason = text_at(*e, "reason");
     }
   }
-  const json status = parse_or_empty(d.status_json);
+  const json status = parse_object_or_empty(d.status_json);
   if (auto list = status.find("deployments"); list != status.end() && list->is_array()) {
     for (const auto& e : *list) {
       if (!e.is_object() || text_at(e, "name") != name || int_at(e, "revision") != to) continue;
@@ -538,7 +536,7 @@ Status RolloutController::step_locked(store::Rollout& r, bool* finished) {
   auto loaded = load_snapshot(store_, r, options_);
   if (!loaded) return make_error(loaded.error().with_context("rollout of " + r.deployment));
   Snapshot& s = *loaded;
-  json doc = parse_or_empty(r.doc_json);
+  json doc = parse_object_or_empty(r.doc_json);
   const json before = doc;
   const int64_t now = clock_.now_ms();
   const Manifest::Gates& gates = s.manifest.rollout.gates;
@@ -756,7 +754,7 @@ Result<json> RolloutController::status_locked(const std::string& deployment) {
   if (!r) return make_error(r.error());
   auto loaded = load_snapshot(store_, *r, options_);
   if (!loaded) return make_error(loaded.error());
-  const json doc = parse_or_empty(r->doc_json);
+  const json doc = parse_object_or_empty(r->doc_json);
   const int64_t now = clock_.now_ms();
   const std::vector<View> views = compute_views(doc, *loaded, now);
   const json& waves = doc["waves"];
@@ -853,7 +851,7 @@ Result<json> RolloutController::pause(const std::string& deployment, const std::
                                                      deployment + " is " + r->state +
                                                      ", not running");
   }
-  json doc = parse_or_empty(r->doc_json);
+  json doc = parse_object_or_empty(r->doc_json);
   add_history(doc, clock_.now_ms(), "paused by " + actor);
   doc["reason"] = "paused by " + actor;
   store::RolloutUpdate u;
@@ -877,7 +875,7 @@ Result<json> RolloutController::resume(const std::string& deployment, const std:
   }
   auto loaded = load_snapshot(store_, *r, options_);
   if (!loaded) return make_error(loaded.error());
-  json doc = parse_or_empty(r->doc_json);
+  json doc = parse_object_or_empty(r->doc_json);
   const int64_t now = clock_.now_ms();
   // The operator has seen what broke: gates read only what happens from now on, and the
   // devices that failed so far are accepted.
@@ -913,7 +911,7 @@ Result<json> RolloutController::abort(const std::string& deployment, const std::
                                                      deployment + " is " + r->state +
                                                      ": nothing to abort");
   }
-  json doc = parse_or_empty(r->doc_json);
+  json doc = parse_object_or_empty(r->doc_json);
   const int64_t now = clock_.now_ms();
   doc["finished_at"] = now;
   doc["reason"] = "aborted by " + actor;
