@@ -31,8 +31,9 @@ void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
       }
       text = *read;
     }
-    auto result = session.call("POST", std::string("/api/v1/deployments") + (*force ? "?force=true" : ""),
-                               text, "application/yaml");
+    auto result =
+        session.call("POST", std::string("/api/v1/deployments") + (*force ? "?force=true" : ""),
+                     text, "application/yaml");
     if (!result) {
       exit_code = session.fail(result.error().with_context(*file == "-" ? "<stdin>" : *file));
       return;
@@ -58,9 +59,9 @@ void add_apply_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
       }
       if (r.contains("rollout_status")) {
         std::cout << "  rollout " << r["rollout"] << ": " << r["rollout_status"]["devices"]
-                  << " devices in " << r["rollout_status"]["waves"]
-                  << " wave(s), " << r["rollout_status"]["state"].get<std::string>()
-                  << " (outpost rollout status " << r["name"].get<std::string>() << ")\n";
+                  << " devices in " << r["rollout_status"]["waves"] << " wave(s), "
+                  << r["rollout_status"]["state"].get<std::string>() << " (outpost rollout status "
+                  << r["name"].get<std::string>() << ")\n";
       }
     }
     exit_code = kExitOk;

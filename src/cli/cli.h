@@ -75,6 +75,22 @@ class Table {
   std::vector<std::vector<std::string>> rows_;
 };
 
+// Reads of the server's answers for display that never throw, whatever the answer holds: a
+// field that is missing or of another type reads as the default ("", 0, an empty array).
+std::string text_of(const nlohmann::json& obj, const char* key);  // numbers as digits
+int64_t int_of(const nlohmann::json& obj, const char* key, int64_t fallback = 0);
+const nlohmann::json& list_of(const nlohmann::json& obj, const char* key);    // array or []
+const nlohmann::json& object_of(const nlohmann::json& obj, const char* key);  // object or {}
+
+// `outpost model push`'s text summary of the server's answer to a version push.
+std::string describe_pushed_version(const std::string& name, const std::string& version,
+                                    const nlohmann::json& answer);
+
+// Runs the parsed command line. Any exception a verb lets escape (an answer it could not
+// read, a bug) becomes an error message and exit code kExitBadAnswer, never an abort.
+int run_cli(CLI::App& app, int argc, char** argv, const GlobalOptions& options,
+            const int& exit_code);
+
 // "12s ago", "3m ago", "never".
 std::string ago(int64_t then_ms, int64_t now_ms);
 int64_t now_ms();
@@ -98,5 +114,6 @@ constexpr int kExitOk = 0;
 constexpr int kExitError = 1;        // the server refused (bad input, conflict, not found)
 constexpr int kExitUsage = 2;        // bad command line
 constexpr int kExitUnreachable = 3;  // could not talk to the server
+constexpr int kExitBadAnswer = 4;    // the server's answer was not what this CLI understands
 
 }  // namespace outpost::cli

@@ -63,7 +63,38 @@ Result<VariantArg> parse_variant(const std::string& text) {
   return arg;
 }
 
+// "onnx opset 13" or, for a model importing no default-domain opset, its domains.
+std::string opset_text(const nlohmann::json& metadata) {
+  if (int64_t opset = int_of(metadata, "opset"); opset > 0) {
+    return "onnx opset " + std::to_string(opset);
+  }
+  std::string domains;
+  for (const auto& o : list_of(metadata, "opsets")) {
+    domains += (domains.empty() ? "" : ", ") + text_of(o, "domain") + " " + text_of(o, "version");
+  }
+  return "onnx, no ai.onnx opset" + (domains.empty() ? "" : " (" + domains + ")");
+}
+
 }  // namespace
+
+std::string describe_pushed_version(const std::string& name, const std::string& version,
+                                    const nlohmann::json& answer) {
+  const auto created = answer.is_object() ? answer.find("created") : answer.end();
+  const bool was_created =
+      created == answer.end() || !created->is_boolean() || created->get<bool>();
+  std::string out =
+      "model " + name + " " + version +
+      (was_created ? " pushed" : " unchanged (already pushed with the same content)") + "\n";
+  for (const auto& v : list_of(answer, "variants")) {
+    const auto& md = object_of(v, "metadata");
+    out += "  variant " +
+           object_of(v, "selector").dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) +
+           "  " + text_of(v, "artifact") + "  " + opset_text(md) + ", inputs " +
+           std::to_string(list_of(md, "inputs").size()) + ", outputs " +
+           std::to_string(list_of(md, "outputs").size()) + "\n";
+  }
+  return out;
+}
 
 void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
   auto* model = app.add_subcommand("model", "Models, versions and hardware variants");
@@ -103,9 +134,18 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
         exit_code = session.fail(uploaded.error().with_context("uploading " + variant->file));
         return;
       }
+      const std::string digest = text_of(*uploaded, "digest");
+      if (digest.empty()) {
+        exit_code = session.fail(
+            Error{Errc::kInternal,
+                  "uploading " + variant->file +
+                      ": the server's answer has no digest: " + uploaded->dump().substr(0, 200),
+                  ""});
+        return;
+      }
       variants.push_back({{"selector", variant->selector},
                           {"needs", variant->needs},
-                          {"artifact", (*uploaded)["digest"]},
+                          {"artifact", digest},
                           {"format", "onnx"}});
     }
     nlohmann::json body = {{"version", args->version}, {"variants", variants}};
@@ -119,18 +159,7 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
     if (session.json_output()) {
       session.print_json(*result);
     } else {
-      std::cout << "model " << args->name << " " << args->version
-                << ((*result)["created"].get<bool>()
-                        ? " pushed"
-                        : " unchanged (already pushed with the same content)")
-                << "\n";
-      for (const auto& v : (*result)["variants"]) {
-        const auto& md = v["metadata"];
-        std::cout << "  variant " << v["selector"].dump() << "  "
-                  << v["artifact"].get<std::string>() << "  onnx opset " << md.value("opset", 0)
-                  << ", inputs " << md.value("inputs", nlohmann::json::array()).size()
-                  << ", outputs " << md.value("outputs", nlohmann::json::array()).size() << "\n";
-      }
+      std::cout << describe_pushed_version(args->name, args->version, *result);
     }
     exit_code = kExitOk;
   });
@@ -207,11 +236,12 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
     auto result = session.fetch("/api/v1/models", exit_code, "models");
     if (!result) return;
     Table table({"NAME", "LATEST", "VERSIONS"});
-    for (const auto& m : (*result)["models"]) {
+    for (const auto& m : list_of(*result, "models")) {
       std::string versions;
-      for (const auto& v : m["versions"])
-        versions += (versions.empty() ? "" : ", ") + v.get<std::string>();
-      table.add({m["name"], m["latest"], versions});
+      for (const auto& v : list_of(m, "versions")) {
+        versions += (versions.empty() ? "" : ", ") + (v.is_string() ? v.get<std::string>() : "?");
+      }
+      table.add({text_of(m, "name"), text_of(m, "latest"), versions});
     }
     std::cout << table.render();
     exit_code = kExitOk;
@@ -226,19 +256,25 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
     auto result = session.fetch("/api/v1/models/" + url_encode(*name), exit_code);
     if (!result) return;
     std::cout << "Model: " << *name << "\n";
-    for (const auto& v : (*result)["versions"]) {
-      std::cout << "  " << v["version"].get<std::string>() << "\n";
-      for (const auto& variant : v["variants"]) {
-        const auto& md = variant["metadata"];
-        std::cout << "    variant " << variant["selector"].dump() << " needs "
-                  << variant["needs"].dump() << "\n      artifact "
-                  << variant["artifact"].get<std::string>() << "  onnx opset "
-                  << md.value("opset", 0) << "\n";
+    auto dump = [](const nlohmann::json& j) {
+      return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    };
+    for (const auto& v : list_of(*result, "versions")) {
+      std::cout << "  " << text_of(v, "version") << "\n";
+      for (const auto& variant : list_of(v, "variants")) {
+        const auto& md = object_of(variant, "metadata");
+        std::cout << "    variant " << dump(object_of(variant, "selector")) << " needs "
+                  << dump(object_of(variant, "needs")) << "\n      artifact "
+                  << text_of(variant, "artifact") << "  " << opset_text(md) << "\n";
         for (const char* side : {"inputs", "outputs"}) {
-          for (const auto& t : md.value(side, nlohmann::json::array())) {
+          for (const auto& t : list_of(md, side)) {
+            const auto shape = t.is_object() ? t.find("shape") : t.end();
             std::cout << "      " << (std::string(side) == "inputs" ? "in " : "out") << " "
-                      << t.value("name", "") << " " << t.value("type", "") << " "
-                      << t.value("shape", nlohmann::json::array()).dump() << "\n";
+                      << text_of(t, "name") << " " << text_of(t, "type") << " "
+                      << (shape == t.end()   ? std::string("[]")
+                          : shape->is_null() ? std::string("[...]")
+                                             : dump(*shape))
+                      << "\n";
           }
         }
       }

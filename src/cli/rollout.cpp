@@ -18,11 +18,12 @@ std::string number(const nlohmann::json& v) {
 
 void print_status(const nlohmann::json& s) {
   const int64_t now = now_ms();
-  std::cout << "Rollout " << s["id"] << " of " << s["deployment"].get<std::string>() << ": revision "
-            << s["from_revision"] << " -> " << s["to_revision"] << " ("
+  std::cout << "Rollout " << s["id"] << " of " << s["deployment"].get<std::string>()
+            << ": revision " << s["from_revision"] << " -> " << s["to_revision"] << " ("
             << s["kind"].get<std::string>() << ")\n";
   std::cout << "State:    " << s["state"].get<std::string>();
-  if (!s.value("reason", std::string()).empty()) std::cout << " — " << s["reason"].get<std::string>();
+  if (!s.value("reason", std::string()).empty())
+    std::cout << " — " << s["reason"].get<std::string>();
   std::cout << "\n";
   std::cout << "Devices:  " << s["devices"] << " (at most " << s["max_unavailable"]
             << " updating at once)";
@@ -31,17 +32,18 @@ void print_status(const nlohmann::json& s) {
               << std::max<int64_t>((s["eta_ms"].get<int64_t>() - now) / 1000, 0) << " s)";
   }
   std::cout << "\n";
-  Table waves({"WAVE", "DEVICES", "STATE", "PENDING", "HELD", "UPDATING", "HEALTHY", "FAILED",
-               "DEFERRED"});
+  Table waves(
+      {"WAVE", "DEVICES", "STATE", "PENDING", "HELD", "UPDATING", "HEALTHY", "FAILED", "DEFERRED"});
   for (const auto& w : s["waves"]) {
     const auto& c = w["counts"];
     std::string state = w["state"].get<std::string>();
     if (w.contains("bake_until")) {
       state += " until " + format_iso8601(w["bake_until"].get<int64_t>());
     }
-    waves.add({std::to_string(w["wave"].get<int64_t>()), std::to_string(w["devices"].get<int64_t>()),
-               state, c["pending"].dump(), c["held"].dump(), c["updating"].dump(),
-               c["healthy"].dump(), c["failed"].dump(), c["deferred"].dump()});
+    waves.add({std::to_string(w["wave"].get<int64_t>()),
+               std::to_string(w["devices"].get<int64_t>()), state, c["pending"].dump(),
+               c["held"].dump(), c["updating"].dump(), c["healthy"].dump(), c["failed"].dump(),
+               c["deferred"].dump()});
   }
   std::cout << waves.render();
   if (!s["gates"].empty()) {

@@ -157,6 +157,61 @@ int64_t now_ms() {
   return duration_cast<milliseconds>(system_clock::now().time_since_epoch()).count();
 }
 
+std::string text_of(const nlohmann::json& obj, const char* key) {
+  if (!obj.is_object()) return "";
+  auto it = obj.find(key);
+  if (it == obj.end()) return "";
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_number() || it->is_boolean()) return it->dump();
+  return "";
+}
+
+int64_t int_of(const nlohmann::json& obj, const char* key, int64_t fallback) {
+  if (!obj.is_object()) return fallback;
+  auto it = obj.find(key);
+  if (it == obj.end() || !it->is_number()) return fallback;
+  if (it->is_number_integer()) return it->get<int64_t>();
+  const double d = it->get<double>();
+  // Out of int64's range (or NaN) reads as the fallback, not as undefined behaviour.
+  return d > -9.2e18 && d < 9.2e18 ? static_cast<int64_t>(d) : fallback;
+}
+
+const nlohmann::json& list_of(const nlohmann::json& obj, const char* key) {
+  static const nlohmann::json kEmpty = nlohmann::json::array();
+  if (!obj.is_object()) return kEmpty;
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_array() ? *it : kEmpty;
+}
+
+const nlohmann::json& object_of(const nlohmann::json& obj, const char* key) {
+  static const nlohmann::json kEmpty = nlohmann::json::object();
+  if (!obj.is_object()) return kEmpty;
+  auto it = obj.find(key);
+  return it != obj.end() && it->is_object() ? *it : kEmpty;
+}
+
+int run_cli(CLI::App& app, int argc, char** argv, const GlobalOptions& options,
+            const int& exit_code) {
+  auto report = [&](const std::string& what) {
+    GlobalOptions copy = options;
+    Session session(copy);
+    session.fail(Error{Errc::kInternal, what, ""});
+    return kExitBadAnswer;
+  };
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : kExitUsage;
+  } catch (const nlohmann::json::exception& e) {
+    return report(std::string("the server's answer is not what this CLI expects (") + e.what() +
+                  "); is the server the same version as this CLI?");
+  } catch (const std::exception& e) {
+    return report(std::string("unexpected failure: ") + e.what());
+  }
+  return exit_code;
+}
+
 std::string ago(int64_t then_ms, int64_t now) {
   if (then_ms <= 0) return "never";
   int64_t s = std::max<int64_t>(0, (now - then_ms) / 1000);

@@ -109,11 +109,5 @@ int main(int argc, char** argv) {
   outpost::cli::add_site_commands(app, globals, exit_code);
   outpost::cli::add_sim_command(app, globals, exit_code);
 
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    int rc = app.exit(e);
-    return rc == 0 ? 0 : outpost::cli::kExitUsage;
-  }
-  return exit_code;
+  return outpost::cli::run_cli(app, argc, argv, globals, exit_code);
 }

@@ -145,10 +145,17 @@ TEST(ServeProtocol, DynamicDimensionsTakeAnyPositiveSizeFixedOnesMustMatch) {
   expect_refused(
       parse_infer_request(input_body("[2,5]", "[1,2,3,4,5,6,7,8,9,10]"), kInputs, kOutputs),
       "inputs[0].shape", {"input 'input'", "shape [2,5] does not match the model's [-1,4]"});
-  for (const char* bad_dim : {"[0,4]", "[-1,4]", "[1.5,4]", "[\"1\",4]", "[null,4]"}) {
+  for (const char* bad_dim : {"[-1,4]", "[1.5,4]", "[\"1\",4]", "[null,4]"}) {
     expect_refused(parse_infer_request(input_body(bad_dim, "[1,2,3,4]"), kInputs, kOutputs),
-                   "inputs[0].shape", {"input 'input'", "integers >= 1"});
+                   "inputs[0].shape", {"input 'input'", "integers >= 0"});
   }
+  // An empty batch is a tensor too: shape [0,4] holds no values.
+  auto empty = parse_infer_request(input_body("[0,4]", "[]"), kInputs, kOutputs);
+  ASSERT_TRUE(empty.has_value()) << empty.error().message;
+  EXPECT_EQ(empty->inputs[0].shape, (std::vector<int64_t>{0, 4}));
+  EXPECT_EQ(empty->inputs[0].element_count(), 0u);
+  expect_refused(parse_infer_request(input_body("[0,4]", "[1,2,3,4]"), kInputs, kOutputs),
+                 "inputs[0].data", {"more values than its shape holds (0 expected)"});
 }
 
 TEST(ServeProtocol, WrongRankIsRefusedWithBothShapes) {
@@ -312,20 +319,219 @@ TEST(ServeProtocol, RefusesAnUnknownDatatype) {
                  "inputs[0].datatype", {"unknown datatype 'fp32'"});
 }
 
-TEST(ServeProtocol, RefusesFp16AndBytesEvenWhenTheModelDeclaresThem) {
+// ---------------------------------------------------------------------------------------------
+// FP16, BF16 and BYTES in JSON; the binary tensor data extension.
+
+uint16_t u16_at(const std::vector<uint8_t>& d, size_t i) {
+  return static_cast<uint16_t>(d[2 * i] | d[2 * i + 1] << 8);
+}
+
+TEST(ServeProtocol, HalfAndBfloat16ConversionsRoundToNearestEven) {
+  EXPECT_EQ(float_to_half(1.0f), 0x3c00);
+  EXPECT_EQ(float_to_half(-2.0f), 0xc000);
+  EXPECT_EQ(float_to_half(65504.0f), 0x7bff);
+  EXPECT_EQ(float_to_half(65520.0f), 0x7c00);  // the tie past the largest half: infinity
+  EXPECT_EQ(float_to_half(0.1f), 0x2e66);
+  EXPECT_EQ(float_to_half(5.9604645e-08f), 0x0001);  // smallest subnormal
+  EXPECT_EQ(float_to_half(2.9802322e-08f), 0x0000);  // exactly half of it: ties to even (0)
+  EXPECT_EQ(float_to_half(6.1035156e-05f), 0x0400);  // smallest normal
+  EXPECT_EQ(float_to_half(std::numeric_limits<float>::infinity()), 0x7c00);
+  EXPECT_TRUE(std::isnan(half_to_float(float_to_half(std::nanf("")))));
+  // Every half reads back as itself through float.
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    const auto bits = static_cast<uint16_t>(h);
+    const float f = half_to_float(bits);
+    if (std::isnan(f)) continue;
+    ASSERT_EQ(float_to_half(f), bits) << std::hex << h;
+  }
+  EXPECT_FLOAT_EQ(half_to_float(0x0001), 5.9604645e-08f);
+  EXPECT_EQ(float_to_bf16(1.0f), 0x3f80);
+  EXPECT_EQ(float_to_bf16(1.00390625f), 0x3f80);  // halfway between 0x3f80 and 0x3f81: even
+  EXPECT_EQ(float_to_bf16(1.01171875f), 0x3f82);  // halfway between 0x3f81 and 0x3f82: even
+  EXPECT_EQ(bf16_to_float(0x3f80), 1.0f);
+  EXPECT_TRUE(std::isnan(bf16_to_float(float_to_bf16(std::nanf("")))));
+}
+
+TEST(ServeProtocol, Fp16AndBf16TakeNumbersAndAnswerWithTheFloatTheyHold) {
+  for (DataType type : {DataType::kFp16, DataType::kBf16}) {
+    const std::string name(datatype_name(type));
+    SCOPED_TRACE(name);
+    const std::vector<TensorSpec> specs = {spec("h", type, {-1})};
+    auto parsed = parse_infer_request(R"({"inputs":[{"name":"h","datatype":")" + name +
+                                          R"(","shape":[3],"data":[1, -0.5, 0.1]}]})",
+                                      specs, {});
+    ASSERT_TRUE(parsed.has_value()) << parsed.error().message;
+    const auto& d = parsed->inputs[0].data;
+    ASSERT_EQ(d.size(), 6u);
+    if (type == DataType::kFp16) {
+      EXPECT_EQ(u16_at(d, 0), 0x3c00);
+      EXPECT_EQ(u16_at(d, 1), 0xb800);
+      EXPECT_EQ(u16_at(d, 2), 0x2e66);
+    } else {
+      EXPECT_EQ(u16_at(d, 0), 0x3f80);
+      EXPECT_EQ(u16_at(d, 1), 0xbf00);
+      EXPECT_EQ(u16_at(d, 2), 0x3dcd);
+    }
+    EXPECT_DOUBLE_EQ(parsed->inputs[0].value_as_double(1), -0.5);
+    auto answer = json::parse(encode_infer_response("m", "1", "", parsed->inputs, json::object()));
+    EXPECT_EQ(answer["outputs"][0]["datatype"], name);
+    // The answer's numbers parse back to the very same bits.
+    auto again = parse_infer_request(json({{"inputs",
+                                            {{{"name", "h"},
+                                              {"datatype", name},
+                                              {"shape", {3}},
+                                              {"data", answer["outputs"][0]["data"]}}}}})
+                                         .dump(),
+                                     specs, {});
+    ASSERT_TRUE(again.has_value()) << again.error().message;
+    EXPECT_EQ(again->inputs[0].data, d);
+  }
   const std::vector<TensorSpec> half = {spec("h", DataType::kFp16, {-1})};
   expect_refused(
-      parse_infer_request(R"({"inputs":[{"name":"h","datatype":"FP16","shape":[1],"data":[1]}]})",
-                          half, {}),
-      "inputs[0].datatype", {"input 'h'", "FP16", "not supported"});
-  const std::vector<TensorSpec> text = {spec("t", DataType::kBytes, {-1})};
-  expect_refused(
       parse_infer_request(
-          R"({"inputs":[{"name":"t","datatype":"BYTES","shape":[1],"data":["hi"]}]})", text, {}),
-      "inputs[0].datatype", {"input 't'", "BYTES", "not supported"});
+          R"({"inputs":[{"name":"h","datatype":"FP16","shape":[1],"data":[70000]}]})", half, {}),
+      "inputs[0].data", {"input 'h'", "out of range for FP16"});
   // Asked of an FP32 input, FP16 is simply the wrong datatype.
   expect_refused(parse_infer_request(input_body("[1,4]", "[1,2,3,4]", "FP16"), kInputs, kOutputs),
                  "inputs[0].datatype", {"datatype FP16, the model expects FP32"});
+}
+
+TEST(ServeProtocol, BytesTakeStringsAndAnswerWithThem) {
+  const std::vector<TensorSpec> text = {spec("t", DataType::kBytes, {-1, 2})};
+  auto parsed = parse_infer_request(
+      R"({"inputs":[{"name":"t","datatype":"BYTES","shape":[2,2],"data":[["a",""],["héllo","x y"]]}]})",
+      text, {});
+  ASSERT_TRUE(parsed.has_value()) << parsed.error().message;
+  const Tensor& t = parsed->inputs[0];
+  EXPECT_EQ(t.element_count(), 4u);
+  auto elements = bytes_elements(t.data);
+  ASSERT_TRUE(elements.has_value());
+  EXPECT_EQ(*elements, (std::vector<std::string_view>{"a", "", "héllo", "x y"}));
+  EXPECT_EQ(t.data.size(), 4u * 4 + 1 + 0 + 6 + 3);
+  auto answer = json::parse(encode_infer_response("m", "1", "", {t}, json::object()));
+  EXPECT_EQ(answer["outputs"][0]["data"], json({"a", "", "héllo", "x y"}));
+  EXPECT_EQ(answer["outputs"][0]["shape"], json({2, 2}));
+  expect_refused(
+      parse_infer_request(
+          R"({"inputs":[{"name":"t","datatype":"BYTES","shape":[1,2],"data":["a",3]}]})", text, {}),
+      "inputs[0].data", {"input 't'", "value 1 is a number, expected a string"});
+  expect_refused(
+      parse_infer_request(
+          R"({"inputs":[{"name":"t","datatype":"BYTES","shape":[1,2],"data":["a"]}]})", text, {}),
+      "inputs[0].data", {"1 values for shape [1,2] (2 expected)"});
+}
+
+// A body in the binary tensor data extension: JSON header, then the raw tensors.
+struct BinaryBody {
+  std::string body;
+  size_t json_length = 0;
+};
+BinaryBody binary_body(const json& header, const std::string& raw) {
+  BinaryBody b;
+  b.body = header.dump();
+  b.json_length = b.body.size();
+  b.body += raw;
+  return b;
+}
+std::string raw_of(const std::vector<float>& v) {
+  return std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
+}
+
+TEST(ServeProtocol, BinaryExtensionCarriesExactBitsIncludingNanAndInfinity) {
+  const std::vector<float> rows = {1.5f, std::numeric_limits<float>::quiet_NaN(),
+                                   -std::numeric_limits<float>::infinity(), -0.0f};
+  const int64_t sr = 8000;
+  const std::string raw = raw_of(rows) + std::string(reinterpret_cast<const char*>(&sr), 8);
+  json header = {{"id", "b1"},
+                 {"parameters", {{"binary_data_output", true}}},
+                 {"inputs",
+                  {{{"name", "input"},
+                    {"datatype", "FP32"},
+                    {"shape", {1, 4}},
+                    {"parameters", {{"binary_data_size", 16}}}},
+                   {{"name", "sr"},
+                    {"datatype", "INT64"},
+                    {"shape", json::array()},
+                    {"parameters", {{"binary_data_size", 8}}}}}}};
+  auto b = binary_body(header, raw);
+  auto parsed = parse_infer_request(b.body, kInputs, kOutputs, {}, b.json_length);
+  ASSERT_TRUE(parsed.has_value()) << parsed.error().message;
+  EXPECT_EQ(std::memcmp(parsed->inputs[0].data.data(), rows.data(), 16), 0);
+  EXPECT_EQ(values_of<int64_t>(parsed->inputs[1]), (std::vector<int64_t>{8000}));
+  EXPECT_TRUE(parsed->binary_all_outputs);
+
+  // The answer: JSON header with binary_data_size per output, then the bytes.
+  Tensor out = parsed->inputs[0];
+  out.name = "probabilities";
+  EncodedAnswer answer = encode_infer_answer("m", "1", *parsed, {out}, json::object());
+  ASSERT_TRUE(answer.json_length.has_value());
+  auto head = json::parse(answer.body.substr(0, *answer.json_length));
+  EXPECT_EQ(head["id"], "b1");
+  EXPECT_EQ(head["outputs"][0]["parameters"]["binary_data_size"], 16);
+  EXPECT_FALSE(head["outputs"][0].contains("data"));
+  EXPECT_EQ(answer.body.substr(*answer.json_length), raw_of(rows));
+
+  // Without binary outputs asked, the answer is plain JSON.
+  parsed->binary_all_outputs = false;
+  EXPECT_FALSE(encode_infer_answer("m", "1", *parsed, {out}, json::object()).json_length);
+  parsed->binary_outputs = {"probabilities"};
+  EXPECT_TRUE(encode_infer_answer("m", "1", *parsed, {out}, json::object()).json_length);
+}
+
+TEST(ServeProtocol, BinaryExtensionRefusesSizesThatDoNotFit) {
+  json header = {
+      {"inputs",
+       {{{"name", "input"},
+         {"datatype", "FP32"},
+         {"shape", {1, 4}},
+         {"parameters", {{"binary_data_size", 12}}}},
+        {{"name", "sr"}, {"datatype", "INT64"}, {"shape", json::array()}, {"data", {16000}}}}}};
+  auto b = binary_body(header, std::string(12, '\0'));
+  expect_refused(parse_infer_request(b.body, kInputs, kOutputs, {}, b.json_length),
+                 "inputs[0].parameters.binary_data_size",
+                 {"input 'input'", "12 bytes for shape [1,4] of FP32 (16 expected)"});
+  header["inputs"][0]["parameters"]["binary_data_size"] = 16;
+  b = binary_body(header, std::string(12, '\0'));
+  expect_refused(parse_infer_request(b.body, kInputs, kOutputs, {}, b.json_length),
+                 "inputs[0].parameters.binary_data_size", {"16 bytes announced", "12 left"});
+  b = binary_body(header, std::string(20, '\0'));
+  expect_refused(parse_infer_request(b.body, kInputs, kOutputs, {}, b.json_length), "inputs",
+                 {"4 bytes of binary data after the last input"});
+  // binary_data_size needs the header that says where the JSON ends.
+  expect_refused(parse_infer_request(header.dump(), kInputs, kOutputs),
+                 "inputs[0].parameters.binary_data_size", {"Inference-Header-Content-Length"});
+  expect_refused(parse_infer_request("{}", kInputs, kOutputs, {}, 3), "",
+                 {"Inference-Header-Content-Length is 3 but the body has 2 bytes"});
+  auto both = header;
+  both["inputs"][0]["data"] = {1, 2, 3, 4};
+  b = binary_body(both, std::string(16, '\0'));
+  expect_refused(parse_infer_request(b.body, kInputs, kOutputs, {}, b.json_length),
+                 "inputs[0].data", {"either data or parameters.binary_data_size"});
+  // BYTES: length-prefixed strings, as many as the shape holds.
+  const std::vector<TensorSpec> text = {spec("t", DataType::kBytes, {-1})};
+  std::vector<uint8_t> strings;
+  append_bytes_element(strings, std::string("a\0b", 3));
+  append_bytes_element(strings, "");
+  const std::string raw(strings.begin(), strings.end());
+  json text_header = {{"inputs",
+                       {{{"name", "t"},
+                         {"datatype", "BYTES"},
+                         {"shape", {2}},
+                         {"parameters", {{"binary_data_size", raw.size()}}}}}}};
+  b = binary_body(text_header, raw);
+  auto parsed = parse_infer_request(b.body, text, {}, {}, b.json_length);
+  ASSERT_TRUE(parsed.has_value()) << parsed.error().message;
+  EXPECT_EQ(*bytes_elements(parsed->inputs[0].data),
+            (std::vector<std::string_view>{std::string_view("a\0b", 3), ""}));
+  text_header["inputs"][0]["shape"] = {3};
+  b = binary_body(text_header, raw);
+  expect_refused(parse_infer_request(b.body, text, {}, {}, b.json_length),
+                 "inputs[0].parameters.binary_data_size", {"2 strings for shape [3] (3 expected)"});
+  text_header["inputs"][0]["shape"] = {2};
+  text_header["inputs"][0]["parameters"]["binary_data_size"] = raw.size() - 1;
+  b = binary_body(text_header, raw.substr(0, raw.size() - 1));
+  expect_refused(parse_infer_request(b.body, text, {}, {}, b.json_length),
+                 "inputs[0].parameters.binary_data_size", {"not a sequence of 4-byte lengths"});
 }
 
 TEST(ServeProtocol, RefusesMissingUnknownAndDuplicateInputs) {
@@ -551,7 +757,7 @@ TEST(ServeProtocol, RefusesShapesOverTheElementLimitWithoutAllocating) {
                  {"[4097,4096] holds more than 16777216 values"});
   // A dimension past int64 reads as negative: refused as a dimension.
   expect_refused(parse_infer_request(request("[18446744073709551615,1]"), any, {}),
-                 "inputs[0].shape", {"integers >= 1"});
+                 "inputs[0].shape", {"integers >= 0"});
   ProtocolLimits tight;
   tight.max_elements = 10;
   expect_refused(parse_infer_request(request("[3,4]"), any, {}, tight), "inputs[0].shape",

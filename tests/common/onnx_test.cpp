@@ -576,6 +576,30 @@ TEST(OnnxModel, RecordsTypesSymbolicDimsAndUnknownShapes) {
   EXPECT_TRUE(json["inputs"][3]["shape"].is_null());
 }
 
+TEST(OnnxModel, CheckServableNamesTheFirstValueTheModelServerCannotCarry) {
+  ModelInfo info;
+  info.inputs = {TensorInfo{"x", "FLOAT", {-1, 4}, {"", ""}, true},
+                 TensorInfo{"h", "FLOAT16", {}, {}, true},
+                 TensorInfo{"b", "BFLOAT16", {}, {}, true}, TensorInfo{"s", "STRING", {}, {}, true},
+                 TensorInfo{"u", "UNDEFINED", {}, {}, false}};
+  info.outputs = {TensorInfo{"y", "INT64", {-1}, {""}, true}};
+  EXPECT_TRUE(check_servable(info).has_value());
+  info.outputs.push_back(TensorInfo{"tokens", "SEQUENCE", {}, {}, false});
+  auto refused = check_servable(info);
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().message,
+            "output 'tokens' is a SEQUENCE; the model server serves tensors only");
+  info.outputs.pop_back();
+  info.inputs.push_back(TensorInfo{"maybe", "OPTIONAL", {}, {}, false});
+  EXPECT_EQ(check_servable(info).error().message,
+            "input 'maybe' is an OPTIONAL; the model server serves tensors only");
+  info.inputs.back() = TensorInfo{"z", "COMPLEX64", {2}, {""}, true};
+  EXPECT_EQ(check_servable(info).error().message,
+            "input 'z' is a COMPLEX64 tensor; the model server cannot carry that type");
+  info.inputs.back() = TensorInfo{"n", "DATA_TYPE_99", {2}, {""}, true};
+  EXPECT_THAT(check_servable(info).error().message, HasSubstr("DATA_TYPE_99"));
+}
+
 TEST(OnnxModel, SkipsUnknownFieldsOfEveryWireType) {
   const std::string plain = model_bytes(ModelParts{});
   auto expected = parse_onnx_model(plain);

@@ -1,5 +1,6 @@
 #include "agent/serve/inference_protocol.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -135,6 +136,26 @@ bool store_element(const json& v, DataType type, uint8_t* out, std::string& why)
       return true;
     }
     case DataType::kFp16:
+    case DataType::kBf16: {
+      if (!v.is_number()) {
+        why = "is " + json_fields::type_name(v) + ", expected a number";
+        return false;
+      }
+      // FP16 tops out at 65504 (65520 and beyond round to infinity); BF16 has FP32's range.
+      const double d = v.get<double>();
+      const double overflow = type == DataType::kFp16 ? 65520.0 : 0x1.ffp127;
+      if (!(std::fabs(d) < overflow)) {
+        why = std::string("is out of range for ") + (type == DataType::kFp16 ? "FP16" : "BF16");
+        return false;
+      }
+      // Through float: for FP16 the double->float rounding cannot change the half it rounds
+      // to except at exact ties of float, which JSON's shortest forms do not produce.
+      const float f = static_cast<float>(d);
+      const uint16_t bits = type == DataType::kFp16 ? float_to_half(f) : float_to_bf16(f);
+      out[0] = static_cast<uint8_t>(bits);
+      out[1] = static_cast<uint8_t>(bits >> 8);
+      return true;
+    }
     case DataType::kBytes:
     case DataType::kUnknown:
       why = "has an unsupported datatype";
@@ -176,6 +197,15 @@ Status read_data(const json& data, const std::string& field, const std::string& 
                             std::to_string(expected) + " expected)");
     }
     std::string why;
+    if (type == DataType::kBytes) {
+      if (!v.is_string()) {
+        return bad(field, "input '" + input + "': value " + std::to_string(count) + " is " +
+                              json_fields::type_name(v) + ", expected a string (datatype BYTES)");
+      }
+      append_bytes_element(out.data, v.get_ref<const std::string&>());
+      ++count;
+      continue;
+    }
     out.data.resize((count + 1) * size);
     if (!store_element(v, type, out.data.data() + count * size, why)) {
       return bad(field, "input '" + input + "': value " + std::to_string(count) + " " + why +
@@ -190,8 +220,63 @@ Status read_data(const json& data, const std::string& field, const std::string& 
   return ok();
 }
 
+// The binary part of a request (binary tensor data extension), consumed input by input.
+struct BinaryPart {
+  bool present = false;  // the request came with Inference-Header-Content-Length
+  std::string_view rest;
+};
+
+// The bytes of one binary input, checked against its shape: fixed-size types exactly
+// count * size bytes, BYTES exactly `count` length-prefixed elements.
+Status read_binary(BinaryPart& part, const json& size_value, const std::string& at,
+                   const std::string& input, DataType type, size_t count, Tensor& out) {
+  const std::string field = at + ".parameters.binary_data_size";
+  if (!part.present) {
+    return bad(field, "input '" + input +
+                          "': binary_data_size needs the Inference-Header-Content-Length header "
+                          "(the length of the JSON part of the body)");
+  }
+  if (!size_value.is_number_unsigned() &&
+      !(size_value.is_number_integer() && size_value.get<int64_t>() >= 0)) {
+    return bad(field, "input '" + input + "': expected a byte count >= 0");
+  }
+  const uint64_t size = size_value.get<uint64_t>();
+  if (size > part.rest.size()) {
+    return bad(field, "input '" + input + "': " + std::to_string(size) +
+                          " bytes announced, the body has " + std::to_string(part.rest.size()) +
+                          " left");
+  }
+  const auto* begin = reinterpret_cast<const uint8_t*>(part.rest.data());
+  out.data.assign(begin, begin + size);
+  part.rest.remove_prefix(static_cast<size_t>(size));
+  if (type == DataType::kBytes) {
+    auto elements = bytes_elements(out.data);
+    if (!elements) {
+      return bad(field, "input '" + input +
+                            "': BYTES data is not a sequence of 4-byte lengths and strings");
+    }
+    if (elements->size() != count) {
+      return bad(field, "input '" + input + "': " + std::to_string(elements->size()) +
+                            " strings for shape " + shape_text(out.shape) + " (" +
+                            std::to_string(count) + " expected)");
+    }
+    return ok();
+  }
+  const size_t want = count * datatype_size(type);
+  if (size != want) {
+    return bad(field, "input '" + input + "': " + std::to_string(size) + " bytes for shape " +
+                          shape_text(out.shape) + " of " + std::string(datatype_name(type)) + " (" +
+                          std::to_string(want) + " expected)");
+  }
+  if (type == DataType::kBool) {
+    for (uint8_t& b : out.data) b = b != 0 ? 1 : 0;  // the runtime reads bools as 0/1 bytes
+  }
+  return ok();
+}
+
 Result<Tensor> read_input(const json& in, size_t index, const std::vector<TensorSpec>& specs,
-                          const ProtocolLimits& limits, const TensorSpec*& matched) {
+                          const ProtocolLimits& limits, BinaryPart& binary,
+                          const TensorSpec*& matched) {
   const std::string at = "inputs[" + std::to_string(index) + "]";
   if (!in.is_object()) return bad(at, "expected an object, got " + json_fields::type_name(in));
   auto name = json_fields::required_string(in, "name", at + ".name");
@@ -210,18 +295,16 @@ Result<Tensor> read_input(const json& in, size_t index, const std::vector<Tensor
   if (!datatype) return make_error(datatype.error());
   auto type = datatype_from_name(*datatype);
   if (!type) {
-    return bad(at + ".datatype", "input '" + *name + "': unknown datatype '" + *datatype +
-                                     "' (BOOL, UINT8..UINT64, INT8..INT64, FP32, FP64)");
+    return bad(at + ".datatype",
+               "input '" + *name + "': unknown datatype '" + *datatype +
+                   "' (BOOL, UINT8..UINT64, INT8..INT64, FP16, BF16, FP32, FP64, BYTES)");
   }
   if (*type != spec.type) {
     return bad(at + ".datatype", "input '" + *name + "': datatype " + *datatype +
                                      ", the model expects " +
                                      std::string(datatype_name(spec.type)));
   }
-  if (datatype_size(*type) == 0 || *type == DataType::kFp16) {
-    return bad(at + ".datatype", "input '" + *name + "': datatype " + *datatype +
-                                     " is not supported by this server's JSON encoding");
-  }
+
   if (!in.contains("shape") || !in["shape"].is_array()) {
     return bad(at + ".shape",
                "input '" + *name + "': expected a shape array such as " + shape_text(spec.shape));
@@ -230,8 +313,9 @@ Result<Tensor> read_input(const json& in, size_t index, const std::vector<Tensor
   tensor.name = *name;
   tensor.type = *type;
   for (const auto& d : in["shape"]) {
-    if (!d.is_number_integer() || d.get<int64_t>() < 1) {
-      return bad(at + ".shape", "input '" + *name + "': dimensions must be integers >= 1");
+    // 0 is a real dimension: an empty tensor (no axes to reduce over, an empty batch).
+    if (!d.is_number_integer() || d.get<int64_t>() < 0) {
+      return bad(at + ".shape", "input '" + *name + "': dimensions must be integers >= 0");
     }
     tensor.shape.push_back(d.get<int64_t>());
     if (tensor.shape.size() > 64) {
@@ -251,6 +335,19 @@ Result<Tensor> read_input(const json& in, size_t index, const std::vector<Tensor
     return bad(at + ".shape", "input '" + *name + "': shape " + shape_text(tensor.shape) +
                                   " holds more than " + std::to_string(limits.max_elements) +
                                   " values");
+  }
+  const json* binary_size = nullptr;
+  if (auto p = in.find("parameters"); p != in.end()) {
+    if (!p->is_object()) return bad(at + ".parameters", "expected an object");
+    if (auto b = p->find("binary_data_size"); b != p->end()) binary_size = &*b;
+  }
+  if (binary_size) {
+    if (in.contains("data")) {
+      return bad(at + ".data", "input '" + *name +
+                                   "': give either data or parameters.binary_data_size, not both");
+    }
+    OUTPOST_TRY(read_binary(binary, *binary_size, at, *name, *type, *count, tensor));
+    return tensor;
   }
   if (!in.contains("data") || !in["data"].is_array()) {
     return bad(at + ".data", "input '" + *name + "': expected a data array");
@@ -315,11 +412,34 @@ void append_element(std::string& out, const Tensor& t, size_t i) {
     case DataType::kFp64:
       return append_number(out, t.value_as_double(i), t.type);
     case DataType::kFp16:
+    case DataType::kBf16:
+      // Every half and bfloat16 is exactly a float: its shortest float form reads back as it.
+      return append_number(out, t.value_as_double(i), DataType::kFp32);
     case DataType::kBytes:
     case DataType::kUnknown:
       out += "null";
       return;
   }
+}
+
+// One output's "data" array.
+void append_data(std::string& out, const Tensor& t) {
+  out += '[';
+  if (t.type == DataType::kBytes) {
+    auto elements = bytes_elements(t.data);
+    size_t k = 0;
+    for (std::string_view e : elements.value_or(std::vector<std::string_view>{})) {
+      if (k++ > 0) out += ',';
+      out += json(std::string(e)).dump(-1, ' ', false, json::error_handler_t::replace);
+    }
+  } else {
+    const size_t n = t.element_count();
+    for (size_t i = 0; i < n; ++i) {
+      if (i > 0) out += ',';
+      append_element(out, t, i);
+    }
+  }
+  out += ']';
 }
 
 json shape_json(const TensorSpec& spec) {
@@ -328,10 +448,26 @@ json shape_json(const TensorSpec& spec) {
 
 }  // namespace
 
+bool InferRequest::wants_binary(const std::string& output) const {
+  return binary_all_outputs ||
+         std::find(binary_outputs.begin(), binary_outputs.end(), output) != binary_outputs.end();
+}
+
 Result<InferRequest> parse_infer_request(std::string_view body,
                                          const std::vector<TensorSpec>& inputs,
                                          const std::vector<TensorSpec>& outputs,
-                                         const ProtocolLimits& limits) {
+                                         const ProtocolLimits& limits,
+                                         std::optional<size_t> json_length) {
+  BinaryPart binary;
+  if (json_length) {
+    if (*json_length > body.size()) {
+      return bad("", "Inference-Header-Content-Length is " + std::to_string(*json_length) +
+                         " but the body has " + std::to_string(body.size()) + " bytes");
+    }
+    binary.present = true;
+    binary.rest = body.substr(*json_length);
+    body = body.substr(0, *json_length);
+  }
   json doc;
   try {
     doc = json::parse(body);
@@ -357,7 +493,7 @@ Result<InferRequest> parse_infer_request(std::string_view body,
   std::vector<bool> seen(inputs.size(), false);
   for (size_t i = 0; i < list.size(); ++i) {
     const TensorSpec* spec = nullptr;
-    auto tensor = read_input(list[i], i, inputs, limits, spec);
+    auto tensor = read_input(list[i], i, inputs, limits, binary, spec);
     if (!tensor) return make_error(tensor.error());
     size_t slot = static_cast<size_t>(spec - inputs.data());
     if (seen[slot]) {
@@ -372,6 +508,17 @@ Result<InferRequest> parse_infer_request(std::string_view body,
       return bad("inputs", "missing input '" + inputs[i].name + "' (" + spec_text(inputs[i]) + ")");
     }
   }
+  if (!binary.rest.empty()) {
+    return bad("inputs", std::to_string(binary.rest.size()) +
+                             " bytes of binary data after the last input's binary_data_size");
+  }
+  if (auto p = doc.find("parameters"); p != doc.end()) {
+    if (!p->is_object()) return bad("parameters", "expected an object");
+    if (auto b = p->find("binary_data_output"); b != p->end()) {
+      if (!b->is_boolean()) return bad("parameters.binary_data_output", "expected true or false");
+      request.binary_all_outputs = b->get<bool>();
+    }
+  }
   if (doc.contains("outputs")) {
     if (!doc["outputs"].is_array()) return bad("outputs", "expected an array of {\"name\": ...}");
     for (size_t i = 0; i < doc["outputs"].size(); ++i) {
@@ -384,18 +531,28 @@ Result<InferRequest> parse_infer_request(std::string_view body,
       for (const auto& spec : outputs) known = known || spec.name == *name;
       if (!known) return bad(at + ".name", "the model has no output '" + *name + "'");
       request.outputs.push_back(*name);
+      if (auto p = o.find("parameters"); p != o.end()) {
+        if (!p->is_object()) return bad(at + ".parameters", "expected an object");
+        if (auto b = p->find("binary_data"); b != p->end()) {
+          if (!b->is_boolean())
+            return bad(at + ".parameters.binary_data", "expected true or false");
+          if (b->get<bool>()) request.binary_outputs.push_back(*name);
+        }
+      }
     }
   }
   return request;
 }
 
-std::string encode_infer_response(std::string_view model_name, std::string_view model_version,
-                                  std::string_view id, const std::vector<Tensor>& outputs,
-                                  const json& parameters) {
+namespace {
+
+std::string encode(std::string_view model_name, std::string_view model_version, std::string_view id,
+                   const std::vector<Tensor>& outputs, const json& parameters,
+                   const InferRequest* binary_spec, std::string* binary) {
   std::string out;
   size_t values = 0;
-  for (const auto& t : outputs) values += t.element_count();
-  out.reserve(128 + values * 14);
+  for (const auto& t : outputs) values += t.data.size();
+  out.reserve(128 + (binary ? 64 * outputs.size() : values * 4));
   out += "{\"model_name\":";
   out += json(std::string(model_name)).dump();
   out += ",\"model_version\":";
@@ -418,16 +575,43 @@ std::string encode_infer_response(std::string_view model_name, std::string_view 
     out += datatype_name(t.type);
     out += "\",\"shape\":";
     out += shape_text(t.shape);
-    out += ",\"data\":[";
-    const size_t n = t.element_count();
-    for (size_t i = 0; i < n; ++i) {
-      if (i > 0) out += ',';
-      append_element(out, t, i);
+    if (binary_spec && binary && binary_spec->wants_binary(t.name)) {
+      out += ",\"parameters\":{\"binary_data_size\":";
+      out += std::to_string(t.data.size());
+      out += "}}";
+      binary->append(reinterpret_cast<const char*>(t.data.data()), t.data.size());
+      continue;
     }
-    out += "]}";
+    out += ",\"data\":";
+    append_data(out, t);
+    out += '}';
   }
   out += "]}";
   return out;
+}
+
+}  // namespace
+
+std::string encode_infer_response(std::string_view model_name, std::string_view model_version,
+                                  std::string_view id, const std::vector<Tensor>& outputs,
+                                  const json& parameters) {
+  return encode(model_name, model_version, id, outputs, parameters, nullptr, nullptr);
+}
+
+EncodedAnswer encode_infer_answer(std::string_view model_name, std::string_view model_version,
+                                  const InferRequest& request, const std::vector<Tensor>& outputs,
+                                  const json& parameters) {
+  std::string binary;
+  EncodedAnswer answer;
+  answer.body =
+      encode(model_name, model_version, request.id, outputs, parameters, &request, &binary);
+  bool any_binary = false;
+  for (const auto& t : outputs) any_binary = any_binary || request.wants_binary(t.name);
+  if (any_binary) {
+    answer.json_length = answer.body.size();
+    answer.body += binary;
+  }
+  return answer;
 }
 
 json model_metadata(const std::string& name, const std::string& version,

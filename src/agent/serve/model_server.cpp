@@ -1,5 +1,6 @@
 #include "agent/serve/model_server.h"
 
+#include <charconv>
 #include <chrono>
 #include <cstdio>
 
@@ -19,13 +20,24 @@ http::Response protocol_error(int status, const Error& error) {
   return http::Response::json(status, protocol_error_body(error));
 }
 
+// A 200 answer; with binary outputs (binary tensor data extension) an octet stream whose
+// Inference-Header-Content-Length says where its JSON ends.
+http::Response answer(const ModelRef& ref, const InferRequest& request,
+                      const std::vector<Tensor>& outputs, const json& parameters) {
+  EncodedAnswer encoded = encode_infer_answer(ref.name, ref.version, request, outputs, parameters);
+  if (!encoded.json_length) return http::Response::json(200, std::move(encoded.body));
+  http::Response r = http::Response::text(200, std::move(encoded.body), "application/octet-stream");
+  r.headers.emplace_back("Inference-Header-Content-Length", std::to_string(*encoded.json_length));
+  return r;
+}
+
 // Inputs of zeros for a warm-up: dynamic dimensions 1, except the last one of each input
 // when `wide` (models such as Silero VAD refuse a 1-sample frame). Empty when the model's
 // inputs cannot be made up (unknown ranks, unsupported types).
 std::vector<Tensor> warm_up_inputs(const InferenceSession& session, bool wide) {
   std::vector<Tensor> inputs;
   for (const auto& spec : session.inputs()) {
-    if (!spec.rank_known || datatype_size(spec.type) == 0) return {};
+    if (!spec.rank_known || spec.type == DataType::kUnknown) return {};
     Tensor t;
     t.name = spec.name;
     t.type = spec.type;
@@ -35,7 +47,8 @@ std::vector<Tensor> warm_up_inputs(const InferenceSession& session, bool wide) {
     }
     auto count = element_count(t.shape, size_t{1} << 26);
     if (!count) return {};
-    t.data.assign(*count * datatype_size(t.type), 0);
+    // Zeros, or for strings empty ones (each a zero length prefix).
+    t.data.assign(*count * (t.type == DataType::kBytes ? 4 : datatype_size(t.type)), 0);
     inputs.push_back(std::move(t));
   }
   return inputs;
@@ -229,11 +242,25 @@ http::Response ModelServer::metadata(const Service& service) const {
   return http::Response::json(200, meta.dump());
 }
 
-http::Response ModelServer::infer(const Service& service, const std::string& body) {
+http::Response ModelServer::infer(const Service& service, const http::Request& request) {
   const auto started = std::chrono::steady_clock::now();
   InferenceOutcome outcome;
   const Loaded* served_by = &service.primary;
-  http::Response response = run_inference(service, body, outcome, served_by);
+  std::optional<size_t> json_length;
+  if (std::string h = request.header("inference-header-content-length"); !h.empty()) {
+    size_t n = 0;
+    auto [end, ec] = std::from_chars(h.data(), h.data() + h.size(), n);
+    if (ec != std::errc() || end != h.data() + h.size()) {
+      served_by->metrics->count_served();
+      return protocol_error(400, Error{Errc::kInvalidArgument,
+                                       "Inference-Header-Content-Length: expected a byte count, "
+                                       "got \"" +
+                                           h.substr(0, 40) + "\"",
+                                       "Inference-Header-Content-Length"});
+    }
+    json_length = n;
+  }
+  http::Response response = run_inference(service, request.body, json_length, outcome, served_by);
   served_by->metrics->count_served();
   if (observer_) {
     outcome.deployment = service.config.deployment;
@@ -249,6 +276,7 @@ http::Response ModelServer::infer(const Service& service, const std::string& bod
 }
 
 http::Response ModelServer::run_inference(const Service& service, const std::string& body,
+                                          std::optional<size_t> json_length,
                                           InferenceOutcome& outcome, const Loaded*& served_by) {
   const auto started = std::chrono::steady_clock::now();
   auto elapsed = [&] {
@@ -262,8 +290,8 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
 
   if (primary.session) {
     primary.metrics->count_request();
-    auto request =
-        parse_infer_request(body, primary.session->inputs(), primary.session->outputs(), limits_);
+    auto request = parse_infer_request(body, primary.session->inputs(), primary.session->outputs(),
+                                       limits_, json_length);
     if (!request) {
       primary.metrics->count_invalid();
       outcome.outcome = "invalid";
@@ -281,9 +309,7 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
         json params = json::object();
         if (primary_confidence) params["confidence"] = *primary_confidence;
         outcome.confidence = primary_confidence;
-        return http::Response::json(
-            200, encode_infer_response(primary.ref.name, primary.ref.version, request->id, *outputs,
-                                       params));
+        return answer(primary.ref, *request, *outputs, params);
       }
       reason = "confidence " + confidence_text(*primary_confidence) + " is under " +
                confidence_text(min);
@@ -310,13 +336,12 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
   }
   const Loaded& fb = *service.fallback;
   fb.metrics->count_request();
-  const std::string id = parsed ? parsed->id : "";
   const bool same_signature = parsed && fb.session->inputs() == primary.session->inputs() &&
                               fb.session->outputs() == primary.session->outputs();
   Result<InferRequest> request =
-      same_signature
-          ? Result<InferRequest>(std::move(*parsed))
-          : parse_infer_request(body, fb.session->inputs(), fb.session->outputs(), limits_);
+      same_signature ? Result<InferRequest>(std::move(*parsed))
+                     : parse_infer_request(body, fb.session->inputs(), fb.session->outputs(),
+                                           limits_, json_length);
   if (!request && !primary_answer.empty()) {
     // The primary answered, only under min_confidence, and the fallback takes other inputs:
     // the primary's answer stands.
@@ -324,8 +349,7 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
         {"confidence", *primary_confidence},
         {"fallback_error", "the fallback cannot take this request: " + request.error().describe()}};
     outcome.confidence = primary_confidence;
-    return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
-                                                           id, primary_answer, params));
+    return answer(primary.ref, *parsed, primary_answer, params);
   }
   served_by = &fb;
   if (!request) {
@@ -343,8 +367,7 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
                      {"fallback_error", outputs.error().message}};
       served_by = &primary;
       outcome.confidence = primary_confidence;
-      return http::Response::json(200, encode_infer_response(primary.ref.name, primary.ref.version,
-                                                             request->id, primary_answer, params));
+      return answer(primary.ref, *request, primary_answer, params);
     }
     outcome.outcome = "error";
     return protocol_error(500, outputs.error().with_context("the fallback failed"));
@@ -357,8 +380,7 @@ http::Response ModelServer::run_inference(const Service& service, const std::str
   }
   outcome.outcome = "fallback";
   fb.metrics->observe_latency(elapsed());
-  return http::Response::json(
-      200, encode_infer_response(fb.ref.name, fb.ref.version, request->id, *outputs, params));
+  return answer(fb.ref, *request, *outputs, params);
 }
 
 std::optional<http::Response> ModelServer::handle(const http::Request& request) {
@@ -429,7 +451,7 @@ std::optional<http::Response> ModelServer::handle(const http::Request& request) 
   }
   if (verb == "infer") {
     if (!post) return wrong_method();
-    return infer(*service, request.body);
+    return infer(*service, request);
   }
   if (!get) return wrong_method();
   if (verb == "ready") return ready(*service);

@@ -122,10 +122,11 @@ class ModelServer {
                                             const std::string& role);
   ServicePtr find_by_route(const std::string& route) const;
   ServicePtr find_by_name(const std::string& name) const;
-  http::Response infer(const Service& service, const std::string& body);
+  http::Response infer(const Service& service, const http::Request& request);
   // infer() without the bookkeeping: says who answered and how in `outcome` / `served_by`.
   http::Response run_inference(const Service& service, const std::string& body,
-                               InferenceOutcome& outcome, const Loaded*& served_by);
+                               std::optional<size_t> json_length, InferenceOutcome& outcome,
+                               const Loaded*& served_by);
   http::Response metadata(const Service& service) const;
   static http::Response ready(const Service& service);
 

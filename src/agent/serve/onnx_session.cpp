@@ -99,6 +99,7 @@ constexpr std::pair<DataType, ONNXTensorElementDataType> kOnnxTypes[] = {
     {DataType::kFp32, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT},
     {DataType::kFp64, ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE},
     {DataType::kFp16, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16},
+    {DataType::kBf16, ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16},
     {DataType::kBool, ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL},
     {DataType::kUint8, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8},
     {DataType::kUint16, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT16},
@@ -219,6 +220,13 @@ class OnnxSession final : public InferenceSession {
     };
     for (size_t i = 0; i < inputs.size(); ++i) {
       const Tensor& t = inputs[i];
+      if (t.type == DataType::kBytes) {
+        if (auto made = string_tensor(t, in[i]); !made) {
+          release();
+          return make_error(made.error());
+        }
+        continue;
+      }
       // The runtime reads inputs only; the cast is what its C signature asks for.
       void* data = const_cast<uint8_t*>(t.data.data());
       if (OrtStatus* s =
@@ -253,12 +261,20 @@ class OnnxSession final : public InferenceSession {
       release_status(api, api->GetTensorShapeElementCount(info, &count));
       api->ReleaseTensorTypeAndShapeInfo(info);
       auto type = from_onnx(et);
-      if (!type || datatype_size(*type) == 0) {
+      if (!type) {
         release();
         return make_error(Errc::kInternal,
                           "output '" + t.name + "' has a datatype this server cannot send");
       }
       t.type = *type;
+      if (t.type == DataType::kBytes) {
+        if (auto read = read_strings(out[i], count, t); !read) {
+          release();
+          return make_error(read.error());
+        }
+        result.push_back(std::move(t));
+        continue;
+      }
       void* data = nullptr;
       if (OrtStatus* s = api->GetTensorMutableData(out[i], &data)) {
         release();
@@ -274,6 +290,56 @@ class OnnxSession final : public InferenceSession {
   }
 
  private:
+  // A STRING tensor holding `t`'s elements (exact bytes: embedded NULs survive).
+  Status string_tensor(const Tensor& t, OrtValue*& value) {
+    const OrtApi* api = rt_->api;
+    auto elements = bytes_elements(t.data);
+    if (!elements) {
+      return make_error(Errc::kInvalidArgument, "input '" + t.name + "': malformed BYTES data");
+    }
+    OrtAllocator* alloc = nullptr;
+    if (OrtStatus* s = api->GetAllocatorWithDefaultOptions(&alloc)) {
+      return make_error(Errc::kInternal, take_status(api, s));
+    }
+    if (OrtStatus* s = api->CreateTensorAsOrtValue(alloc, t.shape.data(), t.shape.size(),
+                                                   ONNX_TENSOR_ELEMENT_DATA_TYPE_STRING, &value)) {
+      return make_error(Errc::kInvalidArgument, "input '" + t.name + "': " + take_status(api, s));
+    }
+    for (size_t k = 0; k < elements->size(); ++k) {
+      const std::string_view e = (*elements)[k];
+      char* buffer = nullptr;
+      if (OrtStatus* s = api->GetResizedStringTensorElementBuffer(value, k, e.size(), &buffer)) {
+        return make_error(Errc::kInternal, "input '" + t.name + "': " + take_status(api, s));
+      }
+      if (!e.empty()) std::memcpy(buffer, e.data(), e.size());
+    }
+    return ok();
+  }
+
+  // A STRING output's `count` elements into `t.data` (length-prefixed).
+  Status read_strings(const OrtValue* value, size_t count, Tensor& t) {
+    const OrtApi* api = rt_->api;
+    size_t total = 0;
+    if (OrtStatus* s = api->GetStringTensorDataLength(value, &total)) {
+      return make_error(Errc::kInternal, "output '" + t.name + "': " + take_status(api, s));
+    }
+    std::string chars(total, '\0');
+    std::vector<size_t> offsets(count, 0);
+    if (count > 0) {
+      if (OrtStatus* s =
+              api->GetStringTensorContent(value, chars.data(), total, offsets.data(), count)) {
+        return make_error(Errc::kInternal, "output '" + t.name + "': " + take_status(api, s));
+      }
+    }
+    t.data.clear();
+    t.data.reserve(total + 4 * count);
+    for (size_t k = 0; k < count; ++k) {
+      const size_t end = k + 1 < count ? offsets[k + 1] : total;
+      append_bytes_element(t.data, std::string_view(chars).substr(offsets[k], end - offsets[k]));
+    }
+    return ok();
+  }
+
   OrtRuntime* rt_;
   OrtSession* session_;
   std::vector<TensorSpec> inputs_;
@@ -329,7 +395,16 @@ Result<std::shared_ptr<InferenceSession>> load_onnx_session(const std::string& p
   OrtSession* session = nullptr;
   OrtStatus* s = api->CreateSession(rt->env, path.c_str(), so, &session);
   api->ReleaseSessionOptions(so);
-  if (s) return make_error(Errc::kInvalidArgument, "model " + path + ": " + take_status(api, s));
+  if (s) {
+    std::string why = take_status(api, s);
+    // The runtime's words alone leave an operator guessing what to do about it.
+    if (why.find("Could not find an implementation for") != std::string::npos) {
+      why += " (ONNX Runtime " + rt->version +
+             " has no CPU kernel for this operator at this opset with these input types; "
+             "models exported at opset 6 or older often hit this: re-export at a newer opset)";
+    }
+    return make_error(Errc::kInvalidArgument, "model " + path + ": " + why);
+  }
   auto out = std::make_shared<OnnxSession>(rt, session);
   OUTPOST_TRY(out->describe(path));
   return std::shared_ptr<InferenceSession>(std::move(out));

@@ -98,6 +98,7 @@ ModelMetrics::ModelMetrics(std::string deployment, std::string model, std::strin
 void ModelMetrics::observe_inputs(const std::vector<Tensor>& inputs) {
   std::lock_guard lock(mu_);
   for (const Tensor& t : inputs) {
+    if (t.type == DataType::kBytes) continue;  // strings have no mean to drift
     const size_t count = t.element_count();
     if (count == 0) continue;
     const size_t rows = t.shape.empty() ? 1 : static_cast<size_t>(std::max<int64_t>(t.shape[0], 1));

@@ -2,12 +2,13 @@
 
 #include <array>
 #include <cstring>
+#include <string_view>
 #include <utility>
 
 namespace outpost::agent::serve {
 namespace {
 
-constexpr std::array<std::pair<DataType, std::string_view>, 13> kNames = {{
+constexpr std::array<std::pair<DataType, std::string_view>, 14> kNames = {{
     {DataType::kBool, "BOOL"},
     {DataType::kUint8, "UINT8"},
     {DataType::kUint16, "UINT16"},
@@ -18,6 +19,7 @@ constexpr std::array<std::pair<DataType, std::string_view>, 13> kNames = {{
     {DataType::kInt32, "INT32"},
     {DataType::kInt64, "INT64"},
     {DataType::kFp16, "FP16"},
+    {DataType::kBf16, "BF16"},
     {DataType::kFp32, "FP32"},
     {DataType::kFp64, "FP64"},
     {DataType::kBytes, "BYTES"},
@@ -55,6 +57,7 @@ size_t datatype_size(DataType type) {
     case DataType::kUint16:
     case DataType::kInt16:
     case DataType::kFp16:
+    case DataType::kBf16:
       return 2;
     case DataType::kUint32:
     case DataType::kInt32:
@@ -84,7 +87,99 @@ std::optional<size_t> element_count(const std::vector<int64_t>& shape, size_t li
   return count;
 }
 
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu;
+  uint32_t mantissa = h & 0x3ffu;
+  uint32_t bits = 0;
+  if (exponent == 0x1f) {
+    bits = sign | 0x7f800000u | (mantissa << 13);  // infinity or NaN (payload kept)
+  } else if (exponent != 0) {
+    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+  } else if (mantissa != 0) {
+    // Subnormal: normalise into float's wider exponent range.
+    int e = -1;
+    do {
+      ++e;
+      mantissa <<= 1;
+    } while ((mantissa & 0x400u) == 0);
+    bits = sign | (static_cast<uint32_t>(112 - e) << 23) | ((mantissa & 0x3ffu) << 13);
+  } else {
+    bits = sign;
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (abs < 0x38800000u) {
+    // Half subnormals (and zero): the value in units of 2^-24, rounded to nearest even.
+    if (abs < 0x33000000u) return sign;  // under half the smallest subnormal
+    const uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
+    const int shift = 126 - static_cast<int>(abs >> 23);  // 14..24
+    uint32_t value = mantissa >> shift;
+    const uint32_t rest = mantissa & ((1u << shift) - 1);
+    const uint32_t half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (value & 1u))) ++value;
+    return static_cast<uint16_t>(sign | value);
+  }
+  uint32_t value = ((abs >> 23) - 112) << 10 | ((abs >> 13) & 0x3ffu);
+  const uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (value & 1u))) ++value;  // may carry into exponent
+  return static_cast<uint16_t>(sign | value);
+}
+
+float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+void append_bytes_element(std::vector<uint8_t>& data, std::string_view value) {
+  const auto n = static_cast<uint32_t>(value.size());
+  const uint8_t prefix[4] = {static_cast<uint8_t>(n), static_cast<uint8_t>(n >> 8),
+                             static_cast<uint8_t>(n >> 16), static_cast<uint8_t>(n >> 24)};
+  data.insert(data.end(), prefix, prefix + 4);
+  data.insert(data.end(), value.begin(), value.end());
+}
+
+std::optional<std::vector<std::string_view>> bytes_elements(const std::vector<uint8_t>& data) {
+  std::vector<std::string_view> out;
+  size_t at = 0;
+  while (at < data.size()) {
+    if (data.size() - at < 4) return std::nullopt;
+    const uint32_t n = static_cast<uint32_t>(data[at]) | static_cast<uint32_t>(data[at + 1]) << 8 |
+                       static_cast<uint32_t>(data[at + 2]) << 16 |
+                       static_cast<uint32_t>(data[at + 3]) << 24;
+    at += 4;
+    if (data.size() - at < n) return std::nullopt;
+    out.emplace_back(reinterpret_cast<const char*>(data.data() + at), n);
+    at += n;
+  }
+  return out;
+}
+
 size_t Tensor::element_count() const {
+  if (type == DataType::kBytes) {
+    auto elements = bytes_elements(data);
+    return elements ? elements->size() : 0;
+  }
   size_t size = datatype_size(type);
   return size == 0 ? 0 : data.size() / size;
 }
@@ -115,6 +210,9 @@ double Tensor::value_as_double(size_t i) const {
     case DataType::kFp64:
       return load_as_double<double>(p);
     case DataType::kFp16:
+      return half_to_float(static_cast<uint16_t>(p[0] | p[1] << 8));
+    case DataType::kBf16:
+      return bf16_to_float(static_cast<uint16_t>(p[0] | p[1] << 8));
     case DataType::kBytes:
     case DataType::kUnknown:
       return 0.0;

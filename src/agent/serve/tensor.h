@@ -11,8 +11,9 @@
 
 namespace outpost::agent::serve {
 
-// The protocol's tensor datatypes. kBytes and kFp16 are named (a model may declare them)
-// but the JSON codec refuses them with a clear error.
+// The protocol's tensor datatypes (BF16 as Triton spells it). Every one is carried by the
+// JSON encoding and by the binary tensor data extension; kUnknown (a type the runtime has and
+// the protocol does not) is refused.
 enum class DataType {
   kBool,
   kUint8,
@@ -24,9 +25,10 @@ enum class DataType {
   kInt32,
   kInt64,
   kFp16,
+  kBf16,
   kFp32,
   kFp64,
-  kBytes,
+  kBytes,  // strings: each element a 4-byte little-endian length, then its bytes
   kUnknown,
 };
 
@@ -34,8 +36,21 @@ enum class DataType {
 std::string_view datatype_name(DataType type);
 // Inverse of datatype_name for the protocol's names; nullopt for anything else.
 std::optional<DataType> datatype_from_name(std::string_view name);
-// Bytes per element; 0 for kBytes and kUnknown.
+// Bytes per element; 0 for kBytes (variable) and kUnknown.
 size_t datatype_size(DataType type);
+
+// IEEE half and bfloat16 from and to float, rounding to nearest even (NaN stays NaN; a value
+// past the type's range becomes infinity).
+float half_to_float(uint16_t h);
+uint16_t float_to_half(float f);
+float bf16_to_float(uint16_t b);
+uint16_t float_to_bf16(float f);
+
+// Appends one kBytes element (length prefix and bytes) to `data`.
+void append_bytes_element(std::vector<uint8_t>& data, std::string_view value);
+// The elements of a kBytes buffer, or nullopt when it is not a whole sequence of
+// length-prefixed elements. Views point into `data`.
+std::optional<std::vector<std::string_view>> bytes_elements(const std::vector<uint8_t>& data);
 
 // What a model declares for one input or output. -1 marks a dynamic dimension;
 // `rank_known` is false when the model does not say how many dimensions there are.
@@ -52,10 +67,13 @@ struct Tensor {
   std::string name;
   DataType type = DataType::kFp32;
   std::vector<int64_t> shape;
-  std::vector<uint8_t> data;  // element_count(shape) * datatype_size(type) bytes, row-major
+  // Row-major: element_count(shape) * datatype_size(type) bytes, little-endian; for kBytes
+  // the length-prefixed elements one after another.
+  std::vector<uint8_t> data;
 
+  // Elements held (for kBytes, those whose prefixes read whole).
   size_t element_count() const;
-  // Element i as a double (bools as 0/1); i must be < element_count().
+  // Element i as a double (bools as 0/1, 0 for kBytes); i must be < element_count().
   double value_as_double(size_t i) const;
 };
 

@@ -579,4 +579,28 @@ nlohmann::json to_json(const ModelInfo& info) {
   };
 }
 
+Status check_servable(const ModelInfo& info) {
+  static constexpr std::array<std::string_view, 15> kServable = {
+      "FLOAT",  "DOUBLE", "FLOAT16", "BFLOAT16", "BOOL",  "UINT8",  "UINT16",   "UINT32",
+      "UINT64", "INT8",   "INT16",   "INT32",    "INT64", "STRING", "UNDEFINED"};
+  for (const auto* side : {&info.inputs, &info.outputs}) {
+    const char* what = side == &info.inputs ? "input" : "output";
+    for (const auto& value : *side) {
+      const std::string& t = value.elem_type;
+      if (t == "SEQUENCE" || t == "MAP" || t == "OPTIONAL" || t == "SPARSE_TENSOR") {
+        const char* article = t == "OPTIONAL" ? "an " : "a ";
+        return make_error(Errc::kInvalidArgument, std::string(what) + " '" + value.name + "' is " +
+                                                      article + t +
+                                                      "; the model server serves tensors only");
+      }
+      if (std::find(kServable.begin(), kServable.end(), t) == kServable.end()) {
+        return make_error(Errc::kInvalidArgument,
+                          std::string(what) + " '" + value.name + "' is a " + t +
+                              " tensor; the model server cannot carry that type");
+      }
+    }
+  }
+  return ok();
+}
+
 }  // namespace outpost::onnx

@@ -58,6 +58,14 @@ inline constexpr size_t kMaxRecordedDims = 1 << 20;  // dimensions across inputs
 //   errors naming an unnamed or malformed input, output or opset.
 [[nodiscard]] Result<ModelInfo> parse_onnx_model(std::string_view bytes);
 
+// Whether the agent's model server can serve the graph: every input and output a tensor of a
+// type the Open Inference Protocol carries (FLOAT, DOUBLE, FLOAT16, BFLOAT16, BOOL, the
+// integer types, STRING). kInvalidArgument otherwise, naming the first value that is not:
+//   "input 'seq' is a SEQUENCE; the model server serves tensors only"
+//   "output 'z' is a COMPLEX64 tensor; the model server cannot send that type"
+// A missing type (UNDEFINED) passes: the runtime infers it at load.
+[[nodiscard]] Status check_servable(const ModelInfo& info);
+
 // Version imported for the default domain ("" or "ai.onnx"), or 0 when there is none.
 int64_t default_opset(const ModelInfo& info);
 

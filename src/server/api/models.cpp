@@ -67,6 +67,11 @@ Result<nlohmann::json> inspect_model_artifact(ApiContext& ctx, const std::string
         field + ": artifact " + digest + " is not a usable ONNX model: " + info.error().message,
         field);
   }
+  if (auto servable = onnx::check_servable(*info); !servable) {
+    return make_error(
+        Errc::kInvalidArgument,
+        field + ": artifact " + digest + " cannot be served: " + servable.error().message, field);
+  }
   return onnx::to_json(*info);
 }
 
