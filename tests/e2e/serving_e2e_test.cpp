@@ -494,7 +494,7 @@ TEST_F(ServingE2E, HundredsOfMalformedBodiesAllGet4xxAndServingGoesOn) {
       R"({"inputs":[{"name":"input","datatype":"FP99","shape":[1,4],"data":[1,2,3,4]}]})",
       R"({"inputs":[{"name":"input","datatype":"FP32","shape":[1,5],"data":[1,2,3,4,5]}]})",
       R"({"inputs":[{"name":"input","datatype":"FP32","shape":[4],"data":[1,2,3,4]}]})",
-      R"({"inputs":[{"name":"input","datatype":"FP32","shape":[0,4],"data":[]}]})",
+      R"({"inputs":[{"name":"input","datatype":"FP32","shape":[0,4],"data":[1,2,3,4]}]})",
       R"({"inputs":[{"name":"input","datatype":"FP32","shape":[-1,4],"data":[1,2,3,4]}]})",
       R"({"inputs":[{"name":"input","datatype":"FP32","shape":[4294967296,4294967296,4],"data":[1]}]})",
       R"({"inputs":[{"name":"input","datatype":"FP32","shape":[1,4],"data":["a","b","c","d"]}]})",
