@@ -328,6 +328,40 @@ TEST_F(ServeModelServer, RefusesTheWrongMethodWith405) {
   EXPECT_EQ(v1->runs.load(), runs);
 }
 
+TEST_F(ServeModelServer, BinaryTensorDataInAndOutThroughTheRoute) {
+  add_model("/m/clf-1.onnx", 1);
+  ASSERT_TRUE(server_.activate(config("clf-dep", "1", "/m/clf-1.onnx")).has_value());
+  const std::vector<float> row = {1, 2, 3, 4};
+  const std::string head =
+      R"({"id":"b","parameters":{"binary_data_output":true},"inputs":[{"name":"input",)"
+      R"("datatype":"FP32","shape":[1,4],"parameters":{"binary_data_size":16}}]})";
+  auto req = request("POST", "/models/clf-dep/infer",
+                     head + std::string(reinterpret_cast<const char*>(row.data()), 16));
+  req.headers["inference-header-content-length"] = std::to_string(head.size());
+  auto answer = must_handle(req);
+  ASSERT_EQ(answer.status, 200) << answer.body;
+  EXPECT_EQ(answer.content_type, "application/octet-stream");
+  std::string length;
+  for (const auto& [k, v] : answer.headers) {
+    if (k == "Inference-Header-Content-Length") length = v;
+  }
+  ASSERT_FALSE(length.empty());
+  const size_t n = std::stoul(length);
+  json meta = json::parse(answer.body.substr(0, n));
+  EXPECT_EQ(meta["id"], "b");
+  ASSERT_EQ(meta["outputs"][0]["parameters"]["binary_data_size"], 12);  // 3 floats
+  std::vector<float> probabilities(3);
+  std::memcpy(probabilities.data(), answer.body.data() + n, 12);
+  EXPECT_FLOAT_EQ(probabilities[0], 0.7f);
+  // The extension is advertised; a header that is not a number is refused by name.
+  EXPECT_EQ(json::parse(must_handle(request("GET", "/v2")).body)["extensions"],
+            json::array({"binary_tensor_data"}));
+  req.headers["inference-header-content-length"] = "12abc";
+  auto refused = must_handle(req);
+  EXPECT_EQ(refused.status, 400);
+  EXPECT_EQ(json::parse(refused.body)["field"], "Inference-Header-Content-Length");
+}
+
 TEST_F(ServeModelServer, RefusesBadBodiesWith400AndCountsThem) {
   auto v1 = add_model("/m/clf-1.onnx", 1);
   ASSERT_TRUE(server_.activate(config("clf-dep", "1", "/m/clf-1.onnx")).has_value());

@@ -394,7 +394,9 @@ std::optional<http::Response> ModelServer::handle(const http::Request& request) 
 
   if (path == "/v2") {
     if (!get) return wrong_method();
-    json meta = {{"name", "outpost-agent"}, {"version", "0.1.0"}, {"extensions", json::array()}};
+    json meta = {{"name", "outpost-agent"},
+                 {"version", "0.1.0"},
+                 {"extensions", json::array({"binary_tensor_data"})}};
     return http::Response::json(200, meta.dump());
   }
   if (path == "/v2/health/live") {
