@@ -194,14 +194,25 @@ class Outpost:
                 raise Failure(f"{name} died (exit {proc.returncode}):\n{tail}")
 
     def stop(self):
-        for proc in (self.agent, self.server):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        """Stops both gracefully; returns what went wrong on the way out (a sanitizer report at
+        exit, a hang), or "" when both exited cleanly."""
+        problems = []
+        for name, proc, log in (("outpost-agent", self.agent, getattr(self, "agent_log", "")),
+                                ("outpost server", self.server, getattr(self, "server_log", ""))):
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                problems.append(f"{name} did not stop within 60 s of SIGTERM")
+                continue
+            if proc.returncode != 0:
+                tail = open(log, errors="replace").read()[-3000:] if log else ""
+                problems.append(f"{name} exited with {proc.returncode} on SIGTERM:\n{tail}")
+        return "\n".join(problems)
 
     def cli(self, args, stdin=None):
         r = subprocess.run([os.path.join(self.bin_dir, "outpost")] + args, env=self.env,
@@ -680,12 +691,15 @@ def main():
         return 1
     finally:
         pool.shutdown(wait=True)
-        op.stop()
+        stop_problems = op.stop()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         else:
             print(f"onnx conformance: kept {root}")
 
+    if stop_problems:
+        print(f"onnx conformance: FAILED at shutdown: {stop_problems}", file=sys.stderr)
+        return 1
     failed = [c for c in cases if c.outcome == "fail"]
     explained = [c for c in cases if c.outcome == "explained"]
     passed = [c for c in cases if c.outcome == "pass"]
