@@ -50,10 +50,11 @@ NO_KERNEL = r"Could not find an implementation for {}.*no CPU kernel"
 OLD_OPSET = ("ONNX Runtime has no CPU kernel for this op at opset < 7 (the pytorch-converted and "
              "-operator models are exported at opset 6 and older); the agent's message says to "
              "re-export at a newer opset")
+NOT_TENSORS = ("push", r"(input|output) '.*' is an? (OPTIONAL|SEQUENCE); the model server "
+               r"serves tensors only", "sequences and optional values are not served")
 EXPECTED = {
     # Random ops: the answer is random by definition, so only its shape and type are checked.
     "node/test_bernoulli*": ("values", "Bernoulli draws random values"),
-
     "node/test_training_dropout*": ("values", "Dropout in training mode drops at random"),
     # Where ONNX 1.12's expected outputs and ONNX Runtime read the spec differently.
     "node/test_resize_downsample_scales_*_align_corners": (
@@ -97,21 +98,16 @@ EXPECTED = {
     "node/test_nesterov_momentum*": ("load", r"Momentum|ai\.onnx\.preview\.training", TRAINING),
     # Graph inputs or outputs that are not tensors: the model server serves tensors only, and
     # the registry says so at push time rather than letting a device fail to load it.
-    "node/test_sequence_*": ("push", r"(input|output) '.*' is a SEQUENCE", "sequences are not served"),
-    "node/test_optional_*": ("push", r"(input|output) '.*' is an? (OPTIONAL|SEQUENCE)",
-                             "optional values are not served"),
-    "node/test_if_seq*": ("push", r"output '.*' is a SEQUENCE", "sequences are not served"),
-    "node/test_if_opt*": ("push", r"output '.*' is an? (OPTIONAL|SEQUENCE)",
-                          "optional values are not served"),
-    "node/test_loop13_seq*": ("push", r"(input|output) '.*' is a SEQUENCE", "sequences are not served"),
-    "node/test_loop16_seq_none*": ("push", r"(input|output) '.*' is an? (OPTIONAL|SEQUENCE)",
-                                   "optional values are not served"),
-    "node/test_split_to_sequence*": ("push", r"output '.*' is a SEQUENCE", "sequences are not served"),
-    "node/test_identity_sequence*": ("push", r"(input|output) '.*' is a SEQUENCE",
-                                     "sequences are not served"),
-    "node/test_identity_opt*": ("push", r"(input|output) '.*' is an? OPTIONAL",
-                                "optional values are not served"),
-    "node/test_concat_from_sequence*": ("push", r"input '.*' is a SEQUENCE", "sequences are not served"),
+    "node/test_sequence_*": NOT_TENSORS,
+    "node/test_optional_*": NOT_TENSORS,
+    "node/test_if_seq*": NOT_TENSORS,
+    "node/test_if_opt*": NOT_TENSORS,
+    "node/test_loop13_seq*": NOT_TENSORS,
+    "node/test_loop16_seq_none*": NOT_TENSORS,
+    "node/test_split_to_sequence*": NOT_TENSORS,
+    "node/test_identity_sequence*": NOT_TENSORS,
+    "node/test_identity_opt*": NOT_TENSORS,
+    "node/test_concat_from_sequence*": NOT_TENSORS,
 }
 
 
