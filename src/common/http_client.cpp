@@ -3,6 +3,8 @@
 #include <curl/curl.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <initializer_list>
 #include <mutex>
 
 #include <nlohmann/json.hpp>
@@ -73,7 +75,26 @@ int count_bytes(CURL*, curl_infotype type, char*, size_t size, void* user) {
   return 0;
 }
 
+const char* first_env(std::initializer_list<const char*> names) {
+  for (const char* name : names) {
+    const char* value = std::getenv(name);
+    if (value != nullptr && *value != '\0') return value;
+  }
+  return nullptr;
+}
+
 }  // namespace
+
+void apply_proxy_from_env(void* curl_easy, const std::string& url) {
+  CURL* curl = static_cast<CURL*>(curl_easy);
+  const bool https = url.rfind("https://", 0) == 0;
+  const char* proxy = https ? first_env({"HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"})
+                            : first_env({"http_proxy", "HTTP_PROXY", "ALL_PROXY", "all_proxy"});
+  if (proxy != nullptr) curl_easy_setopt(curl, CURLOPT_PROXY, proxy);
+  if (const char* bypass = first_env({"NO_PROXY", "no_proxy"})) {
+    curl_easy_setopt(curl, CURLOPT_NOPROXY, bypass);
+  }
+}
 
 HttpClient::HttpClient(std::string base_url, std::string bearer_token, std::string ca_file)
     : base_url_(std::move(base_url)),
@@ -102,6 +123,7 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(options.timeout_ms));
   curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 10'000L);
   curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
+  apply_proxy_from_env(curl, url);
   if (method == "HEAD") curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
   if (options.count_bytes) {
     curl_easy_setopt(curl, CURLOPT_DEBUGFUNCTION, count_bytes);

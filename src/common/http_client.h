@@ -63,6 +63,13 @@ class HttpClient {
   void* curl_ = nullptr;
 };
 
+// Points a libcurl easy handle at the proxy the environment names for `url`, as operators set
+// it on gateways: https:// URLs take HTTPS_PROXY/https_proxy, http:// URLs http_proxy/HTTP_PROXY
+// (libcurl alone ignores the upper-case HTTP_PROXY), then ALL_PROXY/all_proxy; NO_PROXY/no_proxy
+// lists the hosts that bypass it. Every client of ours (this one, the fetcher, the relay's
+// upstream) calls it, so a gateway behind a proxy needs nothing but its usual environment.
+void apply_proxy_from_env(void* curl_easy, const std::string& url);
+
 // Turns a non-2xx response with a JSON error body into an Error (code, message, field).
 Error error_from_response(const HttpResponse& response);
 

@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include "agent/sync/desired_sync.h"
+#include "common/http_client.h"
 #include "common/digest.h"
 #include "common/durable_file.h"
 #include "common/units.h"
@@ -283,6 +284,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, cleanup.h);
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, 10'000L);
+    apply_proxy_from_env(curl, url);
     // A stalled link (no byte for 30 s) is a failure to retry, not a hang.
     curl_easy_setopt(curl, CURLOPT_LOW_SPEED_LIMIT, 1L);
     curl_easy_setopt(curl, CURLOPT_LOW_SPEED_TIME, 30L);
