@@ -209,8 +209,12 @@ Status Agent::start() {
 
   outbox_ = std::make_unique<StatusOutbox>(options_.data_dir, identity_, StatusOutbox::Options{});
   OUTPOST_TRY(outbox_->init());
+  // A relay's own workloads are fed from its site cache, so the site's uplink carries each blob
+  // once however many of its devices (the relay included) run it.
+  Identity fetch_identity = identity_;
+  if (!options_.artifact_source.empty()) fetch_identity.server = options_.artifact_source;
   fetcher_ =
-      std::make_unique<Fetcher>(artifacts_, identity_, options_.fetch, [this] { post([] {}); });
+      std::make_unique<Fetcher>(artifacts_, fetch_identity, options_.fetch, [this] { post([] {}); });
   sync_ = std::make_unique<DesiredSync>(
       options_.data_dir, identity_, generation_, options_.sync,
       [this](const DesiredState& state) {
@@ -280,8 +284,14 @@ void Agent::run(const std::atomic<bool>& stop) {
       std::unique_lock lock(inbox_mu_);
       // Something in motion (a start deadline, a retry, a download) is looked at twice a
       // second; a settled device sleeps until an event (sync, fetch, workload) or 5 s.
-      inbox_cv_.wait_for(lock, std::chrono::milliseconds(settled() ? 5'000 : 500),
-                         [this] { return !inbox_.empty(); });
+      // Woken in slices of 250 ms to see `stop` (set by a signal handler, which cannot notify).
+      const auto until = std::chrono::steady_clock::now() +
+                         std::chrono::milliseconds(settled() ? 5'000 : 500);
+      while (inbox_.empty() && !stop && std::chrono::steady_clock::now() < until) {
+        inbox_cv_.wait_for(lock, std::min<std::chrono::steady_clock::duration>(
+                                     std::chrono::milliseconds(250),
+                                     until - std::chrono::steady_clock::now()));
+      }
       batch.swap(inbox_);
     }
     for (auto& fn : batch) fn();
@@ -797,6 +807,7 @@ void Agent::report_if_changed(bool periodic) {
   if (stable != reported_facts_) {
     report["facts"] = facts_;
   }
+  if (options_.relay_stats) report["relay"] = options_.relay_stats();
   auto seq = outbox_->enqueue(std::move(report));
   if (!seq) {
     spdlog::error("cannot queue a status report: {}", seq.error().message);
@@ -845,6 +856,7 @@ json Agent::status() const {
     out = snapshot_;
   }
   if (outbox_) out["status_queued"] = outbox_->pending();  // live: the sender moves on its own
+  if (options_.relay_stats) out["relay"] = options_.relay_stats();
   if (telemetry_) {
     json t = telemetry_->stats_json();
     out["telemetry"] = {

@@ -50,6 +50,11 @@ struct AgentOptions {
   // Loads model files for serving; empty = ONNX Runtime (tests swap in a fake).
   serve::SessionLoader session_loader;
   telemetry::TelemetryOptions telemetry;
+  // A relay agent's numbers (children, cache, backlog, upstream), sent with each status report
+  // as "relay" and shown by the local API; empty for an ordinary device.
+  std::function<nlohmann::json()> relay_stats;
+  // Where artifacts are downloaded from when not identity.server (a relay's own cache).
+  std::string artifact_source;
 };
 
 class Agent {

@@ -10,6 +10,45 @@
 namespace outpost::cli {
 namespace {
 
+// Where the device sits: the relays between it and the control plane, and for a relay, what it
+// does for the devices below it (from its last status report).
+void print_topology(const nlohmann::json& d) {
+  const auto& via = list_of(d, "via");
+  if (!via.empty()) {
+    std::string path = "device";
+    for (const auto& hop : via) path += " -> " + (hop.is_string() ? hop.get<std::string>() : "?");
+    std::cout << "Path:        " << path << " -> control plane\n";
+  }
+  const auto& relay = object_of(object_of(d, "status"), "relay");
+  if (relay.empty()) return;
+  const auto& children = list_of(d, "children");
+  std::string ids;
+  for (const auto& c : children) ids += (ids.empty() ? "" : ", ") + (c.is_string() ? c.get<std::string>() : "?");
+  const auto& up = object_of(relay, "upstream");
+  const auto& cache = object_of(relay, "cache");
+  const auto& backlog = object_of(relay, "backlog");
+  std::cout << "Relay:       on " << text_of(relay, "listen") << ", upstream " << text_of(up, "state");
+  if (!text_of(up, "error").empty()) std::cout << " (" << text_of(up, "error") << ")";
+  std::cout << "\n"
+            << "  Children:  " << children.size() << (ids.empty() ? "" : " (" + ids + ")");
+  if (int_of(d, "behind") > static_cast<int64_t>(children.size())) {
+    std::cout << "; " << int_of(d, "behind") << " devices behind it in all";
+  }
+  std::cout << "\n"
+            << "  Cache:     " << int_of(cache, "blobs") << " blobs, " << format_size(int_of(cache, "bytes"))
+            << " of " << format_size(int_of(cache, "budget_bytes")) << "; " << int_of(cache, "hits")
+            << " hits, " << int_of(cache, "misses") << " misses, " << int_of(cache, "evictions")
+            << " evicted, " << int_of(cache, "fetching") << " fetching\n"
+            << "  Backlog:   " << int_of(backlog, "entries") << " uploads, "
+            << format_size(int_of(backlog, "bytes")) << " of " << format_size(int_of(backlog, "limit_bytes"))
+            << "; " << int_of(backlog, "forwarded") << " forwarded, "
+            << int_of(backlog, "refused_upstream") << " refused upstream, "
+            << int_of(backlog, "refused_full") << " refused while full\n"
+            << "  Offline:   " << int_of(relay, "desired_answered_offline")
+            << " desired states answered from the cache while upstream was down\n";
+}
+
+
 std::string labels_text(const nlohmann::json& labels) {
   std::string out;
   for (const auto& [k, v] : labels.items()) {
@@ -42,13 +81,17 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
         "/api/v1/devices?site=" + url_encode(*site) + "&selector=" + url_encode(*selector);
     auto result = session.fetch(path, exit_code, "devices");
     if (!result) return;
-    Table table({"ID", "SITE", "STATE", "LAST SEEN", "SYNC LAG", "LABELS", "ARCH", "ACCEL", "GEN",
-                 "REPORTED", "NOTES"});
+    Table table({"ID", "SITE", "STATE", "LAST SEEN", "SYNC LAG", "VIA", "LABELS", "ARCH", "ACCEL",
+                 "GEN", "REPORTED", "NOTES"});
     const int64_t now = now_ms();
     size_t online = 0;
     for (const auto& d : (*result)["devices"]) {
       std::string notes;
       if (d.value("cordoned", false)) notes += "cordoned ";
+      if (d.value("relay", false)) notes += "relay ";
+      // The relay the device's reports come through (the one nearest to it); "-" for direct.
+      const auto& via = list_of(d, "via");
+      const std::string via_text = via.empty() || !via[0].is_string() ? "-" : via[0].get<std::string>();
       if (!d["unschedulable"].empty())
         notes += "unschedulable(" + std::to_string(d["unschedulable"].size()) + ") ";
       // Fleet health from the device's telemetry: lag of its last sync, records it dropped.
@@ -65,7 +108,7 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
       const bool is_online = d.value("online", false);
       if (is_online) ++online;
       table.add({d["id"], d["site"], is_online ? "ONLINE" : "OFFLINE",
-                 ago(d["last_seen"].get<int64_t>(), now), lag, labels_text(d["labels"]),
+                 ago(d["last_seen"].get<int64_t>(), now), lag, via_text, labels_text(d["labels"]),
                  fact(d["facts"], "arch"),
                  d["labels"].contains("accelerator") ? d["labels"]["accelerator"].get<std::string>()
                                                      : fact(d["facts"], "accelerator"),
@@ -97,6 +140,7 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
               << "Generation:  " << d["generation"] << " (device reports "
               << d["reported_generation"] << ")\n"
               << "Facts:       " << d["facts"].dump() << "\n";
+    print_topology(d);
     std::cout << "Deployments:\n";
     const auto& schedule = d["schedule"].value("deployments", nlohmann::json::object());
     // What the device itself last said about each deployment (its status report).

@@ -9,11 +9,13 @@
 #include "agent/agent.h"
 #include "agent/facts.h"
 #include "agent/identity.h"
+#include "agent/relay/relay.h"
 #include "agent/serve/onnx_session.h"
 #include "common/crypto.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
 #include "common/units.h"
+#include "http/http_server.h"
 
 namespace {
 
@@ -133,6 +135,25 @@ int main(int argc, char** argv) {
                  "Most record JSON in one upload before compression (smaller for flaky links), "
                  "4K..4M")
       ->capture_default_str();
+  bool relay = false;
+  std::string relay_listen = "0.0.0.0:7400";
+  std::string relay_cache = "10G";
+  std::string relay_backlog = "256M";
+  app.add_flag("--relay", relay,
+               "Also serve the device API to the devices of this site that cannot reach the "
+               "control plane (they use --server http://THIS-HOST:PORT): desired states passed "
+               "through as signed, one download per blob for the site, uploads stored and "
+               "forwarded while the uplink is down");
+  app.add_option("--relay-listen", relay_listen, "Relay: address the site's devices reach")
+      ->capture_default_str();
+  app.add_option("--relay-cache", relay_cache,
+                 "Relay: disk budget of the artifact cache (least recently served blobs that no "
+                 "device still needs are evicted)")
+      ->capture_default_str();
+  app.add_option("--relay-backlog", relay_backlog,
+                 "Relay: most disk for uploads stored while the uplink is down (when full, "
+                 "devices keep theirs and retry)")
+      ->capture_default_str();
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
   std::string output = "text";
@@ -212,6 +233,32 @@ int main(int argc, char** argv) {
   }
   options.telemetry.max_batch_json = *batch_bytes;
 
+  outpost::agent::relay::RelayOptions relay_options;
+  if (relay) {
+    relay_options.listen = relay_listen;
+    if (auto hp = outpost::http::split_host_port(relay_listen); !hp) {
+      return fail(kExitUsage, "--relay-listen: " + hp.error().message);
+    }
+    auto cache_bytes = outpost::parse_size_bytes(relay_cache);
+    if (!cache_bytes || *cache_bytes <= 0) {
+      return fail(kExitUsage, "--relay-cache: expected a size like 10G, got \"" + relay_cache + "\"");
+    }
+    relay_options.cache_budget_bytes = *cache_bytes;
+    auto backlog_bytes = outpost::parse_size_bytes(relay_backlog);
+    if (!backlog_bytes || *backlog_bytes < (1 << 20)) {
+      return fail(kExitUsage, "--relay-backlog: expected a size of at least 1M, got \"" +
+                                  relay_backlog + "\"");
+    }
+    relay_options.backlog_limit_bytes = *backlog_bytes;
+    relay_options.fetch = options.fetch;
+  } else {
+    for (const char* flag : {"--relay-listen", "--relay-cache", "--relay-backlog"}) {
+      if (app.get_option(flag)->count() > 0) {
+        return fail(kExitUsage, std::string(flag) + " needs --relay");
+      }
+    }
+  }
+
   auto identity = outpost::agent::load_identity(data);
   if (!identity && identity.error().code != outpost::Errc::kNotFound) {
     return fail(kExitFailure, identity.error().message);
@@ -247,6 +294,21 @@ int main(int argc, char** argv) {
   std::signal(SIGTERM, on_signal);
   std::signal(SIGINT, on_signal);
   std::signal(SIGPIPE, SIG_IGN);
+  std::unique_ptr<outpost::agent::relay::Relay> site_relay;
+  if (relay) {
+    site_relay = std::make_unique<outpost::agent::relay::Relay>(relay_options, data, *identity);
+    if (auto started = site_relay->start(); !started) {
+      return fail(kExitFailure, "--relay: " + started.error().message);
+    }
+    const std::string relay_addr = relay_listen.substr(0, relay_listen.rfind(':')) + ":" +
+                                   std::to_string(site_relay->port());
+    (void)outpost::write_file_durably(data + "/relay.addr", relay_addr);
+    options.relay_stats = [r = site_relay.get()] { return r->stats(); };
+    std::string host = relay_listen.substr(0, relay_listen.rfind(':'));
+    if (host == "0.0.0.0" || host.empty()) host = "127.0.0.1";
+    if (host == "::" || host == "[::]") host = "[::1]";
+    options.artifact_source = "http://" + host + ":" + std::to_string(site_relay->port());
+  }
   outpost::agent::Agent agent(options, *identity);
   if (auto started = agent.start(); !started) return fail(kExitFailure, started.error().message);
   const std::string addr =
@@ -254,6 +316,7 @@ int main(int argc, char** argv) {
   (void)outpost::write_file_durably(data + "/agent.addr", addr);
   spdlog::info("agent {} running; local API on http://{}", identity->device_id, addr);
   agent.run(g_stop);
+  if (site_relay) site_relay->stop();
   spdlog::info("agent stopped");
   return kExitOk;
 }

@@ -86,6 +86,9 @@ Result<OrtRuntime*> open_runtime() {
   if (OrtStatus* s = api->CreateEnv(ORT_LOGGING_LEVEL_FATAL, "outpost", &runtime->env)) {
     return make_error(Errc::kUnavailable, "ONNX Runtime environment: " + take_status(api, s));
   }
+  // No usage events to the runtime's vendor: a site network may not even resolve its name, and
+  // the lookup otherwise holds up the agent's exit by seconds.
+  if (OrtStatus* s = api->DisableTelemetryEvents(runtime->env)) api->ReleaseStatus(s);
   if (OrtStatus* s =
           api->CreateCpuMemoryInfo(OrtDeviceAllocator, OrtMemTypeDefault, &runtime->cpu)) {
     return make_error(Errc::kUnavailable, "ONNX Runtime memory info: " + take_status(api, s));

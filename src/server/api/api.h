@@ -62,6 +62,13 @@ struct TelemetryIngestCounters {
   std::atomic<uint64_t> refused_store{0};
 };
 
+// Artifact downloads for /metrics: what the control plane's link carries for the fleet (a
+// site behind a relay costs one download per blob, not one per device).
+struct ArtifactCounters {
+  std::atomic<uint64_t> downloads{0};   // GET and HEAD answers
+  std::atomic<uint64_t> bytes_sent{0};  // body bytes of GET answers (ranges counted as sent)
+};
+
 // A telemetry upload as the ingest stores it.
 struct TelemetryUpload {
   std::string device_id;
@@ -90,6 +97,7 @@ struct ApiContext {
   std::string server_public_key_b64;
   int64_t long_poll_ms = 55'000;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
+  std::unique_ptr<ArtifactCounters> artifact_counters = std::make_unique<ArtifactCounters>();
   std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);
   std::unique_ptr<StatusWriter> status_writer = make_status_writer(store);
 };

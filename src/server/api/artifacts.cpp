@@ -1,6 +1,7 @@
 // /api/v1/artifacts: streamed, content-addressed uploads and ranged downloads.
 #include <unistd.h>
 
+#include "http/file_response.h"
 #include "server/api/api.h"
 #include "server/registry/blob_store.h"
 
@@ -36,47 +37,6 @@ Result<http::Response> push(ApiContext& ctx, const http::Request& req, const Cal
       {{"digest", artifact.digest}, {"size", artifact.size}, {"created", *inserted}});
 }
 
-struct ByteRange {
-  uint64_t first = 0;
-  uint64_t length = 0;
-};
-
-// Parses a single "bytes=a-b" / "bytes=a-" / "bytes=-n" range. nullopt: ignore the header
-// (serve the whole body); error: unsatisfiable.
-Result<std::optional<ByteRange>> parse_range(const std::string& header, uint64_t size) {
-  constexpr std::string_view kPrefix = "bytes=";
-  if (header.empty() || header.compare(0, kPrefix.size(), kPrefix) != 0) return std::nullopt;
-  std::string spec = header.substr(kPrefix.size());
-  if (spec.find(',') != std::string::npos) return std::nullopt;  // multi-range: send it all
-  auto dash = spec.find('-');
-  if (dash == std::string::npos) return std::nullopt;
-  auto unsatisfiable = [&] {
-    return make_error(Errc::kRangeNotSatisfiable, "range " + header + " is outside the artifact (" +
-                                                      std::to_string(size) + " bytes)");
-  };
-  try {
-    std::string a = spec.substr(0, dash), b = spec.substr(dash + 1);
-    ByteRange range;
-    if (a.empty()) {  // suffix: last n bytes
-      uint64_t n = std::stoull(b);
-      if (n == 0 || size == 0) return unsatisfiable();
-      n = std::min(n, size);
-      range.first = size - n;
-      range.length = n;
-    } else {
-      uint64_t first = std::stoull(a);
-      if (first >= size) return unsatisfiable();
-      uint64_t last = b.empty() ? size - 1 : std::min<uint64_t>(std::stoull(b), size - 1);
-      if (last < first) return std::nullopt;
-      range.first = first;
-      range.length = last - first + 1;
-    }
-    return std::optional<ByteRange>(range);
-  } catch (...) {
-    return std::nullopt;
-  }
-}
-
 Result<http::Response> download(ApiContext& ctx, const http::Request& req) {
   const std::string digest = req.params.at("digest");
   auto artifact = ctx.store.get_artifact(digest);
@@ -85,32 +45,12 @@ Result<http::Response> download(ApiContext& ctx, const http::Request& req) {
   if (!*artifact || !size) {
     return make_error(Errc::kNotFound, "artifact " + digest + " does not exist");
   }
-  http::Response resp;
-  resp.content_type = "application/octet-stream";
-  resp.headers.emplace_back("Accept-Ranges", "bytes");
-  resp.headers.emplace_back("ETag", "\"" + digest + "\"");
-  resp.headers.emplace_back("Cache-Control", "public, max-age=31536000, immutable");
   const uint64_t total = static_cast<uint64_t>(*size);
-  auto range = parse_range(req.header("range"), total);
-  if (!range) {
-    http::Response err = http::Response::error(range.error());
-    err.headers.emplace_back("Content-Range", "bytes */" + std::to_string(total));
-    return err;
+  ctx.artifact_counters->downloads.fetch_add(1, std::memory_order_relaxed);
+  http::Response resp = http::blob_response(req, digest, ctx.blobs.path_for(digest), total);
+  if (resp.file && req.method != "HEAD") {
+    ctx.artifact_counters->bytes_sent.fetch_add(resp.file->length, std::memory_order_relaxed);
   }
-  if (*range && req.header("if-range").size() > 0 &&
-      req.header("if-range") != "\"" + digest + "\"") {
-    *range = std::nullopt;  // client holds another version: send all
-  }
-  http::FileRange file{ctx.blobs.path_for(digest), 0, total};
-  if (*range) {
-    resp.status = 206;
-    file.offset = (*range)->first;
-    file.length = (*range)->length;
-    resp.headers.emplace_back("Content-Range", "bytes " + std::to_string(file.offset) + "-" +
-                                                   std::to_string(file.offset + file.length - 1) +
-                                                   "/" + std::to_string(total));
-  }
-  resp.file = file;
   return resp;
 }
 

@@ -15,6 +15,27 @@
 namespace outpost::server::api {
 namespace {
 
+// The relays a request came through, nearest the device first, from the X-Outpost-Via header
+// each relay extends ("d-1a2b3c,d-4d5e6f"). Only device-id-shaped names are kept, at most 16:
+// the header is the relays' word for the topology the operator sees, never an authorization.
+nlohmann::json via_of(const http::Request& req) {
+  nlohmann::json out = nlohmann::json::array();
+  const std::string header = req.header("x-outpost-via");
+  size_t start = 0;
+  while (start <= header.size() && out.size() < 16) {
+    size_t comma = header.find(',', start);
+    if (comma == std::string::npos) comma = header.size();
+    std::string id = header.substr(start, comma - start);
+    while (!id.empty() && id.front() == ' ') id.erase(0, 1);
+    while (!id.empty() && id.back() == ' ') id.pop_back();
+    const bool shaped = id.size() > 2 && id.size() <= 64 && id.rfind("d-", 0) == 0 &&
+                        id.find_first_not_of("0123456789abcdef", 2) == std::string::npos;
+    if (shaped) out.push_back(id);
+    start = comma + 1;
+  }
+  return out;
+}
+
 Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
   auto doc = parse_json_body(req.body);
   if (!doc) return make_error(doc.error());
@@ -68,7 +89,7 @@ Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
   Caller caller;
   caller.name = "enrollment-token:" + used->id;
   audit(ctx, caller, "device.enroll", "device/" + device.id,
-        {{"site", (*stored)->site}, {"labels", (*stored)->labels}});
+        {{"site", (*stored)->site}, {"labels", (*stored)->labels}, {"via", via_of(req)}});
   auto summary = ctx.desired.reconcile_device(device.id);
   if (!summary) spdlog::warn("scheduling new device {}: {}", device.id, summary.error().message);
   nlohmann::json out = {{"device_id", device.id},
@@ -182,6 +203,7 @@ void post_status(ApiContext& ctx, const http::Request& req, http::Responder resp
   }
   const int64_t now = ctx.clock.now_ms();
   (*doc)["received_at"] = now;
+  (*doc)["via"] = via_of(req);
   ctx.sessions.seen(caller->device_id, now);
   store::DeviceStatusWrite write{caller->device_id, seq, doc->dump(), now};
   auto done = [&ctx, device_id = caller->device_id, seq, facts = std::move(facts),

@@ -1,4 +1,5 @@
 // /api/v1/devices: what the fleet looks like, device by device.
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 
@@ -42,7 +43,11 @@ nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
     }
   }
   nlohmann::json status = parse_object_or_empty(d.status_json);
+  nlohmann::json via = status.contains("via") && status["via"].is_array() ? status["via"]
+                                                                          : nlohmann::json::array();
   return {{"id", d.id},
+          {"via", via},
+          {"relay", status.contains("relay") && status["relay"].is_object()},
           {"site", d.site},
           {"labels", d.labels},
           {"facts", parse_object_or_empty(d.facts_json)},
@@ -123,6 +128,23 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, co
   out["schedule"] = parse_object_or_empty(d.schedule_json);
   out["status"] = parse_object_or_empty(d.status_json);
   out["status_at"] = d.status_at;
+  // A relay's children: the devices whose last report came through it first; "behind" also
+  // counts those further down a chain of relays.
+  if (out["relay"].get<bool>()) {
+    auto all = ctx.store.list_devices({});
+    if (!all) return make_error(all.error());
+    nlohmann::json children = nlohmann::json::array();
+    int64_t behind = 0;
+    for (const auto& other : *all) {
+      nlohmann::json st = parse_object_or_empty(other.status_json);
+      if (!st.contains("via") || !st["via"].is_array() || st["via"].empty()) continue;
+      const auto& chain = st["via"];
+      if (std::find(chain.begin(), chain.end(), nlohmann::json(id)) != chain.end()) ++behind;
+      if (chain[0] == id) children.push_back(other.id);
+    }
+    out["children"] = children;
+    out["behind"] = behind;
+  }
   return json_response(200, out);
 }
 

@@ -225,6 +225,13 @@ void histogram_lines(std::string& out, const std::string& name, const std::strin
 Result<std::string> fleet_metrics_text(ApiContext& ctx) {
   std::string out;
   const TelemetryIngestCounters& c = *ctx.telemetry;
+  const ArtifactCounters& a = *ctx.artifact_counters;
+  header(out, "outpost_artifact_downloads_total", "counter",
+         "Artifact downloads answered (GET and HEAD, whole or ranged).");
+  out += "outpost_artifact_downloads_total " + std::to_string(a.downloads.load()) + "\n";
+  header(out, "outpost_artifact_bytes_sent_total", "counter",
+         "Artifact body bytes sent to devices, relays and operators.");
+  out += "outpost_artifact_bytes_sent_total " + std::to_string(a.bytes_sent.load()) + "\n";
   header(out, "outpost_telemetry_batches_total", "counter", "Telemetry batches stored.");
   out += "outpost_telemetry_batches_total " + std::to_string(c.batches.load()) + "\n";
   header(out, "outpost_telemetry_records_total", "counter",
