@@ -36,7 +36,8 @@ class Backlog {
   // Creates DIR (0700) and reads what a previous run left, in order. Unreadable entries are
   // set aside as DIR/*.bad and counted, never forwarded half.
   [[nodiscard]] Status load();
-  // Durable before it returns. kResourceExhausted (naming the limit) when it does not fit.
+  // Durable before it returns. kUnavailable (503, retryable; naming the limit) when it does not
+  // fit: the child keeps the upload and sends it again later.
   [[nodiscard]] Status push(BacklogEntry entry);
   // The oldest entry of `device`, read from disk.
   [[nodiscard]] Result<std::optional<BacklogEntry>> front(const std::string& device) const;
