@@ -46,6 +46,7 @@ struct SimFlags {
   int source_addresses = 0;
   int enroll_parallel = 32;
   std::string enroll_token;
+  std::string via;
   std::string state_file;
   std::string progress = "1s";
 };
@@ -80,6 +81,7 @@ Result<sim::FleetOptions> to_options(const SimFlags& f, Session& session) {
   o.server = session.server();
   o.operator_token = session.token();
   o.enroll_token = f.enroll_token;
+  o.devices_via = f.via;
   o.devices = f.devices;
   o.sites = f.sites;
   o.site_prefix = f.site_prefix;
@@ -324,6 +326,9 @@ void add_sim_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
       ->capture_default_str();
   sim->add_option("--enroll-parallel", f->enroll_parallel, "Enrollments in flight at once")
       ->capture_default_str();
+  sim->add_option("--via", f->via,
+                  "Put the devices behind this site relay (http://HOST:PORT of an "
+                  "'outpost-agent --relay'); operator calls still go to --server");
   sim->add_option("--enroll-token", f->enroll_token,
                   "One enrollment token for every device (default: one minted per site with "
                   "the operator token)");

@@ -403,7 +403,7 @@ class Shard {
   void enroll_one(Device& d) {
     ++enrolling_;
     agent::EnrollRequest request;
-    request.server = options_.server;
+    request.server = options_.devices_via.empty() ? options_.server : options_.devices_via;
     auto token = tokens_.find(d.site_index);
     if (token == tokens_.end()) token = tokens_.find(-1);
     request.token = token == tokens_.end() ? std::string() : token->second;
@@ -954,14 +954,15 @@ Fleet::~Fleet() {
 }
 
 Status Fleet::Impl::parse_server() {
-  const std::string& url = options.server;
+  const std::string& url = options.devices_via.empty() ? options.server : options.devices_via;
+  const char* flag = options.devices_via.empty() ? "--server" : "--via";
   const std::string scheme = "http://";
   if (url.rfind(scheme, 0) != 0) {
     return make_error(
         Errc::kInvalidArgument,
-        "--server: expected http://HOST:PORT (the simulator speaks plain HTTP), got \"" + url +
-            "\"",
-        "server");
+        std::string(flag) + ": expected http://HOST:PORT (the simulator speaks plain HTTP), got \"" +
+            url + "\"",
+        flag + 2);
   }
   std::string rest = url.substr(scheme.size());
   if (auto slash = rest.find('/'); slash != std::string::npos) rest = rest.substr(0, slash);

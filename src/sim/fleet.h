@@ -31,6 +31,9 @@ struct FleetOptions {
   std::string server;          // http://host:port of the control plane
   std::string operator_token;  // mints one enrollment token per site (unless enroll_token)
   std::string enroll_token;    // one token for every device instead (its site wins)
+  // The devices' traffic goes here instead of `server` (a site relay, http://HOST:PORT); the
+  // operator calls (tokens, the final convergence check) still go to `server`.
+  std::string devices_via;
   int64_t devices = 100;
   int64_t sites = 1;
   std::string site_prefix = "sim";
