@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 # -O2 without debug info: quicker to compile and link on CI's 2 cores.
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CXX_FLAGS_RELEASE=-O2 -DNDEBUG"
 
-.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve bench-telemetry bench-sim format clean
+.PHONY: deps build test test-unit test-asan demo demo-stop bench bench-build bench-agent bench-serve bench-telemetry bench-sim bench-relay format clean
 
 deps:
 	@scripts/install-deps
@@ -59,6 +59,9 @@ bench-telemetry: bench-build
 # reconnect storm, rollout overhead. One scenario: bench/sim/run.sh sync|converge|storm|rollout
 bench-sim: build
 	bench/sim/run.sh
+
+bench-relay: build
+	bench/relay/run.sh
 
 format:
 	clang-format -i $$(git ls-files '*.cpp' '*.h')

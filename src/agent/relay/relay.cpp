@@ -806,6 +806,7 @@ json Relay::stats() const {
   }
   const auto backlog = backlog_.stats();
   const auto blobs = cache_.list();
+  const auto wanted = fetcher_->wanted();
   out["listen"] = options_.listen.substr(0, options_.listen.rfind(':')) + ":" + std::to_string(port());
   out["children"] = {{"count", present}, {"ids", children}};
   out["cache"] = {{"blobs", blobs.size()},
@@ -814,7 +815,8 @@ json Relay::stats() const {
                   {"hits", cache_hits_.load()},
                   {"misses", cache_misses_.load()},
                   {"evictions", cache_evictions_.load()},
-                  {"fetching", fetcher_->wanted().size()}};
+                  {"fetching", std::count_if(wanted.begin(), wanted.end(),
+                                             [this](const auto& d) { return !cache_.has(d); })}};
   out["backlog"] = {{"entries", backlog.entries},
                     {"bytes", backlog.bytes},
                     {"limit_bytes", backlog.limit_bytes},
