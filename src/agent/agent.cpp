@@ -213,8 +213,8 @@ Status Agent::start() {
   // once however many of its devices (the relay included) run it.
   Identity fetch_identity = identity_;
   if (!options_.artifact_source.empty()) fetch_identity.server = options_.artifact_source;
-  fetcher_ =
-      std::make_unique<Fetcher>(artifacts_, fetch_identity, options_.fetch, [this] { post([] {}); });
+  fetcher_ = std::make_unique<Fetcher>(artifacts_, fetch_identity, options_.fetch,
+                                       [this] { post([] {}); });
   sync_ = std::make_unique<DesiredSync>(
       options_.data_dir, identity_, generation_, options_.sync,
       [this](const DesiredState& state) {
@@ -285,12 +285,12 @@ void Agent::run(const std::atomic<bool>& stop) {
       // Something in motion (a start deadline, a retry, a download) is looked at twice a
       // second; a settled device sleeps until an event (sync, fetch, workload) or 5 s.
       // Woken in slices of 250 ms to see `stop` (set by a signal handler, which cannot notify).
-      const auto until = std::chrono::steady_clock::now() +
-                         std::chrono::milliseconds(settled() ? 5'000 : 500);
+      const auto until =
+          std::chrono::steady_clock::now() + std::chrono::milliseconds(settled() ? 5'000 : 500);
       while (inbox_.empty() && !stop && std::chrono::steady_clock::now() < until) {
-        inbox_cv_.wait_for(lock, std::min<std::chrono::steady_clock::duration>(
-                                     std::chrono::milliseconds(250),
-                                     until - std::chrono::steady_clock::now()));
+        inbox_cv_.wait_for(
+            lock, std::min<std::chrono::steady_clock::duration>(
+                      std::chrono::milliseconds(250), until - std::chrono::steady_clock::now()));
       }
       batch.swap(inbox_);
     }

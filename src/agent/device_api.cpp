@@ -35,10 +35,9 @@ Result<Identity> enroll_answer(const Result<HttpResponse>& response, const Enrol
   if (response->status != 201 && response->status != 200) {
     Error error = error_from_response(*response);
     // A relay that cannot reach the control plane answers 503: not a refusal of the token.
-    error.message = (error.code == Errc::kUnavailable ? "enrollment through " + request.server +
-                                                            " could not complete: "
-                                                      : "enrollment refused by " + request.server +
-                                                            ": ") +
+    error.message = (error.code == Errc::kUnavailable
+                         ? "enrollment through " + request.server + " could not complete: "
+                         : "enrollment refused by " + request.server + ": ") +
                     error.message;
     return make_error(std::move(error));
   }

@@ -23,11 +23,13 @@ void print_topology(const nlohmann::json& d) {
   if (relay.empty()) return;
   const auto& children = list_of(d, "children");
   std::string ids;
-  for (const auto& c : children) ids += (ids.empty() ? "" : ", ") + (c.is_string() ? c.get<std::string>() : "?");
+  for (const auto& c : children)
+    ids += (ids.empty() ? "" : ", ") + (c.is_string() ? c.get<std::string>() : "?");
   const auto& up = object_of(relay, "upstream");
   const auto& cache = object_of(relay, "cache");
   const auto& backlog = object_of(relay, "backlog");
-  std::cout << "Relay:       on " << text_of(relay, "listen") << ", upstream " << text_of(up, "state");
+  std::cout << "Relay:       on " << text_of(relay, "listen") << ", upstream "
+            << text_of(up, "state");
   if (!text_of(up, "error").empty()) std::cout << " (" << text_of(up, "error") << ")";
   std::cout << "\n"
             << "  Children:  " << children.size() << (ids.empty() ? "" : " (" + ids + ")");
@@ -35,19 +37,19 @@ void print_topology(const nlohmann::json& d) {
     std::cout << "; " << int_of(d, "behind") << " devices behind it in all";
   }
   std::cout << "\n"
-            << "  Cache:     " << int_of(cache, "blobs") << " blobs, " << format_size(int_of(cache, "bytes"))
-            << " of " << format_size(int_of(cache, "budget_bytes")) << "; " << int_of(cache, "hits")
+            << "  Cache:     " << int_of(cache, "blobs") << " blobs, "
+            << format_size(int_of(cache, "bytes")) << " of "
+            << format_size(int_of(cache, "budget_bytes")) << "; " << int_of(cache, "hits")
             << " hits, " << int_of(cache, "misses") << " misses, " << int_of(cache, "evictions")
             << " evicted, " << int_of(cache, "fetching") << " fetching\n"
             << "  Backlog:   " << int_of(backlog, "entries") << " uploads, "
-            << format_size(int_of(backlog, "bytes")) << " of " << format_size(int_of(backlog, "limit_bytes"))
-            << "; " << int_of(backlog, "forwarded") << " forwarded, "
-            << int_of(backlog, "refused_upstream") << " refused upstream, "
+            << format_size(int_of(backlog, "bytes")) << " of "
+            << format_size(int_of(backlog, "limit_bytes")) << "; " << int_of(backlog, "forwarded")
+            << " forwarded, " << int_of(backlog, "refused_upstream") << " refused upstream, "
             << int_of(backlog, "refused_full") << " refused while full\n"
             << "  Offline:   " << int_of(relay, "desired_answered_offline")
             << " desired states answered from the cache while upstream was down\n";
 }
-
 
 std::string labels_text(const nlohmann::json& labels) {
   std::string out;
@@ -91,7 +93,8 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
       if (d.value("relay", false)) notes += "relay ";
       // The relay the device's reports come through (the one nearest to it); "-" for direct.
       const auto& via = list_of(d, "via");
-      const std::string via_text = via.empty() || !via[0].is_string() ? "-" : via[0].get<std::string>();
+      const std::string via_text =
+          via.empty() || !via[0].is_string() ? "-" : via[0].get<std::string>();
       if (!d["unschedulable"].empty())
         notes += "unschedulable(" + std::to_string(d["unschedulable"].size()) + ") ";
       // Fleet health from the device's telemetry: lag of its last sync, records it dropped.

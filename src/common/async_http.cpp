@@ -14,28 +14,6 @@ int64_t steady_ms() {
       .count();
 }
 
-size_t write_body(char* data, size_t size, size_t count, void* user) {
-  static_cast<std::string*>(user)->append(data, size * count);
-  return size * count;
-}
-
-size_t write_header(char* data, size_t size, size_t count, void* user) {
-  auto* headers = static_cast<std::map<std::string, std::string>*>(user);
-  std::string line(data, size * count);
-  auto colon = line.find(':');
-  if (colon != std::string::npos) {
-    std::string name = line.substr(0, colon);
-    for (auto& c : name) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    std::string value = line.substr(colon + 1);
-    while (!value.empty() && value.front() == ' ') value.erase(0, 1);
-    while (!value.empty() && (value.back() == '\r' || value.back() == '\n')) value.pop_back();
-    (*headers)[name] = value;
-  } else if (line.rfind("HTTP/", 0) == 0) {
-    headers->clear();
-  }
-  return size * count;
-}
-
 std::string server_of(const std::string& url) {
   auto scheme = url.find("://");
   auto start = scheme == std::string::npos ? 0 : scheme + 3;
@@ -159,9 +137,9 @@ void AsyncHttpClient::loop() {
       curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
       curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, static_cast<long>(r.timeout_ms));
       curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, 10'000L);
-      curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, write_body);
+      curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, curl_io::write_body);
       curl_easy_setopt(easy, CURLOPT_WRITEDATA, &t->response.body);
-      curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, write_header);
+      curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, curl_io::write_header);
       curl_easy_setopt(easy, CURLOPT_HEADERDATA, &t->response.headers);
       curl_easy_setopt(easy, CURLOPT_PRIVATE, reinterpret_cast<void*>(id));
       apply_proxy_from_env(easy, r.url);
@@ -205,10 +183,10 @@ void AsyncHttpClient::loop() {
       active_.erase(it);
       if (rc != CURLE_OK) {
         finish(*transfer,
-               make_error(rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded
-                                                         : Errc::kUnavailable,
-                          "cannot reach the server at " + server_of(transfer->request.url) + ": " +
-                              curl_easy_strerror(rc)));
+               make_error(
+                   rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable,
+                   "cannot reach the server at " + server_of(transfer->request.url) + ": " +
+                       curl_easy_strerror(rc)));
         continue;
       }
       long status = 0;

@@ -70,6 +70,13 @@ class HttpClient {
 // upstream) calls it, so a gateway behind a proxy needs nothing but its usual environment.
 void apply_proxy_from_env(void* curl_easy, const std::string& url);
 
+// libcurl write callbacks of our clients: the body into a std::string, header lines into a
+// std::map of lower-case names (cleared at each new status line: 100 Continue, redirects).
+namespace curl_io {
+size_t write_body(char* data, size_t size, size_t count, void* body_string);
+size_t write_header(char* data, size_t size, size_t count, void* header_map);
+}  // namespace curl_io
+
 // Turns a non-2xx response with a JSON error body into an Error (code, message, field).
 Error error_from_response(const HttpResponse& response);
 

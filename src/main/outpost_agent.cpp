@@ -241,13 +241,14 @@ int main(int argc, char** argv) {
     }
     auto cache_bytes = outpost::parse_size_bytes(relay_cache);
     if (!cache_bytes || *cache_bytes <= 0) {
-      return fail(kExitUsage, "--relay-cache: expected a size like 10G, got \"" + relay_cache + "\"");
+      return fail(kExitUsage,
+                  "--relay-cache: expected a size like 10G, got \"" + relay_cache + "\"");
     }
     relay_options.cache_budget_bytes = *cache_bytes;
     auto backlog_bytes = outpost::parse_size_bytes(relay_backlog);
     if (!backlog_bytes || *backlog_bytes < (1 << 20)) {
-      return fail(kExitUsage, "--relay-backlog: expected a size of at least 1M, got \"" +
-                                  relay_backlog + "\"");
+      return fail(kExitUsage,
+                  "--relay-backlog: expected a size of at least 1M, got \"" + relay_backlog + "\"");
     }
     relay_options.backlog_limit_bytes = *backlog_bytes;
     relay_options.fetch = options.fetch;
@@ -300,8 +301,8 @@ int main(int argc, char** argv) {
     if (auto started = site_relay->start(); !started) {
       return fail(kExitFailure, "--relay: " + started.error().message);
     }
-    const std::string relay_addr = relay_listen.substr(0, relay_listen.rfind(':')) + ":" +
-                                   std::to_string(site_relay->port());
+    const std::string relay_addr =
+        relay_listen.substr(0, relay_listen.rfind(':')) + ":" + std::to_string(site_relay->port());
     (void)outpost::write_file_durably(data + "/relay.addr", relay_addr);
     options.relay_stats = [r = site_relay.get()] { return r->stats(); };
     std::string host = relay_listen.substr(0, relay_listen.rfind(':'));

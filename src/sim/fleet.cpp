@@ -958,11 +958,11 @@ Status Fleet::Impl::parse_server() {
   const char* flag = options.devices_via.empty() ? "--server" : "--via";
   const std::string scheme = "http://";
   if (url.rfind(scheme, 0) != 0) {
-    return make_error(
-        Errc::kInvalidArgument,
-        std::string(flag) + ": expected http://HOST:PORT (the simulator speaks plain HTTP), got \"" +
-            url + "\"",
-        flag + 2);
+    return make_error(Errc::kInvalidArgument,
+                      std::string(flag) +
+                          ": expected http://HOST:PORT (the simulator speaks plain HTTP), got \"" +
+                          url + "\"",
+                      flag + 2);
   }
   std::string rest = url.substr(scheme.size());
   if (auto slash = rest.find('/'); slash != std::string::npos) rest = rest.substr(0, slash);

@@ -6,8 +6,8 @@
 
 #include <fstream>
 
-#include "test_support.h"
 #include "common/durable_file.h"
+#include "test_support.h"
 
 namespace outpost::agent::relay {
 namespace {
@@ -73,7 +73,8 @@ TEST(RelayBacklog, ARestartResumesTheSameOrder) {
     Backlog backlog(dir.file("backlog"), 1 << 20);
     ASSERT_TRUE(backlog.load().has_value());
     for (int i = 0; i < 12; ++i) {
-      ASSERT_TRUE(backlog.push(upload(i % 2 ? "d-bb" : "d-aa", "m" + std::to_string(i))).has_value());
+      ASSERT_TRUE(
+          backlog.push(upload(i % 2 ? "d-bb" : "d-aa", "m" + std::to_string(i))).has_value());
     }
     backlog.pop("d-aa");  // m0 went upstream before the "crash"
   }
@@ -81,8 +82,7 @@ TEST(RelayBacklog, ARestartResumesTheSameOrder) {
   ASSERT_TRUE(again.load().has_value());
   EXPECT_EQ(again.stats().entries, 11);
   EXPECT_EQ(drain(again, "d-aa"), (std::vector<std::string>{"m2", "m4", "m6", "m8", "m10"}));
-  EXPECT_EQ(drain(again, "d-bb"),
-            (std::vector<std::string>{"m1", "m3", "m5", "m7", "m9", "m11"}));
+  EXPECT_EQ(drain(again, "d-bb"), (std::vector<std::string>{"m1", "m3", "m5", "m7", "m9", "m11"}));
   // New entries after a restart come after the old ones.
   ASSERT_TRUE(again.push(upload("d-aa", "after")).has_value());
   EXPECT_EQ(drain(again, "d-aa"), (std::vector<std::string>{"after"}));

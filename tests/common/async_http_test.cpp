@@ -157,7 +157,8 @@ TEST_F(AsyncHttpTest, TimeoutsAndRefusedConnectionsAreErrorsNamingTheServer) {
   client.submit(std::move(refused), answers.sink());
   const bool both = answers.wait_for(2);
   for (const auto& a : answers.got) {
-    if (!both) std::cerr << (a ? "answered " + std::to_string(a->status) : a.error().describe()) << "\n";
+    if (!both)
+      std::cerr << (a ? "answered " + std::to_string(a->status) : a.error().describe()) << "\n";
   }
   ASSERT_TRUE(both);
   int timed_out = 0, unreachable = 0;

@@ -12,9 +12,9 @@
 #include <spdlog/spdlog.h>
 
 #include "agent/sync/desired_sync.h"
-#include "common/http_client.h"
 #include "common/digest.h"
 #include "common/durable_file.h"
+#include "common/http_client.h"
 #include "common/units.h"
 
 namespace outpost::agent {

@@ -6,8 +6,8 @@
 #include <cinttypes>
 #include <cstdio>
 
-#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
+#include <nlohmann/json.hpp>
 
 #include "common/durable_file.h"
 

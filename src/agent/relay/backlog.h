@@ -19,9 +19,9 @@
 namespace outpost::agent::relay {
 
 struct BacklogEntry {
-  uint64_t id = 0;       // global order of arrival (set by push)
-  std::string device;    // the child's device id
-  std::string path;      // "/api/v1/device/status" or "/api/v1/device/telemetry"
+  uint64_t id = 0;     // global order of arrival (set by push)
+  std::string device;  // the child's device id
+  std::string path;    // "/api/v1/device/status" or "/api/v1/device/telemetry"
   std::string content_type;
   std::string content_encoding;  // "zstd" for telemetry, else empty
   std::string authorization;     // the child's own "Bearer ..." header, forwarded as sent

@@ -6,9 +6,9 @@
 #include <chrono>
 #include <cstdlib>
 
+#include <spdlog/spdlog.h>
 #include <boost/asio/post.hpp>
 #include <boost/asio/thread_pool.hpp>
-#include <spdlog/spdlog.h>
 
 #include "agent/activate/revisions.h"
 #include "agent/device_api.h"
@@ -205,10 +205,9 @@ Status Relay::start() {
         post_upload(std::move(req), std::move(r), true);
       },
       telemetry);
-  router_->add("GET", "/api/v1/artifacts/{digest}",
-               [this](http::Request&& req, http::Responder r) {
-                 get_artifact(std::move(req), std::move(r));
-               });
+  router_->add("GET", "/api/v1/artifacts/{digest}", [this](http::Request&& req, http::Responder r) {
+    get_artifact(std::move(req), std::move(r));
+  });
   router_->add("GET", "/healthz", [this](http::Request&&, http::Responder r) {
     std::lock_guard lock(mu_);
     r(http::Response::json(200, json{{"ok", true},
@@ -238,10 +237,11 @@ Status Relay::start() {
   for (const auto& d : missing) fetcher_->want(d);
   forwarder_ = std::thread([this] { forward_loop(); });
   const auto backlog = backlog_.stats();
-  spdlog::info("relay {} serving the device API on {}:{} for {} (upstream {}; {} cached desired "
-               "states, {} stored uploads)",
-               identity_.device_id, options_.listen.substr(0, options_.listen.rfind(':')), port(),
-               identity_.site, upstream_, desired_.size(), backlog.entries);
+  spdlog::info(
+      "relay {} serving the device API on {}:{} for {} (upstream {}; {} cached desired "
+      "states, {} stored uploads)",
+      identity_.device_id, options_.listen.substr(0, options_.listen.rfind(':')), port(),
+      identity_.site, upstream_, desired_.size(), backlog.entries);
   return {};
 }
 
@@ -305,7 +305,8 @@ void Relay::get_desired(http::Request&& req, Respond respond) {
   const std::string credential = bearer_of(req);
   const std::string device = device_of(credential);
   if (device.empty()) {
-    return respond(error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
+    return respond(
+        error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
   }
   seen(device);
   const std::string hash = sha256_hex(credential);
@@ -427,9 +428,9 @@ void Relay::answer_offline(const http::Request&, const std::string& hash, int64_
 }
 
 void Relay::store_desired(CachedDesired entry) {
-  json doc = {{"device", entry.device},         {"generation", entry.generation},
-              {"body", entry.body},             {"signature", entry.signature},
-              {"via", entry.via},               {"stored_at", wall_ms()}};
+  json doc = {{"device", entry.device}, {"generation", entry.generation},
+              {"body", entry.body},     {"signature", entry.signature},
+              {"via", entry.via},       {"stored_at", wall_ms()}};
   const std::string path = dir_ + "/desired/" + entry.credential_hash + ".json";
   if (auto written = write_file_durably(path, doc.dump(), 0600); !written) {
     spdlog::error("relay: caching the desired state of {}: {}", entry.device,
@@ -538,7 +539,8 @@ void Relay::forward_loop() {
       next_wake = link_retry_at;
     } else if (!up && backlog_.devices().empty()) {
       // Nothing to send: probe the link so held polls and the stats learn it is back.
-      auto probe = client.request("GET", "/healthz", {}, {}, HttpRequestOptions{.timeout_ms = 10'000});
+      auto probe =
+          client.request("GET", "/healthz", {}, {}, HttpRequestOptions{.timeout_ms = 10'000});
       if (probe && probe->status < 500) {
         set_upstream(true, "");
         link_backoff.reset();
@@ -570,10 +572,9 @@ void Relay::forward_loop() {
           opts.headers.emplace_back("Content-Encoding", (*entry)->content_encoding);
         }
         opts.timeout_ms = 30'000;
-        auto sent = client.request("POST", (*entry)->path, (*entry)->body,
-                                   (*entry)->content_type.empty() ? "application/json"
-                                                                  : (*entry)->content_type,
-                                   opts);
+        auto sent = client.request(
+            "POST", (*entry)->path, (*entry)->body,
+            (*entry)->content_type.empty() ? "application/json" : (*entry)->content_type, opts);
         worked = true;
         switch (upload_delivery(sent)) {
           case Delivery::kDelivered:
@@ -596,7 +597,8 @@ void Relay::forward_loop() {
                                        : sent.error().message);
               link_retry_at = wall_ms() + link_backoff.next_ms();
             } else {  // this device's credential or rate: only it waits
-              auto& slot = device_backoff.try_emplace(device, 0, Backoff(2'000, 60'000)).first->second;
+              auto& slot =
+                  device_backoff.try_emplace(device, 0, Backoff(2'000, 60'000)).first->second;
               slot.first = wall_ms() + slot.second.next_ms();
             }
             break;
@@ -654,14 +656,15 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
   const std::string credential = bearer_of(req);
   const std::string device = device_of(credential);
   if (device.empty()) {
-    return respond(error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
+    return respond(
+        error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
   }
   seen(device);
   if (!blob_allowed(sha256_hex(credential), digest)) {
-    return respond(error_response(
-        Errc::kPermissionDenied,
-        "relay " + identity_.device_id + " serves " + digest +
-            " only to devices whose desired state (as relayed) references it"));
+    return respond(
+        error_response(Errc::kPermissionDenied,
+                       "relay " + identity_.device_id + " serves " + digest +
+                           " only to devices whose desired state (as relayed) references it"));
   }
   if (cache_.has(digest)) {
     ++cache_hits_;
@@ -684,13 +687,12 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
     std::string detail = "not started";
     if (progress) {
       detail = std::to_string(progress->have_bytes) + " of " +
-               (progress->total_bytes > 0 ? std::to_string(progress->total_bytes) : "?") +
-               " bytes";
+               (progress->total_bytes > 0 ? std::to_string(progress->total_bytes) : "?") + " bytes";
       if (!progress->last_error.empty()) detail += "; last error: " + progress->last_error;
     }
-    http::Response busy = error_response(
-        Errc::kUnavailable, "relay " + identity_.device_id + " is still fetching " + digest +
-                                " from upstream (" + detail + "); retry");
+    http::Response busy =
+        error_response(Errc::kUnavailable, "relay " + identity_.device_id + " is still fetching " +
+                                               digest + " from upstream (" + detail + "); retry");
     busy.headers.emplace_back("Retry-After", "5");
     waiter->respond(std::move(busy));
   });
@@ -708,8 +710,9 @@ void Relay::on_fetch_change() {
       } else {
         // Drop waiters that already timed out.
         auto& list = it->second;
-        list.erase(std::remove_if(list.begin(), list.end(), [](const auto& w) { return w->done.load(); }),
-                   list.end());
+        list.erase(
+            std::remove_if(list.begin(), list.end(), [](const auto& w) { return w->done.load(); }),
+            list.end());
         it = list.empty() ? waiting_.erase(it) : std::next(it);
       }
     }
@@ -728,7 +731,8 @@ void Relay::evict() {
   std::vector<std::pair<int64_t, std::string>> candidates;
   {
     std::lock_guard lock(mu_);
-    for (const auto& [hash, entry] : desired_) needed.insert(entry.digests.begin(), entry.digests.end());
+    for (const auto& [hash, entry] : desired_)
+      needed.insert(entry.digests.begin(), entry.digests.end());
     for (const auto& [digest, list] : waiting_) needed.insert(digest);
     for (const auto& digest : cache_.list()) {
       if (needed.count(digest) != 0) continue;
@@ -766,7 +770,8 @@ void Relay::enroll(http::Request&& req, Respond respond) {
   forward.body = std::move(req.body);
   forward.headers = {{"Content-Type", "application/json"}, {"X-Outpost-Via", outgoing_via(req)}};
   forward.timeout_ms = 30'000;
-  up_->submit(std::move(forward), [this, respond = std::move(respond)](Result<HttpResponse> answer) {
+  up_->submit(std::move(forward), [this,
+                                   respond = std::move(respond)](Result<HttpResponse> answer) {
     if (stopping_) {
       return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
     }
@@ -807,7 +812,8 @@ json Relay::stats() const {
   const auto backlog = backlog_.stats();
   const auto blobs = cache_.list();
   const auto wanted = fetcher_->wanted();
-  out["listen"] = options_.listen.substr(0, options_.listen.rfind(':')) + ":" + std::to_string(port());
+  out["listen"] =
+      options_.listen.substr(0, options_.listen.rfind(':')) + ":" + std::to_string(port());
   out["children"] = {{"count", present}, {"ids", children}};
   out["cache"] = {{"blobs", blobs.size()},
                   {"bytes", cache_.used_bytes()},

@@ -51,12 +51,12 @@ struct Response;
 namespace outpost::agent::relay {
 
 struct RelayOptions {
-  std::string listen = "0.0.0.0:7400";          // where the children reach the device API
-  int64_t cache_budget_bytes = 10LL << 30;      // artifact cache
-  int64_t backlog_limit_bytes = 256LL << 20;    // stored uploads while upstream is slow/down
+  std::string listen = "0.0.0.0:7400";        // where the children reach the device API
+  int64_t cache_budget_bytes = 10LL << 30;    // artifact cache
+  int64_t backlog_limit_bytes = 256LL << 20;  // stored uploads while upstream is slow/down
   int io_threads = 2;
-  int64_t artifact_wait_ms = 25'000;  // a child waits this long for a blob being fetched
-  int64_t offline_hold_ms = 30'000;   // a poll is held this long while the upstream is down
+  int64_t artifact_wait_ms = 25'000;     // a child waits this long for a blob being fetched
+  int64_t offline_hold_ms = 30'000;      // a poll is held this long while the upstream is down
   int64_t child_window_ms = 5 * 60'000;  // a child counts as present when seen this recently
   FetchOptions fetch;                    // the cache's downloads (rate cap, parallelism)
 };
@@ -119,7 +119,7 @@ class Relay {
   std::unique_ptr<http::HttpServer> http_;
   std::unique_ptr<boost::asio::thread_pool> workers_;  // disk work off the I/O threads
 
-  mutable std::mutex mu_;  // guards everything below up to the counters
+  mutable std::mutex mu_;                         // guards everything below up to the counters
   std::map<std::string, CachedDesired> desired_;  // by credential hash
   std::map<std::string, int64_t> children_;       // device id -> last seen (ms)
   std::map<std::string, int64_t> last_access_;    // digest -> last served (ms)

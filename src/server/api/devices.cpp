@@ -43,8 +43,8 @@ nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
     }
   }
   nlohmann::json status = parse_object_or_empty(d.status_json);
-  nlohmann::json via = status.contains("via") && status["via"].is_array() ? status["via"]
-                                                                          : nlohmann::json::array();
+  nlohmann::json via =
+      status.contains("via") && status["via"].is_array() ? status["via"] : nlohmann::json::array();
   return {{"id", d.id},
           {"via", via},
           {"relay", status.contains("relay") && status["relay"].is_object()},
