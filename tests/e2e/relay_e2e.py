@@ -34,6 +34,8 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                2K more inferences per device, and each status log has strictly increasing seqs.
   relay-enroll With the upstream cut, enrolling through the relay fails fast, saying the relay
                cannot reach the control plane; after restore the same command enrolls.
+  relay-evict  On loopback: a relay with a 2K cache and four model versions evicts the blobs no
+               child needs, least recently served first, and keeps the running one.
   relay-chain  On loopback: device -> relay3 -> relay2 -> relay1 -> server; the device converges
                and `device list` shows via=[relay3, relay2, relay1].
 
@@ -614,6 +616,7 @@ class Agent:
     def argv(self, server=None, token=None, relay_listen=None):
         argv = [self.world.binary("outpost-agent"), "--data", self.data, "--listen",
                 "127.0.0.1:0", "--telemetry-interval", "1s", "--status-period", "2s"]
+        argv += getattr(self, "extra_args", [])
         if server:
             argv += ["--server", server, "--enroll-token", token]
         if relay_listen:
@@ -1279,6 +1282,46 @@ def scenario_relay_chain(w):
         return f"device {dev.id} converged through 3 relays; via={via}"
 
 
+def scenario_relay_evict(w):
+    """A cache budget of 2K and a model of ~760 bytes: each new version leaves the previous
+    blob unneeded, and the relay evicts the least recently served of those, never one a child's
+    desired state references."""
+    server = w.loop_server()
+    token = server.enroll_token("evict", 2)
+    agents = []
+    with Stopping(agents):
+        relay = Agent(w, "evict-relay")
+        relay.extra_args = ["--relay-cache", "2K"]
+        agents.append(relay)
+        relay.start(server.url, token, relay_listen="127.0.0.1:0")
+        dev = Agent(w, "evict-dev")
+        agents.append(dev)
+        cache_dir = os.path.join(relay.data, "relay", "artifacts", "sha256")
+        digests = []
+        for rev, seed in ((1, 51), (2, 52), (3, 53), (4, 54)):
+            server.model("evict-m", f"{rev}.0.0", seed)
+            server.deploy("evict", "evict", "evict-m", f"{rev}.0.0")
+            if rev == 1:
+                dev.start(relay.relay_url, token)
+            dev.wait_running("evict", rev)
+            dev.infer("evict")
+            digests.append(sorted(os.listdir(cache_dir)))
+        stats = relay.status()["relay"]["cache"]
+        if stats["evictions"] < 2:
+            raise Failure(f"expected at least 2 evictions after 4 versions, relay says {stats}")
+        if stats["bytes"] > 2048:
+            raise Failure(f"cache holds {stats['bytes']} bytes, over its 2K budget: {stats}")
+        first = set(digests[0])
+        left = set(os.listdir(cache_dir))
+        if first & left:
+            raise Failure(f"the oldest blob {first & left} is still cached: {sorted(left)}")
+        newest = set(digests[3]) - set(digests[2])
+        if not newest <= left:
+            raise Failure(f"the running version's blob {newest} was evicted: {sorted(left)}")
+        return (f"4 versions through a 2K cache: {stats['evictions']} evictions, "
+                f"{stats['bytes']} bytes, {stats['blobs']} blobs kept; the running one kept")
+
+
 SCENARIOS = [
     # name, function, needs the namespaces
     ("netns", scenario_netns, True),
@@ -1289,6 +1332,7 @@ SCENARIOS = [
     ("relay-cut", scenario_relay_cut, True),
     ("relay-enroll", scenario_relay_enroll, True),
     ("relay-chain", scenario_relay_chain, False),
+    ("relay-evict", scenario_relay_evict, False),
 ]
 GROUPS = {"all": [s[0] for s in SCENARIOS],
           "relay": [s[0] for s in SCENARIOS if s[0].startswith("relay")]}

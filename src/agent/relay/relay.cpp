@@ -128,7 +128,9 @@ Relay::Relay(RelayOptions options, std::string data_dir, Identity identity)
   while (!upstream_.empty() && upstream_.back() == '/') upstream_.pop_back();
   own_credential_hash_ = sha256_hex(identity_.credential);
   FetchOptions fetch = options_.fetch;
-  fetch.disk_budget_bytes = options_.cache_budget_bytes;
+  // The budget is the relay's to keep (evict() after each fill and before each fetch): the
+  // fetcher's own check would refuse a blob the cache could make room for.
+  fetch.disk_budget_bytes = 0;
   fetcher_ = std::make_unique<Fetcher>(cache_, identity_, fetch, [this] { on_fetch_change(); });
 }
 
@@ -700,6 +702,7 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
 }
 
 void Relay::on_fetch_change() {
+  evict();  // a fill may have taken the cache past its budget
   std::vector<std::pair<std::string, std::shared_ptr<BlobWaiter>>> ready;
   {
     std::lock_guard lock(mu_);
@@ -726,7 +729,7 @@ void Relay::on_fetch_change() {
 void Relay::evict() {
   const int64_t budget = options_.cache_budget_bytes;
   int64_t used = cache_.used_bytes();
-  if (budget <= 0 || used <= budget * 9 / 10) return;
+  if (budget <= 0 || used <= budget) return;
   std::set<std::string> needed;
   std::vector<std::pair<int64_t, std::string>> candidates;
   {
@@ -747,7 +750,7 @@ void Relay::evict() {
   }
   std::sort(candidates.begin(), candidates.end());  // least recently served first
   for (const auto& [at, digest] : candidates) {
-    if (used <= budget * 9 / 10) break;
+    if (used <= budget) break;
     struct stat st {};
     const int64_t size =
         ::stat(cache_.path(digest).c_str(), &st) == 0 ? static_cast<int64_t>(st.st_size) : 0;
