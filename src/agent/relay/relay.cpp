@@ -301,16 +301,24 @@ void Relay::set_upstream(bool up, const std::string& error) {
   forward_cv_.notify_all();
 }
 
+std::optional<std::pair<std::string, std::string>> Relay::child_of(const http::Request& req,
+                                                                   const Respond& respond) {
+  std::string credential = bearer_of(req);
+  std::string device = device_of(credential);
+  if (device.empty()) {
+    respond(error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
+    return std::nullopt;
+  }
+  seen(device);
+  return std::pair(std::move(credential), std::move(device));
+}
+
 // --- Desired states ---------------------------------------------------------------------
 
 void Relay::get_desired(http::Request&& req, Respond respond) {
-  const std::string credential = bearer_of(req);
-  const std::string device = device_of(credential);
-  if (device.empty()) {
-    return respond(
-        error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
-  }
-  seen(device);
+  auto caller = child_of(req, respond);
+  if (!caller) return;
+  const auto& [credential, device] = *caller;
   const std::string hash = sha256_hex(credential);
   const int64_t known = query_int(req, "generation", 0);
   const int64_t wait_s = std::clamp<int64_t>(query_int(req, "wait", 55), 0, 600);
@@ -468,13 +476,9 @@ void Relay::store_desired(CachedDesired entry) {
 void Relay::post_upload(http::Request&& req, Respond respond, bool telemetry) {
   boost::asio::post(*workers_, [this, req = std::move(req), respond = std::move(respond),
                                 telemetry]() {
-    const std::string credential = bearer_of(req);
-    const std::string device = device_of(credential);
-    if (device.empty()) {
-      return respond(
-          error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
-    }
-    seen(device);
+    auto caller = child_of(req, respond);
+    if (!caller) return;
+    const auto& [credential, device] = *caller;
     json answer;
     if (telemetry) {
       if (req.header("content-encoding") != "zstd") {
@@ -655,13 +659,9 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
     return respond(error_response(Errc::kInvalidArgument,
                                   "digest: expected sha256:<64 lowercase hex digits>"));
   }
-  const std::string credential = bearer_of(req);
-  const std::string device = device_of(credential);
-  if (device.empty()) {
-    return respond(
-        error_response(Errc::kUnauthenticated, "missing or malformed device credential"));
-  }
-  seen(device);
+  auto caller = child_of(req, respond);
+  if (!caller) return;
+  const auto& [credential, device] = *caller;
   if (!blob_allowed(sha256_hex(credential), digest)) {
     return respond(
         error_response(Errc::kPermissionDenied,

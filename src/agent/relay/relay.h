@@ -104,6 +104,10 @@ class Relay {
   void set_upstream(bool up, const std::string& error);
   std::string outgoing_via(const http::Request& req) const;
   void seen(const std::string& device);
+  // The child's credential and device id (and it counts as seen), or nullopt once it was
+  // answered 401.
+  std::optional<std::pair<std::string, std::string>> child_of(
+      const http::Request& req, const std::function<void(http::Response)>& respond);
   bool blob_allowed(const std::string& credential_hash, const std::string& digest) const;
 
   RelayOptions options_;
