@@ -88,6 +88,12 @@ size_t AsyncHttpClient::in_flight() const {
 }
 
 void AsyncHttpClient::finish(Transfer& transfer, Result<HttpResponse> result) {
+  {
+    // Counted down before the answer is handed on, so a caller woken by it never sees its
+    // own request still in flight.
+    std::lock_guard lock(mu_);
+    --active_count_;
+  }
   if (transfer.done) {
     Done done = std::move(transfer.done);
     transfer.done = nullptr;
@@ -106,6 +112,7 @@ void AsyncHttpClient::loop() {
     {
       std::lock_guard lock(mu_);
       incoming.swap(incoming_);
+      active_count_ += incoming.size();
       cancels.swap(cancels_);
       stopping = stopping_;
       const int64_t now = steady_ms();
@@ -194,10 +201,6 @@ void AsyncHttpClient::loop() {
       transfer->response.status = status;
       HttpResponse response = std::move(transfer->response);
       finish(*transfer, std::move(response));
-    }
-    {
-      std::lock_guard lock(mu_);
-      active_count_ = active_.size();
     }
     // Sleep until a socket is ready, a timer is due or another thread wakes us (at most 1 s).
     int wait_ms = 1000;

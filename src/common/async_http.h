@@ -64,7 +64,7 @@ class AsyncHttpClient {
   uint64_t next_id_ = 1;
   // Owned by the loop thread.
   std::map<uint64_t, std::unique_ptr<Transfer>> active_;
-  size_t active_count_ = 0;  // mirror of active_.size() for in_flight(), guarded by mu_
+  size_t active_count_ = 0;  // taken from incoming_, not yet answered; guarded by mu_
   std::thread thread_;
 };
 
