@@ -58,6 +58,7 @@ struct Device {
   std::string schedule_json =
       "{}";  // scheduler's per-deployment outcome incl. unschedulable reasons
   bool cordoned = false;
+  int64_t revoked_at = 0;  // when `device revoke` refused its credential (0 = not revoked)
 };
 
 // One status report as a device sent it (see record_device_status).
@@ -376,6 +377,8 @@ class Store {
   [[nodiscard]] virtual Result<int64_t> touch_devices(
       const std::vector<std::pair<std::string, int64_t>>& seen) = 0;
   [[nodiscard]] virtual Status set_device_cordoned(const std::string& id, bool cordoned) = 0;
+  // Marks the device revoked at `revoked_at` (ms; 0 clears it). kNotFound for an unknown id.
+  [[nodiscard]] virtual Status set_device_revoked(const std::string& id, int64_t revoked_at) = 0;
 
   // Artifacts (metadata only; blobs live on disk).
   // Inserts when new; returns false when the digest already existed (dedupe).

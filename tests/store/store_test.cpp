@@ -541,11 +541,17 @@ TEST_P(StoreTest, RecordsStatusLastSeenAndCordon) {
   dev = store_->get_device("cam-01");
   ASSERT_OK(dev);
   EXPECT_FALSE((*dev)->cordoned);
+  EXPECT_EQ((*dev)->revoked_at, 0);
+
+  ASSERT_OK(store_->set_device_revoked("cam-01", 9000));
+  dev = store_->get_device("cam-01");
+  ASSERT_OK(dev);
+  EXPECT_EQ((*dev)->revoked_at, 9000);
 
   for (const Status& status :
        {as_status(store_->record_device_status("ghost", 1, "{}", 1, 10)),
         store_->touch_device("ghost", 1), store_->set_device_cordoned("ghost", true),
-        store_->update_device_facts("ghost", "{}")}) {
+        store_->set_device_revoked("ghost", 1), store_->update_device_facts("ghost", "{}")}) {
     ASSERT_FALSE(status);
     EXPECT_EQ(status.error().code, Errc::kNotFound);
     EXPECT_EQ(status.error().message, "device ghost not found");

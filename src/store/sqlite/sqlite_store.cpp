@@ -381,7 +381,8 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
   "id, token_hash, site, labels_json, uses_left, expires_at, created_at, created_by"
 #define OUTPOST_DEVICE_COLUMNS                                                               \
   "id, site, labels_json, facts_json, public_key, credential_hash, enrolled_at, last_seen, " \
-  "generation, desired_json, desired_hash, status_json, status_at, schedule_json, cordoned"
+  "generation, desired_json, desired_hash, status_json, status_at, schedule_json, cordoned, " \
+  "revoked_at"
 #define OUTPOST_ARTIFACT_COLUMNS "digest, size, media_type, created_at"
 #define OUTPOST_DEPLOYMENT_COLUMNS \
   "name, revision, manifest_json, spec_hash, created_at, updated_at, stable_revision"
@@ -433,6 +434,7 @@ Result<Device> read_device(const Statement& s) {
       .status_at = s.int64(12),
       .schedule_json = s.text(13),
       .cordoned = s.int64(14) != 0,
+      .revoked_at = s.int64(15),
   };
   auto labels = labels_from_json(s.text(2), "device " + device.id);
   if (!labels) {
@@ -574,6 +576,7 @@ class SqliteStore final : public Store {
   Status touch_device(const std::string& id, int64_t now_ms) override;
   Result<int64_t> touch_devices(const std::vector<std::pair<std::string, int64_t>>& seen) override;
   Status set_device_cordoned(const std::string& id, bool cordoned) override;
+  Status set_device_revoked(const std::string& id, int64_t revoked_at) override;
   Result<bool> put_artifact(const Artifact& artifact) override;
   Result<std::optional<Artifact>> get_artifact(const std::string& digest) override;
   Result<std::vector<Artifact>> list_artifacts() override;
@@ -898,7 +901,7 @@ Result<EnrollmentToken> SqliteStore::enroll_device(const std::string& token_hash
     }
     {
       auto stmt = conn_.prepare("INSERT INTO devices (" OUTPOST_DEVICE_COLUMNS
-                                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                                ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
       if (!stmt) {
         return make_error(std::move(stmt).error());
       }
@@ -906,7 +909,8 @@ Result<EnrollmentToken> SqliteStore::enroll_device(const std::string& token_hash
           stmt->bind(device.id, device.site, *labels, device.facts_json, device.public_key,
                      device.credential_hash, device.enrolled_at, device.last_seen,
                      device.generation, device.desired_json, device.desired_hash,
-                     device.status_json, device.status_at, device.schedule_json, device.cordoned)
+                     device.status_json, device.status_at, device.schedule_json, device.cordoned,
+                     device.revoked_at)
               .run();
       if (!inserted && inserted.error().code == Errc::kAlreadyExists) {
         return make_error(Errc::kAlreadyExists, "device " + device.id + " already exists", "id");
@@ -1202,6 +1206,17 @@ Status SqliteStore::set_device_cordoned(const std::string& id, bool cordoned) {
       return make_error(std::move(stmt).error());
     }
     OUTPOST_TRY(stmt->bind(cordoned, id).run());
+    return expect_changed("device " + id);
+  });
+}
+
+Status SqliteStore::set_device_revoked(const std::string& id, int64_t revoked_at) {
+  return locked("revoking device", id, [&]() -> Status {
+    auto stmt = conn_.prepare("UPDATE devices SET revoked_at = ? WHERE id = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(revoked_at, id).run());
     return expect_changed("device " + id);
   });
 }
