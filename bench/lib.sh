@@ -25,7 +25,8 @@ stop_pid() {
 # OUTPOST_TOKEN for the CLI.
 launch_server() {
   local dir=$1
-  "$server_bin" server --listen 127.0.0.1:0 --data "$dir/server" >"$dir/server.log" 2>&1 &
+  "$server_bin" server --listen 127.0.0.1:0 --data "$dir/server" --insecure-http \
+    >"$dir/server.log" 2>&1 &
   server_pid=$!
   url=""
   for _ in $(seq 1 100); do

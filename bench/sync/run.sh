@@ -58,7 +58,8 @@ trap 'exit 130' INT TERM
 start_server() {
   local data=$1
   # shellcheck disable=SC2086  # SERVER_ARGS is a list of flags
-  "$run_server_bin" server --listen 127.0.0.1:0 --data "$data" $SERVER_ARGS >"$data.log" 2>&1 &
+  "$run_server_bin" server --listen 127.0.0.1:0 --data "$data" --insecure-http $SERVER_ARGS \
+    >"$data.log" 2>&1 &
   server_pid=$!
   server_url=""
   for _ in $(seq 1 100); do

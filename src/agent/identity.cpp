@@ -6,6 +6,7 @@
 #include "common/crypto.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
+#include "common/tls_certs.h"
 
 namespace outpost::agent {
 namespace {
@@ -73,19 +74,71 @@ Result<Identity> load_identity(const std::string& data_dir) {
   if (id.server.empty() || id.device_id.empty() || id.credential.empty()) {
     return bad("server, device_id and credential must not be empty");
   }
+  auto key = load_or_make_key(data_dir);
+  if (!key) return make_error(key.error());
+  id.signer = std::make_shared<reqsig::Signer>(id.device_id, key->secret_key);
   return id;
 }
+
+namespace {
+
+// Fetches the server's CA without trusting the connection, keeps it only when it matches the
+// pin the operator handed out with the token, and returns where it was written.
+Result<std::string> fetch_pinned_ca(const std::string& data_dir, const EnrollRequest& request) {
+  if (request.ca_pin.rfind("sha256:", 0) != 0 || request.ca_pin.size() != 7 + 64) {
+    return make_error(Errc::kInvalidArgument,
+                      "--ca-pin: expected sha256:<64 hex> as `outpost token create` prints it, "
+                      "got \"" +
+                          request.ca_pin + "\"",
+                      "ca-pin");
+  }
+  HttpClient client(request.server, "");
+  HttpRequestOptions options;
+  options.insecure_skip_verify = true;  // what it answers is checked against the pin below
+  auto answer = client.request("GET", "/api/v1/device/ca", {}, {}, options);
+  if (!answer) return make_error(answer.error().with_context("fetching the server's CA"));
+  if (answer->status != 200) {
+    return make_error(error_from_response(*answer).with_context("fetching the server's CA"));
+  }
+  auto fingerprint = tls::cert_fingerprint(answer->body);
+  if (!fingerprint) {
+    return make_error(
+        fingerprint.error().with_context("the CA the server at " + request.server + " handed out"));
+  }
+  if (*fingerprint != request.ca_pin) {
+    return make_error(Errc::kPermissionDenied,
+                      "the CA the server at " + request.server + " handed out is " + *fingerprint +
+                          ", not the pinned " + request.ca_pin +
+                          ": refusing to enroll (wrong server, or someone in between)",
+                      "ca-pin");
+  }
+  const std::string path = data_dir + "/ca.pem";
+  OUTPOST_TRY(write_file_durably(path, answer->body, 0644));
+  return path;
+}
+
+}  // namespace
 
 Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& request) {
   OUTPOST_TRY(make_dirs(data_dir, 0700));
   auto key = load_or_make_key(data_dir);
   if (!key) return make_error(key.error());
-  HttpClient client(request.server, "", request.ca_file);
+  EnrollRequest pinned = request;
+  if (!request.ca_pin.empty()) {
+    if (!request.ca_file.empty()) {
+      return make_error(Errc::kInvalidArgument, "give --ca-file or --ca-pin, not both", "ca-pin");
+    }
+    auto ca = fetch_pinned_ca(data_dir, request);
+    if (!ca) return make_error(ca.error());
+    pinned.ca_file = *ca;
+  }
+  HttpClient client(pinned.server, "", pinned.ca_file);
   auto id =
-      enroll_answer(send(client, enroll_request(request, crypto::base64_encode(key->public_key))),
-                    request, client.base_url());
+      enroll_answer(send(client, enroll_request(pinned, crypto::base64_encode(key->public_key))),
+                    pinned, client.base_url());
   if (!id) return make_error(id.error());
   OUTPOST_TRY(save_identity(data_dir, *id));
+  id->signer = std::make_shared<reqsig::Signer>(id->device_id, key->secret_key);
   return id;
 }
 

@@ -3,11 +3,13 @@
 #pragma once
 
 #include <map>
+#include <memory>
 #include <string>
 
 #include <nlohmann/json.hpp>
 
 #include "common/error.h"
+#include "common/request_signature.h"
 
 namespace outpost::agent {
 
@@ -19,6 +21,9 @@ struct Identity {
   std::string site;
   std::map<std::string, std::string> labels;
   std::string ca_file;  // PEM bundle to trust for HTTPS (empty = system CAs)
+  // Signs every request with the device key (DIR/device.key); shared by the agent's clients
+  // so they share the learnt offset to the server's clock.
+  std::shared_ptr<reqsig::Signer> signer;
 };
 
 struct EnrollRequest {
@@ -28,6 +33,9 @@ struct EnrollRequest {
   std::map<std::string, std::string> labels;
   nlohmann::json facts = nlohmann::json::object();
   std::string ca_file;
+  // "sha256:<hex>" from `outpost token create`: the CA is fetched from the server, checked
+  // against the pin, and kept as DIR/ca.pem (then used like ca_file).
+  std::string ca_pin;
 };
 
 // DIR/identity.json (0600) and DIR/device.key (0600). kNotFound when not enrolled yet.

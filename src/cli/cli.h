@@ -15,8 +15,9 @@
 namespace outpost::cli {
 
 struct GlobalOptions {
-  std::string server;  // --server, else OUTPOST_SERVER, else config, else http://127.0.0.1:7400
-  std::string token;   // --token, else OUTPOST_TOKEN, else config
+  std::string server;   // --server, else OUTPOST_SERVER, else config, else https://127.0.0.1:7400
+  std::string token;    // --token, else OUTPOST_TOKEN, else config
+  std::string ca_file;  // --ca-file, else OUTPOST_CA_FILE, else config (HTTPS servers)
   std::string output = "table";  // table | json
 };
 
@@ -29,6 +30,7 @@ class Session {
   // The resolved server URL and token (flags, then environment, then the config file).
   std::string server() const;
   std::string token() const;
+  std::string ca_file() const;
 
   // Calls the API; non-2xx statuses become Errors carrying the server's message and field.
   [[nodiscard]] Result<nlohmann::json> call(const std::string& method, const std::string& path,

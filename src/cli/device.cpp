@@ -1,4 +1,4 @@
-// `outpost device list|show|cordon|uncordon`.
+// `outpost device list|show|cordon|uncordon|revoke`.
 #include <iostream>
 #include <map>
 
@@ -89,6 +89,7 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
     size_t online = 0;
     for (const auto& d : (*result)["devices"]) {
       std::string notes;
+      if (d.value("revoked_at", int64_t{0}) > 0) notes += "REVOKED ";
       if (d.value("cordoned", false)) notes += "cordoned ";
       if (d.value("relay", false)) notes += "relay ";
       // The relay the device's reports come through (the one nearest to it); "-" for direct.
@@ -143,6 +144,10 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
               << "Generation:  " << d["generation"] << " (device reports "
               << d["reported_generation"] << ")\n"
               << "Facts:       " << d["facts"].dump() << "\n";
+    if (d.value("revoked_at", int64_t{0}) > 0) {
+      std::cout << "Revoked:     " << format_iso8601(d["revoked_at"].get<int64_t>())
+                << " (every call is refused)\n";
+    }
     print_topology(d);
     std::cout << "Deployments:\n";
     const auto& schedule = d["schedule"].value("deployments", nlohmann::json::object());
@@ -246,6 +251,25 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
       if (result) std::cout << "device " << *target << " " << v << "ed\n";
     });
   }
+
+  auto revoke_id = std::make_shared<std::string>();
+  auto* revoke = device->add_subcommand(
+      "revoke", "Refuse a device's credential from now on (a lost, stolen or retired device)");
+  revoke->add_option("ID", *revoke_id, "Device id")->required();
+  revoke->footer(
+      "The device's next call is refused (its held long-poll too), whatever key or credential\n"
+      "it presents; the device keeps running what it has, offline. Its history stays. To bring\n"
+      "it back, wipe its data directory and enroll it again with a new token.\n"
+      "Example: outpost device revoke d-1a2b3c4d");
+  revoke->callback([&options, &exit_code, revoke_id] {
+    Session session(options);
+    auto result =
+        session.perform("POST", "/api/v1/devices/" + url_encode(*revoke_id) + "/revoke", exit_code);
+    if (result) {
+      std::cout << "device " << *revoke_id << " revoked at "
+                << format_iso8601((*result)["revoked_at"].get<int64_t>()) << "\n";
+    }
+  });
 }
 
 }  // namespace outpost::cli

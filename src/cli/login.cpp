@@ -30,6 +30,7 @@ void add_login_command(CLI::App& app, GlobalOptions& options, int& exit_code) {
     std::string path = config_path();
     auto dir = path.substr(0, path.rfind('/'));
     nlohmann::json config = {{"server", session.server()}, {"token", session.token()}};
+    if (!session.ca_file().empty()) config["ca_file"] = session.ca_file();
     auto saved = make_dirs(dir, 0700);
     if (saved) saved = write_file_durably(path, config.dump(2) + "\n", 0600);
     if (!saved) {

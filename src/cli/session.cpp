@@ -36,7 +36,7 @@ std::string Session::server() const {
   if (auto e = env("OUTPOST_SERVER"); !e.empty()) return e;
   auto config = read_config();
   if (config.contains("server") && config["server"].is_string()) return config["server"];
-  return "http://127.0.0.1:7400";
+  return "https://127.0.0.1:7400";
 }
 
 std::string Session::token() const {
@@ -44,6 +44,14 @@ std::string Session::token() const {
   if (auto e = env("OUTPOST_TOKEN"); !e.empty()) return e;
   auto config = read_config();
   if (config.contains("token") && config["token"].is_string()) return config["token"];
+  return "";
+}
+
+std::string Session::ca_file() const {
+  if (!options_.ca_file.empty()) return options_.ca_file;
+  if (auto e = env("OUTPOST_CA_FILE"); !e.empty()) return e;
+  auto config = read_config();
+  if (config.contains("ca_file") && config["ca_file"].is_string()) return config["ca_file"];
   return "";
 }
 
@@ -64,12 +72,12 @@ Result<nlohmann::json> decode(const Result<HttpResponse>& response) {
 
 Result<nlohmann::json> Session::call(const std::string& method, const std::string& path,
                                      const std::string& body, const std::string& content_type) {
-  HttpClient client(server(), token());
+  HttpClient client(server(), token(), ca_file());
   return decode(client.request(method, path, body, content_type));
 }
 
 Result<nlohmann::json> Session::upload(const std::string& path, const std::string& file) {
-  HttpClient client(server(), token());
+  HttpClient client(server(), token(), ca_file());
   HttpRequestOptions options;
   options.upload_file = file;
   options.timeout_ms = 24LL * 3600 * 1000;

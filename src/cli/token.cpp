@@ -62,7 +62,15 @@ void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
                         ? ""
                         : ", expires " + format_iso8601(result->at("expires_at").get<int64_t>()))
                 << "\nenroll a device: outpost-agent --server " << session.server()
-                << " --enroll-token <token> --data /var/lib/outpost\n";
+                << " --enroll-token <token>"
+                << (result->contains("ca_pin")
+                        ? " --ca-pin " + (*result)["ca_pin"].get<std::string>()
+                        : std::string())
+                << " --data /var/lib/outpost\n";
+      if (result->contains("ca_pin")) {
+        std::cerr << "CA pin: " << (*result)["ca_pin"].get<std::string>()
+                  << " (the device checks the server's CA against it before it sends the token)\n";
+      }
     }
   });
 

@@ -189,11 +189,7 @@ void AsyncHttpClient::loop() {
       auto transfer = std::move(it->second);
       active_.erase(it);
       if (rc != CURLE_OK) {
-        finish(*transfer,
-               make_error(
-                   rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable,
-                   "cannot reach the server at " + server_of(transfer->request.url) + ": " +
-                       curl_easy_strerror(rc)));
+        finish(*transfer, make_error(transport_error(rc, server_of(transfer->request.url))));
         continue;
       }
       long status = 0;

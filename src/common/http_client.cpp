@@ -143,7 +143,17 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   headers = curl_slist_append(headers, "Expect:");  // no 1 s wait for 100-continue
   for (const auto& [k, v] : options.headers)
     headers = curl_slist_append(headers, (k + ": " + v).c_str());
+  if (signer_) {
+    auto [name, value] = signer_->header(method, path, body);
+    headers = curl_slist_append(headers, (name + ": " + value).c_str());
+  }
   curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
+  if (options.insecure_skip_verify) {
+    curl_easy_setopt(curl, CURLOPT_SSL_VERIFYPEER, 0L);
+    curl_easy_setopt(curl, CURLOPT_SSL_VERIFYHOST, 0L);
+  }
+  char error_buffer[CURL_ERROR_SIZE] = {};
+  curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, error_buffer);
 
   FILE* upload = nullptr;
   ProgressContext progress{&options.on_progress, options.cancel};
@@ -182,12 +192,30 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   if (rc == CURLE_ABORTED_BY_CALLBACK) {
     return make_error(Errc::kUnavailable, "request to " + base_url_ + " cancelled");
   }
-  if (rc != CURLE_OK) {
-    return make_error(rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable,
-                      "cannot reach the server at " + base_url_ + ": " + curl_easy_strerror(rc));
-  }
+  if (rc != CURLE_OK) return make_error(transport_error(rc, base_url_, error_buffer));
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);
+  if (signer_) {
+    if (auto date = response.headers.find("date"); date != response.headers.end()) {
+      signer_->observe_date(date->second);
+    }
+  }
   return response;
+}
+
+Error transport_error(int curl_code, const std::string& server, const char* detail) {
+  const auto rc = static_cast<CURLcode>(curl_code);
+  std::string message = "cannot reach the server at " + server + ": " + curl_easy_strerror(rc);
+  if (detail != nullptr && *detail != '\0') message += std::string(" (") + detail + ")";
+  if (rc == CURLE_PEER_FAILED_VERIFICATION || rc == CURLE_SSL_CACERT_BADFILE) {
+    message +=
+        "; the server's certificate is not trusted: give the CA that issued it with --ca-file "
+        "(an outpost server's development CA is DATA/tls/ca.pem; agents can use --ca-pin from "
+        "`outpost token create` instead)";
+  } else if (rc == CURLE_SSL_CONNECT_ERROR && server.rfind("https://", 0) == 0) {
+    message += "; is the server speaking plain HTTP? Then use an http:// URL";
+  }
+  return Error{
+      rc == CURLE_OPERATION_TIMEDOUT ? Errc::kDeadlineExceeded : Errc::kUnavailable, message, {}};
 }
 
 Error error_from_response(const HttpResponse& response) {

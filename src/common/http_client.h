@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "common/error.h"
+#include "common/request_signature.h"
 
 namespace outpost {
 
@@ -33,6 +35,8 @@ struct HttpRequestOptions {
   // lets a thread parked in a long-poll shut down promptly.
   const std::atomic<bool>* cancel = nullptr;
   bool count_bytes = false;  // fill HttpResponse::bytes_sent/bytes_received
+  // Skip the server certificate check: only to fetch a CA that is then checked against a pin.
+  bool insecure_skip_verify = false;
 };
 
 // Not thread-safe: one client per thread (it reuses one connection).
@@ -56,10 +60,15 @@ class HttpClient {
 
   const std::string& base_url() const { return base_url_; }
 
+  // Device clients: every request is signed with the device key (request_signature.h), and
+  // the server's Date header keeps the signer's clock offset current.
+  void set_signer(std::shared_ptr<reqsig::Signer> signer) { signer_ = std::move(signer); }
+
  private:
   std::string base_url_;
   std::string token_;
   std::string ca_file_;
+  std::shared_ptr<reqsig::Signer> signer_;
   void* curl_ = nullptr;
 };
 
@@ -76,6 +85,10 @@ namespace curl_io {
 size_t write_body(char* data, size_t size, size_t count, void* body_string);
 size_t write_header(char* data, size_t size, size_t count, void* header_map);
 }  // namespace curl_io
+
+// "cannot reach the server at URL: <curl's reason>", with what to do about TLS failures
+// (an untrusted certificate names --ca-file / --ca-pin).
+Error transport_error(int curl_code, const std::string& server, const char* detail = nullptr);
 
 // Turns a non-2xx response with a JSON error body into an Error (code, message, field).
 Error error_from_response(const HttpResponse& response);

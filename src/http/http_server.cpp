@@ -10,6 +10,7 @@
 #include <mutex>
 #include <random>
 #include <set>
+#include <type_traits>
 
 #include <spdlog/spdlog.h>
 #include <boost/asio/ip/tcp.hpp>
@@ -18,7 +19,10 @@
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
+
+#include "common/request_signature.h"
 
 namespace outpost::http {
 
@@ -226,6 +230,21 @@ struct FileRangeBody {
   };
 };
 
+// The Date header (devices learn the server's clock from it to sign their requests inside its
+// window), formatted once a second per thread.
+const std::string& http_date_now() {
+  thread_local int64_t second = -1;
+  thread_local std::string text;
+  const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  if (now != second) {
+    second = now;
+    text = reqsig::format_http_date(now * 1000);
+  }
+  return text;
+}
+
 std::string make_temp_path(const std::string& dir) {
   thread_local std::mt19937_64 rng{std::random_device{}()};
   return dir + "/upload-" + std::to_string(rng()) + ".part";
@@ -257,29 +276,62 @@ void Hangup::fire() {
   if (action) action();
 }
 
-class Session : public std::enable_shared_from_this<Session> {
+// Stream is beast::tcp_stream (plain HTTP) or beast::ssl_stream<beast::tcp_stream> (HTTPS);
+// timeouts and the socket are always those of the TCP layer underneath.
+template <class Stream>
+class Session : public std::enable_shared_from_this<Session<Stream>> {
+  static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+  using std::enable_shared_from_this<Session<Stream>>::shared_from_this;
+
  public:
-  Session(tcp::socket socket, const Router& router, const ServerOptions& options)
-      : stream_(std::move(socket)), router_(router), options_(options) {
+  template <class... StreamArgs>
+  Session(const Router& router, const ServerOptions& options, std::shared_ptr<void> slot,
+          tcp::socket socket, StreamArgs&&... stream_args)
+      : stream_(std::move(socket), std::forward<StreamArgs>(stream_args)...),
+        router_(router),
+        options_(options),
+        slot_(std::move(slot)) {
     beast::error_code ec;
-    auto ep = stream_.socket().remote_endpoint(ec);
+    auto ep = lowest().socket().remote_endpoint(ec);
     if (!ec) remote_ = ep.address().to_string() + ":" + std::to_string(ep.port());
-    stream_.socket().set_option(tcp::no_delay(true), ec);
+    lowest().socket().set_option(tcp::no_delay(true), ec);
   }
 
   void start() {
-    net::dispatch(stream_.get_executor(), [self = shared_from_this()] { self->read_header(); });
-  }
-
-  void close() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] {
-      beast::error_code ec;
-      self->stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-      self->stream_.socket().close(ec);
+    net::dispatch(stream_.get_executor(), [self = shared_from_this()] {
+      if constexpr (kTls) {
+        // A client that connects and never finishes the handshake is cut at the header
+        // timeout, like one that never finishes a request header.
+        self->lowest().expires_after(std::chrono::milliseconds(self->options_.header_timeout_ms));
+        self->stream_.async_handshake(net::ssl::stream_base::server, [self](beast::error_code ec) {
+          if (ec) return self->shutdown();
+          self->wait_for_request();
+        });
+      } else {
+        self->wait_for_request();
+      }
     });
   }
 
  private:
+  beast::tcp_stream& lowest() { return beast::get_lowest_layer(stream_); }
+
+  // Two clocks guard a connection (slowloris): an idle keep-alive connection may wait
+  // idle_timeout_ms for its next request, but once the first byte of a request arrives its
+  // header must be complete within header_timeout_ms and its body at a minimum rate.
+  void wait_for_request() {
+    if (buffer_.size() > 0) return read_header();  // pipelined: already here
+    // Reads whatever arrives first through the stream (decrypted when TLS), so bytes a TLS
+    // engine buffered during the handshake are seen as well.
+    lowest().expires_after(std::chrono::milliseconds(options_.idle_timeout_ms));
+    stream_.async_read_some(buffer_.prepare(4096),
+                            [self = shared_from_this()](beast::error_code ec, size_t n) {
+                              if (ec) return self->shutdown();
+                              self->buffer_.commit(n);
+                              self->read_header();
+                            });
+  }
+
   void read_header() {
     header_parser_.emplace();
     header_parser_->header_limit(16 * 1024);
@@ -288,7 +340,7 @@ class Session : public std::enable_shared_from_this<Session> {
     header_parser_->body_limit(std::numeric_limits<std::uint64_t>::max());
     string_parser_.reset();
     file_parser_.reset();
-    stream_.expires_after(std::chrono::milliseconds(options_.idle_timeout_ms));
+    lowest().expires_after(std::chrono::milliseconds(options_.header_timeout_ms));
     bhttp::async_read_header(
         stream_, buffer_, *header_parser_,
         [self = shared_from_this()](beast::error_code ec, size_t) { self->on_header(ec); });
@@ -365,9 +417,19 @@ class Session : public std::enable_shared_from_this<Session> {
     // Beast reads at most the buffer's free space (512 bytes when it is empty), so a 12 KB
     // body would take 24 reads, each re-arming the timer. Room for the body (up to 64 KB)
     // makes it one or two; sessions without a body (long-polls) keep their small buffer.
-    if (auto length = header_parser_->content_length(); length && *length > 512) {
+    const auto length = header_parser_->content_length();
+    if (length && *length > 512) {
       buffer_.reserve(static_cast<size_t>(std::min<uint64_t>(*length, 64 * 1024)));
     }
+    // The body must arrive at options_.min_body_rate bytes/s or better (a chunked body of
+    // unknown length gets the route's limit as its length).
+    const uint64_t expected = length ? *length : options.body_limit;
+    const int64_t rate = std::max<int64_t>(1, options_.min_body_rate);
+    lowest().expires_after(std::chrono::milliseconds(
+        options_.header_timeout_ms +
+        static_cast<int64_t>(
+            std::min<uint64_t>(expected / static_cast<uint64_t>(rate), uint64_t{24} * 3600) *
+            1000)));
     if (options.stream_body_to_file) {
       file_parser_.emplace(std::move(*header_parser_));
       file_parser_->body_limit(options.body_limit);
@@ -411,7 +473,7 @@ class Session : public std::enable_shared_from_this<Session> {
       request_.body_file = temp_path_;
       temp_path_.clear();  // the handler owns it now
     }
-    stream_.expires_never();  // a held long-poll must not time out at the stream level
+    lowest().expires_never();  // a held long-poll must not time out at the stream level
     if (watch_hangup_) {
       request_.hangup = std::make_shared<Hangup>();
       watch_for_hangup(request_.hangup);
@@ -433,18 +495,19 @@ class Session : public std::enable_shared_from_this<Session> {
   // While a request waits for its response, a readable socket means the client hung up
   // (EOF or reset) or pipelined another request (left alone: read after the response).
   void watch_for_hangup(std::shared_ptr<Hangup> hangup) {
-    stream_.socket().async_wait(tcp::socket::wait_read, [self = shared_from_this(),
-                                                         hangup](beast::error_code ec) {
-      if (ec) return;  // cancelled or closed: nothing to report
-      char byte = 0;
-      ssize_t n = ::recv(self->stream_.socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
-      if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) hangup->fire();
-    });
+    lowest().socket().async_wait(
+        tcp::socket::wait_read, [self = shared_from_this(), hangup](beast::error_code ec) {
+          if (ec) return;  // cancelled or closed: nothing to report
+          char byte = 0;
+          ssize_t n =
+              ::recv(self->lowest().socket().native_handle(), &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+          if (n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) hangup->fire();
+        });
   }
 
   template <class Message>
   void send(std::shared_ptr<Message> msg) {
-    stream_.expires_after(std::chrono::seconds(60));
+    lowest().expires_after(std::chrono::seconds(60));
     bhttp::async_write(
         stream_, *msg,
         [self = shared_from_this(), msg](beast::error_code ec, size_t) { self->on_written(ec); });
@@ -454,6 +517,7 @@ class Session : public std::enable_shared_from_this<Session> {
     auto status = static_cast<bhttp::status>(resp.status);
     auto add_headers = [&](auto& msg) {
       msg.set(bhttp::field::server, "outpost");
+      msg.set(bhttp::field::date, http_date_now());
       msg.set(bhttp::field::content_type, resp.content_type);
       for (const auto& [k, v] : resp.headers) msg.set(k, v);
       msg.keep_alive(keep_alive_);
@@ -489,7 +553,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   void on_written(beast::error_code ec) {
     if (ec || !keep_alive_) return shutdown();
-    read_header();
+    wait_for_request();
   }
 
   void discard_temp() {
@@ -502,11 +566,11 @@ class Session : public std::enable_shared_from_this<Session> {
   void shutdown() {
     discard_temp();
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_send, ec);
-    stream_.socket().close(ec);
+    lowest().socket().shutdown(tcp::socket::shutdown_send, ec);
+    lowest().socket().close(ec);
   }
 
-  beast::tcp_stream stream_;
+  Stream stream_;
   bool watch_hangup_ = false;
   beast::flat_buffer buffer_;
   const Router& router_;
@@ -521,6 +585,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool keep_alive_ = true;
   bool head_ = false;
   unsigned version_ = 11;
+  std::shared_ptr<void> slot_;  // this connection's place under the connection cap
 };
 
 // ---------------------------------------------------------------------------------------
@@ -534,6 +599,41 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
         retry_timer_(acceptor_.get_executor()),
         router_(router),
         options_(options) {}
+
+  // HTTPS: TLS 1.2 or newer with the certificate chain and key from the options.
+  Status use_tls(const std::string& cert_file, const std::string& key_file) {
+    auto ctx = std::make_unique<net::ssl::context>(net::ssl::context::tls_server);
+    beast::error_code ec;
+    ctx->set_options(net::ssl::context::default_workarounds | net::ssl::context::no_sslv2 |
+                         net::ssl::context::no_sslv3 | net::ssl::context::no_tlsv1 |
+                         net::ssl::context::no_tlsv1_1 | net::ssl::context::single_dh_use,
+                     ec);
+    ctx->use_certificate_chain_file(cert_file, ec);
+    if (ec) {
+      return make_error(
+          Errc::kInvalidArgument,
+          "--tls-cert " + cert_file + ": cannot use it as a PEM certificate chain: " + ec.message(),
+          "tls-cert");
+    }
+    ctx->use_private_key_file(key_file, net::ssl::context::pem, ec);
+    if (ec) {
+      return make_error(
+          Errc::kInvalidArgument,
+          "--tls-key " + key_file + ": cannot use it as the PEM private key: " + ec.message(),
+          "tls-key");
+    }
+    if (SSL_CTX_check_private_key(ctx->native_handle()) != 1) {
+      return make_error(
+          Errc::kInvalidArgument,
+          "--tls-key " + key_file + " does not belong to the certificate in " + cert_file,
+          "tls-key");
+    }
+    tls_ = std::move(ctx);
+    return ok();
+  }
+
+  int64_t connections() const { return counters_->open.load(); }
+  int64_t refused() const { return counters_->refused.load(); }
 
   Status open(const std::string& host, uint16_t port) {
     beast::error_code ec;
@@ -561,8 +661,7 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
                                                                               tcp::socket socket) {
       if (ec == net::error::operation_aborted) return;
       if (!ec) {
-        auto session = std::make_shared<Session>(std::move(socket), self->router_, self->options_);
-        session->start();
+        self->start_session(std::move(socket));
       } else if (ec == net::error::no_descriptors || ec == net::error::no_buffer_space ||
                  ec == net::error::no_memory) {
         // Out of descriptors: accepting again at once would spin. Pending connections wait
@@ -593,7 +692,44 @@ class HttpServer::Listener : public std::enable_shared_from_this<Listener> {
   }
 
  private:
+  struct Counters {
+    std::atomic<int64_t> open{0};
+    std::atomic<int64_t> refused{0};
+  };
+
+  void start_session(tcp::socket socket) {
+    if (counters_->open.load() >= options_.max_connections) {
+      // Over the cap: close at once rather than let a flood of connections starve the
+      // clients already served. Said at most once a second.
+      ++counters_->refused;
+      auto now = std::chrono::steady_clock::now();
+      if (now - last_cap_warning_ >= std::chrono::seconds(1)) {
+        spdlog::warn("connection cap of {} reached; refused {} connections so far",
+                     options_.max_connections, counters_->refused.load());
+        last_cap_warning_ = now;
+      }
+      beast::error_code ignored;
+      socket.close(ignored);
+      return;
+    }
+    ++counters_->open;
+    // The slot gives the place back when the session (and every handler holding it) is gone.
+    std::shared_ptr<void> slot(nullptr, [counters = counters_](void*) { --counters->open; });
+    if (tls_) {
+      auto session = std::make_shared<Session<beast::ssl_stream<beast::tcp_stream>>>(
+          router_, options_, std::move(slot), std::move(socket), *tls_);
+      session->start();
+    } else {
+      auto session = std::make_shared<Session<beast::tcp_stream>>(
+          router_, options_, std::move(slot), std::move(socket));
+      session->start();
+    }
+  }
+
   net::io_context& io_;
+  std::unique_ptr<net::ssl::context> tls_;
+  std::shared_ptr<Counters> counters_ = std::make_shared<Counters>();
+  std::chrono::steady_clock::time_point last_cap_warning_{};
   tcp::acceptor acceptor_;
   net::steady_timer retry_timer_;  // on the acceptor's strand
   std::chrono::steady_clock::time_point last_warning_{};
@@ -611,6 +747,12 @@ Status HttpServer::start() {
   auto hp = split_host_port(options_.listen);
   if (!hp) return make_error(hp.error());
   listener_ = std::make_shared<Listener>(io_, router_, options_);
+  if (!options_.tls_cert_file.empty() || !options_.tls_key_file.empty()) {
+    if (options_.tls_cert_file.empty() || options_.tls_key_file.empty()) {
+      return make_error(Errc::kInvalidArgument, "HTTPS needs both --tls-cert and --tls-key");
+    }
+    OUTPOST_TRY(listener_->use_tls(options_.tls_cert_file, options_.tls_key_file));
+  }
   OUTPOST_TRY(listener_->open(hp->first, hp->second));
   port_ = listener_->port();
   listener_->accept();
@@ -619,6 +761,9 @@ Status HttpServer::start() {
   }
   return ok();
 }
+
+int64_t HttpServer::connections() const { return listener_ ? listener_->connections() : 0; }
+int64_t HttpServer::connections_refused() const { return listener_ ? listener_->refused() : 0; }
 
 void HttpServer::stop() {
   if (stopped_.exchange(true)) return;

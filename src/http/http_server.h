@@ -109,7 +109,16 @@ struct ServerOptions {
   std::string listen = "127.0.0.1:7400";  // host:port; port 0 picks a free one
   int io_threads = 2;
   std::string temp_dir;               // for streamed uploads
-  int64_t idle_timeout_ms = 120'000;  // a connection with no request in flight
+  int64_t idle_timeout_ms = 120'000;  // a keep-alive connection waiting for its next request
+  // Once a request's first byte arrived: its header (and a TLS handshake) within this, its
+  // body at min_body_rate bytes/s or better. Slow clients (slowloris) are cut, not waited on.
+  int64_t header_timeout_ms = 10'000;
+  int64_t min_body_rate = 16 * 1024;
+  // Connections beyond this are closed at accept (each costs a descriptor and a little memory).
+  int64_t max_connections = 20'000;
+  // HTTPS when both are set: PEM certificate chain and private key.
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class HttpServer {
@@ -124,6 +133,10 @@ class HttpServer {
   // Stops accepting, closes connections, joins the I/O threads. Idempotent.
   void stop();
   uint16_t port() const { return port_; }
+  bool tls() const { return !options_.tls_cert_file.empty(); }
+  // Connections open now, and those closed at accept because the cap was reached.
+  int64_t connections() const;
+  int64_t connections_refused() const;
   boost::asio::io_context& io_context() { return io_; }
 
  private:

@@ -22,15 +22,19 @@ int main(int argc, char** argv) {
       "Start here:\n"
       "  outpost server --data ./outpost-data            # control plane on SQLite\n"
       "  export OUTPOST_TOKEN=$(cat outpost-data/admin.token)\n"
+      "  export OUTPOST_CA_FILE=outpost-data/tls/ca.pem   # the server's development CA\n"
       "  outpost model push defect-net 1.0.0 --variant accelerator=cpu=model.onnx\n"
       "  outpost apply -f examples/defect-detector.yaml\n"
-      "Server and token come from --server/--token, OUTPOST_SERVER/OUTPOST_TOKEN, or 'outpost "
-      "login'.");
+      "Server, token and CA come from --server/--token/--ca-file, "
+      "OUTPOST_SERVER/OUTPOST_TOKEN/OUTPOST_CA_FILE, or 'outpost login'.");
 
   outpost::cli::GlobalOptions globals;
-  app.add_option("--server", globals.server, "Control plane URL (default http://127.0.0.1:7400)")
+  app.add_option("--server", globals.server, "Control plane URL (default https://127.0.0.1:7400)")
       ->envname("OUTPOST_SERVER");
   app.add_option("--token", globals.token, "Operator bearer token")->envname("OUTPOST_TOKEN");
+  app.add_option("--ca-file", globals.ca_file,
+                 "PEM CA to trust for an HTTPS server (its development CA is DATA/tls/ca.pem)")
+      ->envname("OUTPOST_CA_FILE");
   app.add_option("-o,--output", globals.output, "Output format: table or json")
       ->check(CLI::IsMember({"table", "json"}));
 
@@ -45,6 +49,18 @@ int main(int argc, char** argv) {
                    "Data directory: database, blobs, admin.token, signing key")
       ->capture_default_str();
   server->add_option("--db", server_options.db_url, "Store URL (default sqlite:DATA/outpost.db)");
+  server->add_option("--tls-cert", server_options.tls.cert_file,
+                     "PEM certificate chain for HTTPS (default: a development CA and certificate "
+                     "made under DATA/tls/)");
+  server->add_option("--tls-key", server_options.tls.key_file, "PEM private key of --tls-cert");
+  server->add_option("--tls-ca", server_options.tls.ca_file,
+                     "With --tls-cert: the CA devices pin (handed out with enrollment tokens)");
+  server->add_option("--tls-san", server_options.tls.names,
+                     "Extra name or address for the development certificate (repeatable; this "
+                     "machine's host name and addresses are always in it)");
+  server->add_flag("--insecure-http", server_options.tls.insecure_http,
+                   "Serve plain HTTP: credentials cross the network in the clear (tests, or "
+                   "behind a TLS-terminating proxy)");
   server->add_option("--io-threads", server_options.io_threads, "HTTP I/O threads")
       ->capture_default_str();
   server

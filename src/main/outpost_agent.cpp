@@ -104,6 +104,10 @@ int main(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1, 16));
   app.add_option("--ca-file", ca_file, "PEM CA bundle to trust for an HTTPS control plane");
+  std::string ca_pin;
+  app.add_option("--ca-pin", ca_pin,
+                 "sha256:HEX from 'outpost token create' (first start): fetch the server's CA, "
+                 "check it against this pin, and trust it from then on (DATA/ca.pem)");
   app.add_option("--cgroup-parent", cgroup,
                  "Delegated cgroup v2 directory for workload limits (else rlimits)");
   app.add_option("--status-period", status_period, "Periodic status report interval")
@@ -278,6 +282,7 @@ int main(int argc, char** argv) {
     request.site = site;
     request.labels = *parsed;
     request.ca_file = ca_file;
+    request.ca_pin = ca_pin;
     outpost::agent::FactsSources sources;
     sources.data_dir = data;
     request.facts = outpost::agent::collect_facts(sources, outpost::agent::kAgentVersion);

@@ -117,6 +117,7 @@ struct ControlPlane::Impl {
   }
   std::unique_ptr<api::ApiContext> ctx;
   std::string admin_token_path;
+  TlsSetup tls;
   std::atomic<bool> ready{false};
   std::atomic<bool> stopped{false};
 };
@@ -128,6 +129,7 @@ ControlPlane::~ControlPlane() { stop(); }
 
 uint16_t ControlPlane::port() const { return impl_->http ? impl_->http->port() : 0; }
 const std::string& ControlPlane::admin_token_path() const { return impl_->admin_token_path; }
+const TlsSetup& ControlPlane::tls() const { return impl_->tls; }
 
 Status ControlPlane::start() {
   auto& d = *impl_;
@@ -147,8 +149,16 @@ Status ControlPlane::start() {
   auto key = load_or_create_signing_key(d.options.data_dir);
   if (!key) return make_error(key.error());
 
+  auto listen = http::split_host_port(d.options.listen);
+  if (!listen) return make_error(listen.error().with_context("--listen"));
+  auto tls = prepare_tls(d.options.tls, d.options.data_dir, listen->first);
+  if (!tls) return make_error(tls.error().with_context("setting up HTTPS"));
+  d.tls = *tls;
+
   http::ServerOptions http_options;
   http_options.listen = d.options.listen;
+  http_options.tls_cert_file = d.tls.cert_file;
+  http_options.tls_key_file = d.tls.key_file;
   http_options.io_threads = d.options.io_threads;
   http_options.temp_dir = d.blobs->temp_dir();
   d.http = std::make_unique<http::HttpServer>(http_options, d.router);
@@ -159,10 +169,11 @@ Status ControlPlane::start() {
   rollout_options.gate_interval_ms = d.options.rollout_gate_interval_ms;
   d.rollouts =
       std::make_unique<rollouts::RolloutController>(*d.store, *d.desired, d.clock, rollout_options);
-  d.ctx = std::make_unique<api::ApiContext>(
-      api::ApiContext{*d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth,
-                      d.clock,
-                      d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+  d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
+      *d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth, d.clock, d.workers,
+      crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+  d.ctx->ca_pem = d.tls.ca_pem;
+  d.ctx->ca_pin = d.tls.ca_pin;
 
   api::register_enrollment_token_routes(d.router, *d.ctx);
   api::register_device_routes(d.router, *d.ctx);
@@ -176,6 +187,19 @@ Status ControlPlane::start() {
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));
+  });
+  // Unauthenticated: a device fetches it before it trusts the server, and checks it against
+  // the pin its enrollment token came with (outpost-agent --ca-pin).
+  d.router.add("GET", "/api/v1/device/ca", [&d](http::Request&&, http::Responder respond) {
+    if (d.tls.ca_pem.empty()) {
+      return respond(http::Response::error(
+          Error{Errc::kNotFound,
+                d.tls.enabled ? "this server was started with --tls-cert but without --tls-ca: "
+                                "give devices the CA with --ca-file"
+                              : "this server speaks plain HTTP (--insecure-http): there is no CA",
+                {}}));
+    }
+    respond(http::Response::text(200, d.tls.ca_pem, "application/x-pem-file"));
   });
   d.router.add("GET", "/metrics", [&d](http::Request&&, http::Responder respond) {
     // Fleet numbers come from the store: a worker builds the page.
@@ -267,7 +291,15 @@ int run_server(const ControlPlaneOptions& options) {
     return 1;
   }
   auto host = http::split_host_port(options.listen);
-  std::printf("outpost server listening on http://%s:%u\n",
+  if (plane.tls().generated) {
+    std::printf("HTTPS with the development CA %s (pin %s)\n",
+                (options.data_dir + "/tls/ca.pem").c_str(), plane.tls().ca_pin.c_str());
+  } else if (!plane.tls().enabled) {
+    std::printf(
+        "WARNING: plain HTTP (--insecure-http): credentials and data cross the network "
+        "in the clear\n");
+  }
+  std::printf("outpost server listening on %s://%s:%u\n", plane.tls().enabled ? "https" : "http",
               host ? host->first.c_str() : options.listen.c_str(),
               static_cast<unsigned>(plane.port()));
   std::printf("data directory: %s\n", options.data_dir.c_str());

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "server/tls_setup.h"
 
 namespace outpost::server {
 
@@ -28,6 +29,8 @@ struct ControlPlaneOptions {
   // Rollouts: how often the controller advances them, and reads telemetry gates at most.
   int64_t rollout_tick_ms = 1'000;
   int64_t rollout_gate_interval_ms = 5'000;
+  // HTTPS by default (a development CA under DATA/tls/ unless a certificate is given).
+  TlsOptions tls;
 };
 
 class ControlPlane {
@@ -44,6 +47,7 @@ class ControlPlane {
   void stop();
   uint16_t port() const;
   const std::string& admin_token_path() const;
+  const TlsSetup& tls() const;
 
  private:
   struct Impl;

@@ -149,6 +149,7 @@ struct Device {
   int64_t site_index = 0;
   std::string site;
   agent::Identity id;
+  std::string secret_key;  // the device key (raw), kept in the --state file
   bool enrolled = false;
   int enroll_attempts = 0;
   std::mt19937_64 rng;
@@ -187,6 +188,13 @@ struct Device {
   bool telemetry_busy = false;
   agent::Backoff telemetry_backoff{1'000, 60'000};
 };
+
+// Signs a request as the virtual device, at the moment it goes out (as the agent's clients do).
+agent::ApiRequest signed_as(const Device& d, agent::ApiRequest request) {
+  if (d.id.signer)
+    request.headers.push_back(d.id.signer->header(request.method, request.path, request.body));
+  return request;
+}
 
 json sim_facts() {
   return {{"arch", "x86_64"},
@@ -305,7 +313,7 @@ class Shard {
         Device& d = *dp;
         if (!d.enrolled) continue;
         ++checking_;
-        transport_.send(agent::desired_request(d.generation, 0), d.id.credential,
+        transport_.send(signed_as(d, agent::desired_request(d.generation, 0)), d.id.credential,
                         [this, &d](Result<HttpResponse> r, HttpTransport::Exchange info) {
                           observe(kCheck, info);
                           ++c_.checked;
@@ -413,7 +421,7 @@ class Shard {
     const auto keys = crypto::ed25519_generate();
     transport_.send(
         agent::enroll_request(request, crypto::base64_encode(keys.public_key)), "",
-        [this, &d, request](Result<HttpResponse> r, HttpTransport::Exchange info) {
+        [this, &d, request, keys](Result<HttpResponse> r, HttpTransport::Exchange info) {
           observe(kEnroll, info);
           c_.wire_bytes += info.wire_bytes;
           ++c_.requests;
@@ -422,6 +430,8 @@ class Shard {
           auto id = agent::enroll_answer(r, request, options_.server);
           if (id) {
             d.id = std::move(*id);
+            d.id.signer = std::make_shared<reqsig::Signer>(d.id.device_id, keys.secret_key);
+            d.secret_key = keys.secret_key;
             d.site = d.id.site;
             d.enrolled = true;
             ++c_.enrolled;
@@ -486,9 +496,9 @@ class Shard {
         });
       };
       if (on_channel) {
-        d.channel->send(request, d.id.credential, std::move(done));
+        d.channel->send(signed_as(d, request), d.id.credential, std::move(done));
       } else {
-        transport_.send(request, d.id.credential, std::move(done));
+        transport_.send(signed_as(d, request), d.id.credential, std::move(done));
       }
     };
     if (f.delay_ms > 0) {
@@ -1124,7 +1134,13 @@ Status Fleet::Impl::load_state(std::vector<std::unique_ptr<Device>>& devices) {
     d.id.server_public_key = doc.value("server_public_key", "");
     d.id.site = doc.value("site", "");
     d.site = d.id.site;
-    d.enrolled = !d.id.device_id.empty() && !d.id.credential.empty();
+    auto key = crypto::base64_decode(doc.value("secret_key", ""));
+    if (key && key->size() == 64) {
+      d.secret_key = *key;
+      d.id.signer = std::make_shared<reqsig::Signer>(d.id.device_id, d.secret_key);
+    }
+    // Devices saved before calls were signed have no key: they enroll again.
+    d.enrolled = !d.id.device_id.empty() && !d.id.credential.empty() && d.id.signer;
     loaded_from_state += d.enrolled ? 1 : 0;
   }
   return ok();
@@ -1143,6 +1159,7 @@ Status Fleet::Impl::save_state(const std::vector<Device*>& devices) {
     out += json{{"i", d->index},
                 {"id", d->id.device_id},
                 {"credential", d->id.credential},
+                {"secret_key", crypto::base64_encode(d->secret_key)},
                 {"server_public_key", d->id.server_public_key},
                 {"site", d->id.site}}
                .dump() +

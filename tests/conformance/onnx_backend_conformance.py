@@ -147,7 +147,7 @@ class Outpost:
         deadline = time.time() + 60
         while time.time() < deadline:
             text = open(self.server_log, errors="replace").read()
-            m = re.search(r"listening on (http://127\.0\.0\.1:\d+)", text)
+            m = re.search(r"listening on (https://127\.0\.0\.1:\d+)", text)
             if m and os.path.exists(os.path.join(data, "admin.token")):
                 self.url = m.group(1)
                 break
@@ -157,14 +157,20 @@ class Outpost:
         else:
             raise Failure("the server never said where it listens")
         token = open(os.path.join(data, "admin.token")).read().strip()
+        # Over HTTPS with the server's development CA: the CLI trusts it by file, the agent by
+        # the pin its enrollment token comes with.
         self.env = dict(os.environ, OUTPOST_SERVER=self.url, OUTPOST_TOKEN=token,
+                        OUTPOST_CA_FILE=os.path.join(data, "tls", "ca.pem"),
                         XDG_CONFIG_HOME=os.path.join(self.root, "config"))
         enroll = self.cli_json(["token", "create", "--site", "conformance", "--uses", "1"])
+        if not enroll.get("ca_pin", "").startswith("sha256:"):
+            raise Failure(f"an HTTPS server's enrollment token has no CA pin: {enroll}")
         agent_data = os.path.join(self.root, "agent")
         self.agent_log = os.path.join(self.root, "agent.log")
         self.agent = subprocess.Popen(
             [os.path.join(self.bin_dir, "outpost-agent"), "--data", agent_data, "--listen",
-             "127.0.0.1:0", "--server", self.url, "--enroll-token", enroll["token"]],
+             "127.0.0.1:0", "--server", self.url, "--enroll-token", enroll["token"],
+             "--ca-pin", enroll["ca_pin"]],
             stdout=open(self.agent_log, "wb"), stderr=subprocess.STDOUT)
         addr_file = os.path.join(agent_data, "agent.addr")
         deadline = time.time() + 60

@@ -298,6 +298,7 @@ TEST_F(ControlPlaneE2E, ApplyRevisionsRestartAndLongPoll) {
   // A device that hangs up while parked frees its poll at once, not at the deadline.
   {
     HttpClient impatient(server_->url(), device.credential);
+    impatient.set_signer(device.signer);
     HttpRequestOptions quick;
     quick.timeout_ms = 300;
     auto gave_up = impatient.request(
@@ -386,6 +387,7 @@ TEST_F(ControlPlaneE2E, TelemetryIsStoredOnceAndShowsInQueriesMetricsAndCli) {
   auto device = FakeDevice::enroll(server_->url(), create_token("plant-7"),
                                    {{"arch", "x86_64"}, {"memory_mb", 4096}});
   HttpClient client(server_->url(), device.credential);
+  client.set_signer(device.signer);
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
                           std::chrono::system_clock::now().time_since_epoch())
                           .count();

@@ -119,10 +119,11 @@ void ServerProcess::start(const std::vector<std::string>& extra_args) {
                                    "127.0.0.1:" + std::to_string(port_),
                                    "--data",
                                    data_dir_};
+  if (!tls_) argv.push_back("--insecure-http");
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, {}, "", log_path_, log_path_ + ".err");
   ASSERT_GT(pid_, 0) << "cannot start the server";
-  const std::regex listening(R"(listening on http://127\.0\.0\.1:(\d+))");
+  const std::regex listening(R"(listening on https?://127\.0\.0\.1:(\d+))");
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   const uint16_t previous_port = port_;
   port_ = 0;
@@ -144,7 +145,7 @@ void ServerProcess::start(const std::vector<std::string>& extra_args) {
   if (previous_port != 0) {
     ASSERT_EQ(port_, previous_port) << "restarted server moved to another port";
   }
-  HttpClient client(url(), "");
+  HttpClient client(url(), "", ca_file());
   while (std::chrono::steady_clock::now() < deadline) {
     auto health = client.request("GET", "/healthz");
     if (health && health->status == 200) return;
@@ -176,19 +177,22 @@ CommandResult ServerProcess::cli(std::vector<std::string> args,
   return run_program(argv,
                      {{"OUTPOST_SERVER", url()},
                       {"OUTPOST_TOKEN", admin_token()},
+                      {"OUTPOST_CA_FILE", ca_file()},
                       {"XDG_CONFIG_HOME", data_dir_ + ".config"}},
                      stdin_text);
 }
 
 FakeDevice FakeDevice::enroll(const std::string& server_url, const std::string& token,
-                              const nlohmann::json& facts, const nlohmann::json& labels) {
+                              const nlohmann::json& facts, const nlohmann::json& labels,
+                              const std::string& ca_file) {
   auto key = crypto::ed25519_generate();
   nlohmann::json body = {
       {"token", token}, {"public_key", crypto::base64_encode(key.public_key)}, {"facts", facts}};
   if (!labels.is_null()) body["labels"] = labels;
-  HttpClient client(server_url, "");
+  HttpClient client(server_url, "", ca_file);
   auto response = client.request("POST", "/api/v1/device/enroll", body.dump());
   FakeDevice device;
+  device.ca_file = ca_file;
   EXPECT_TRUE(response.has_value());
   if (!response) return device;
   EXPECT_EQ(response->status, 201) << response->body;
@@ -197,12 +201,20 @@ FakeDevice FakeDevice::enroll(const std::string& server_url, const std::string& 
     device.id = device.enroll_response["device_id"];
     device.credential = device.enroll_response["credential"];
     device.server_public_key = device.enroll_response["server_public_key"];
+    device.signer = std::make_shared<reqsig::Signer>(device.id, key.secret_key);
   }
   return device;
 }
 
+std::unique_ptr<HttpClient> FakeDevice::client(const std::string& server_url) const {
+  auto c = std::make_unique<HttpClient>(server_url, credential, ca_file);
+  c->set_signer(signer);
+  return c;
+}
+
 HttpResponse FakeDevice::desired(const std::string& server_url, int64_t known, int wait_s) const {
-  HttpClient client(server_url, credential);
+  HttpClient client(server_url, credential, ca_file);
+  client.set_signer(signer);
   HttpRequestOptions options;
   options.timeout_ms = (wait_s + 10) * 1000LL;
   auto response = client.request("GET",

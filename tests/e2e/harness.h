@@ -6,12 +6,14 @@
 
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "common/http_client.h"
+#include "common/request_signature.h"
 
 namespace outpost::e2e {
 
@@ -37,6 +39,13 @@ class ServerProcess {
   explicit ServerProcess(std::string data_dir);
   ~ServerProcess();
 
+  // HTTPS with the server's development CA (DATA/tls/ca.pem) instead of --insecure-http; set
+  // before start().
+  void use_tls(bool tls) { tls_ = tls; }
+  bool tls() const { return tls_; }
+  // The CA to trust when tls() ("" otherwise).
+  std::string ca_file() const { return tls_ ? data_dir_ + "/tls/ca.pem" : std::string(); }
+
   // Starts `outpost server --listen 127.0.0.1:0 --data DIR` and waits for /healthz (listen
   // port 0 picks a free port; we read the real one from the server's output). A restart
   // listens on the same port again, so agents find it where they left it.
@@ -45,7 +54,9 @@ class ServerProcess {
   void stop(bool hard = false);
   bool running() const { return pid_ > 0; }
 
-  std::string url() const { return "http://127.0.0.1:" + std::to_string(port_); }
+  std::string url() const {
+    return (tls_ ? "https://127.0.0.1:" : "http://127.0.0.1:") + std::to_string(port_);
+  }
   uint16_t port() const { return port_; }
   const std::string& data_dir() const { return data_dir_; }
   std::string admin_token() const;
@@ -59,6 +70,7 @@ class ServerProcess {
   std::string log_path_;
   pid_t pid_ = -1;
   uint16_t port_ = 0;
+  bool tls_ = false;
 };
 
 // A real `outpost-agent` with its own data directory and a free local API port.
@@ -103,9 +115,15 @@ struct FakeDevice {
   std::string credential;
   std::string server_public_key;  // base64
   nlohmann::json enroll_response;
+  std::string ca_file;  // trusted for an https server
+  // Signs every call with the device key, as the agent does (set_signer on a client).
+  std::shared_ptr<reqsig::Signer> signer;
 
   static FakeDevice enroll(const std::string& server_url, const std::string& token,
-                           const nlohmann::json& facts, const nlohmann::json& labels = {});
+                           const nlohmann::json& facts, const nlohmann::json& labels = {},
+                           const std::string& ca_file = {});
+  // A client that calls as this device (credential and signatures).
+  std::unique_ptr<HttpClient> client(const std::string& server_url) const;
   // GET desired?generation=known&wait=wait_s; returns the HTTP response.
   HttpResponse desired(const std::string& server_url, int64_t known, int wait_s) const;
 };

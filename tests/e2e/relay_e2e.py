@@ -520,7 +520,7 @@ class Server:
         self.name = name
         self.data = world.path(name, "data")
         self.proc = world.spawn(name, [world.binary("outpost"), "server", "--listen", f"{host}:0",
-                                       "--data", self.data], ns=ns)
+                                       "--data", self.data, "--insecure-http"], ns=ns)
         pattern = re.compile(r"listening on (http://" + re.escape(host) + r":\d+)")
 
         def ready():

@@ -103,6 +103,7 @@ class TelemetryE2E : public ::testing::Test {
   std::pair<long, json> post(const FakeDevice& device, const std::string& body,
                              const std::string& encoding = "zstd") {
     HttpClient client(server_->url(), device.credential);
+    client.set_signer(device.signer);
     HttpRequestOptions options;
     if (!encoding.empty()) options.headers = {{"Content-Encoding", encoding}};
     auto r = client.request("POST", "/api/v1/device/telemetry", body, "application/json", options);

@@ -219,7 +219,10 @@ class TelemetryIngestHttpTest : public testing::Test {
     plane_ = std::make_unique<ControlPlane>(options);
     auto started = plane_->start();
     ASSERT_TRUE(started.has_value()) << started.error().describe();
-    url_ = "http://127.0.0.1:" + std::to_string(plane_->port());
+    // HTTPS, the default, with the development CA the plane made in its data directory.
+    ASSERT_TRUE(plane_->tls().generated);
+    ca_ = dir_ + "/data/tls/ca.pem";
+    url_ = "https://127.0.0.1:" + std::to_string(plane_->port());
     std::ifstream in(plane_->admin_token_path());
     std::getline(in, admin_token_);
     while (!admin_token_.empty() && isspace(static_cast<unsigned char>(admin_token_.back()))) {
@@ -234,7 +237,7 @@ class TelemetryIngestHttpTest : public testing::Test {
   }
 
   std::string enrollment_token() {
-    HttpClient op(url_, admin_token_);
+    HttpClient op(url_, admin_token_, ca_);
     auto resp = op.request("POST", "/api/v1/enrollment-tokens", R"({"site":"plant-1"})");
     EXPECT_TRUE(resp.has_value());
     if (!resp) return {};
@@ -245,6 +248,7 @@ class TelemetryIngestHttpTest : public testing::Test {
   std::string dir_;
   std::unique_ptr<ControlPlane> plane_;
   std::string url_;
+  std::string ca_;
   std::string admin_token_;
 };
 
@@ -259,7 +263,7 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
   std::vector<e2e::FakeDevice> devices;
   for (int d = 0; d < kDevices; ++d) {
     devices.push_back(
-        e2e::FakeDevice::enroll(url_, token, {{"arch", "x86_64"}, {"memory_mb", 4096}}));
+        e2e::FakeDevice::enroll(url_, token, {{"arch", "x86_64"}, {"memory_mb", 4096}}, {}, ca_));
     ASSERT_FALSE(devices.back().id.empty());
   }
   const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -284,7 +288,8 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
   std::vector<std::thread> threads;
   for (int d = 0; d < kDevices; ++d) {
     threads.emplace_back([&, d] {
-      HttpClient client(url_, devices[d].credential);
+      HttpClient client(url_, devices[d].credential, ca_);
+      client.set_signer(devices[d].signer);
       HttpRequestOptions zstd;
       zstd.headers.emplace_back("Content-Encoding", "zstd");
       auto post = [&](const std::string& body) {
@@ -346,7 +351,7 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
   EXPECT_EQ(stored_total.load(), kDevices * kWindows * 5);
   EXPECT_EQ(duplicates_total.load(), kDevices * (3 * 5 + 2 * 2));  // overlaps at w = 2, 5
 
-  auto metrics = HttpClient(url_, "").request("GET", "/metrics");
+  auto metrics = HttpClient(url_, "", ca_).request("GET", "/metrics");
   ASSERT_TRUE(metrics.has_value());
   const std::string& text = metrics->body;
   const int64_t served = kDevices * (40 * 41 / 2);
@@ -365,7 +370,7 @@ TEST_F(TelemetryIngestHttpTest, ConcurrentUploadsAreAnsweredEachWithItsOwnOutcom
       "role=\"primary\"} " +
       std::to_string(served));
 
-  HttpClient op(url_, admin_token_);
+  HttpClient op(url_, admin_token_, ca_);
   auto q = op.request("GET", "/api/v1/telemetry/query?metric=inference_requests&since=1h");
   ASSERT_TRUE(q.has_value());
   ASSERT_EQ(q->status, 200) << q->body;

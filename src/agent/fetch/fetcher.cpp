@@ -277,8 +277,16 @@ Status Fetcher::fetch_once(const std::string& digest) {
       curl_easy_cleanup(c);
     }
   } cleanup{curl};
-  cleanup.h = curl_slist_append(nullptr, ("Authorization: Bearer " + identity_.credential).c_str());
-  auto common = [&] {
+  const std::string target = "/api/v1/artifacts/" + digest;
+  // Each request carries its own signature (a fresh nonce), so the headers are made per call.
+  auto common = [&](const char* method) {
+    curl_slist_free_all(cleanup.h);
+    cleanup.h =
+        curl_slist_append(nullptr, ("Authorization: Bearer " + identity_.credential).c_str());
+    if (identity_.signer) {
+      auto [name, value] = identity_.signer->header(method, target, {});
+      cleanup.h = curl_slist_append(cleanup.h, (name + ": " + value).c_str());
+    }
     curl_easy_reset(curl);
     curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, cleanup.h);
@@ -293,7 +301,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
   };
 
   // 1. Size first: the disk budget is checked before any byte is fetched.
-  common();
+  common("HEAD");
   curl_easy_setopt(curl, CURLOPT_NOBODY, 1L);
   CURLcode rc = curl_easy_perform(curl);
   long status = 0;
@@ -355,7 +363,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
       });
       pace(n);
     };
-    common();
+    common("GET");
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, write_to_file);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &t);
     curl_easy_setopt(curl, CURLOPT_NOPROGRESS, 0L);

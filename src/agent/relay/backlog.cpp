@@ -22,6 +22,7 @@ std::string encode(const BacklogEntry& e) {
                          {"content_type", e.content_type},
                          {"content_encoding", e.content_encoding},
                          {"authorization", e.authorization},
+                         {"signature", e.signature},
                          {"via", e.via},
                          {"body_bytes", e.body.size()}};
   std::string out = head.dump();
@@ -44,6 +45,7 @@ Result<BacklogEntry> decode(const std::string& text, const std::string& name) {
     e.content_type = head.at("content_type").get<std::string>();
     e.content_encoding = head.at("content_encoding").get<std::string>();
     e.authorization = head.at("authorization").get<std::string>();
+    e.signature = head.value("signature", "");  // entries of relays before signing
     e.via = head.at("via").get<std::string>();
     const auto size = head.at("body_bytes").get<size_t>();
     if (text.size() - newline - 1 != size) return bad("body is truncated");

@@ -21,10 +21,11 @@ namespace outpost::agent::relay {
 struct BacklogEntry {
   uint64_t id = 0;     // global order of arrival (set by push)
   std::string device;  // the child's device id
-  std::string path;    // "/api/v1/device/status" or "/api/v1/device/telemetry"
+  std::string path;    // target as the child sent it: "/api/v1/device/status" or ".../telemetry"
   std::string content_type;
   std::string content_encoding;  // "zstd" for telemetry, else empty
   std::string authorization;     // the child's own "Bearer ..." header, forwarded as sent
+  std::string signature;         // the child's X-Outpost-Signature, forwarded as sent
   std::string via;               // X-Outpost-Via to send upstream (this relay included)
   std::string body;
 };

@@ -334,6 +334,9 @@ void Relay::get_desired(http::Request&& req, Respond respond) {
   forward.url = upstream_ + req.target;
   forward.headers = {{"Authorization", "Bearer " + credential},
                      {"X-Outpost-Via", outgoing_via(req)}};
+  if (auto sig = req.header("x-outpost-signature"); !sig.empty()) {
+    forward.headers.emplace_back("X-Outpost-Signature", sig);  // the child's, checked upstream
+  }
   forward.timeout_ms = wait_s * 1000 + 12'000;
   auto hung_up = std::make_shared<std::atomic<bool>>(false);
   std::vector<std::string> via = split_via(req.header("x-outpost-via"));
@@ -512,7 +515,8 @@ void Relay::post_upload(http::Request&& req, Respond respond, bool telemetry) {
     }
     BacklogEntry entry;
     entry.device = device;
-    entry.path = req.path;
+    entry.path = req.target;  // signed as sent
+    entry.signature = req.header("x-outpost-signature");
     entry.content_type = req.header("content-type");
     entry.content_encoding = req.header("content-encoding");
     entry.authorization = "Bearer " + credential;
@@ -574,6 +578,9 @@ void Relay::forward_loop() {
         HttpRequestOptions opts;
         opts.headers = {{"Authorization", (*entry)->authorization},
                         {"X-Outpost-Via", (*entry)->via}};
+        if (!(*entry)->signature.empty()) {
+          opts.headers.emplace_back("X-Outpost-Signature", (*entry)->signature);
+        }
         if (!(*entry)->content_encoding.empty()) {
           opts.headers.emplace_back("Content-Encoding", (*entry)->content_encoding);
         }

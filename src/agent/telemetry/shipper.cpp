@@ -153,6 +153,7 @@ Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
 
 void Shipper::run() {
   HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
+  client.set_signer(identity_.signer);
   Backoff backoff(options_.retry_initial_ms, options_.retry_max_ms);
   auto next_send = ShipperClock::now();
   while (!stopping_) {

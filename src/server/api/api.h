@@ -96,6 +96,10 @@ struct ApiContext {
   boost::asio::thread_pool& workers;
   std::string server_public_key_b64;
   int64_t long_poll_ms = 55'000;
+  // The CA devices should trust, handed out at GET /api/v1/device/ca and pinned by the
+  // fingerprint that enrollment tokens carry ("" when not known or plain HTTP).
+  std::string ca_pem;
+  std::string ca_pin;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
   std::unique_ptr<ArtifactCounters> artifact_counters = std::make_unique<ArtifactCounters>();
   std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);
@@ -139,6 +143,12 @@ enum class Role { kViewer, kOperator, kAdmin };
 // (a device not seen since the server started, or no well-formed credential).
 [[nodiscard]] std::optional<Result<Caller>> authenticate_device_from_memory(
     ApiContext& ctx, const http::Request& req);
+
+// The relays a request came through, nearest the device first, from the X-Outpost-Via header
+// each relay extends ("d-1a2b3c,d-4d5e6f"); only device-id-shaped names, at most 16. Taken
+// from authenticated device calls only: a relay may then fetch the blobs of the devices whose
+// calls it carried (a device cannot put a relay on another device's path).
+std::vector<std::string> via_list(const http::Request& req);
 
 // Appends an audit entry; failures are logged (the change itself already happened).
 void audit(ApiContext& ctx, const Caller& caller, const std::string& action,

@@ -5,6 +5,7 @@
 
 #include "common/crypto.h"
 #include "common/digest.h"
+#include "common/request_signature.h"
 #include "server/api/api.h"
 #include "server/operator_auth.h"
 
@@ -76,27 +77,68 @@ Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req, 
   return caller;
 }
 
-Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req) {
+std::vector<std::string> via_list(const http::Request& req) {
+  std::vector<std::string> out;
+  const std::string header = req.header("x-outpost-via");
+  size_t start = 0;
+  while (start <= header.size() && out.size() < 16) {
+    size_t comma = header.find(',', start);
+    if (comma == std::string::npos) comma = header.size();
+    std::string id = header.substr(start, comma - start);
+    while (!id.empty() && id.front() == ' ') id.erase(0, 1);
+    while (!id.empty() && id.back() == ' ') id.pop_back();
+    const bool shaped = id.size() > 2 && id.size() <= 64 && id.rfind("d-", 0) == 0 &&
+                        id.find_first_not_of("0123456789abcdef", 2) == std::string::npos;
+    if (shaped) out.push_back(id);
+    start = comma + 1;
+  }
+  return out;
+}
+
+namespace {
+
+// The proof a device call carries; nullopt without a well-formed bearer credential.
+std::optional<DeviceProof> device_proof(const http::Request& req) {
   auto token = bearer(req);
   auto dot = token ? token->find('.') : std::string::npos;
-  if (!token || dot == std::string::npos) {
+  if (!token || dot == std::string::npos) return std::nullopt;
+  DeviceProof proof;
+  proof.device_id = token->substr(0, dot);
+  proof.secret = token->substr(dot + 1);
+  proof.signature_header = req.header(std::string(reqsig::kHeaderLower));
+  proof.method = req.method;
+  proof.target = req.target;
+  proof.body = req.body;
+  proof.seq_idempotent = req.method == "POST" && (req.path == "/api/v1/device/status" ||
+                                                  req.path == "/api/v1/device/telemetry");
+  return proof;
+}
+
+Result<Caller> accepted(ApiContext& ctx, const DeviceProof& proof, const http::Request& req) {
+  // Only an authenticated call moves the topology (see ApiContext::sessions' behind()).
+  ctx.sessions.set_via(proof.device_id, via_list(req));
+  return device_caller(proof.device_id);
+}
+
+}  // namespace
+
+Result<Caller> authenticate_device(ApiContext& ctx, const http::Request& req) {
+  auto proof = device_proof(req);
+  if (!proof) {
     return make_error(Errc::kUnauthenticated, "missing device credential (Bearer <id>.<secret>)");
   }
-  std::string id = token->substr(0, dot);
-  OUTPOST_TRY(ctx.sessions.verify(id, token->substr(dot + 1)));
-  return device_caller(id);
+  OUTPOST_TRY(ctx.sessions.verify(*proof, ctx.clock.now_ms()));
+  return accepted(ctx, *proof, req);
 }
 
 std::optional<Result<Caller>> authenticate_device_from_memory(ApiContext& ctx,
                                                               const http::Request& req) {
-  auto token = bearer(req);
-  auto dot = token ? token->find('.') : std::string::npos;
-  if (!token || dot == std::string::npos) return std::nullopt;  // the full check says why
-  const std::string id = token->substr(0, dot);
-  auto verified = ctx.sessions.verify_known(id, token->substr(dot + 1));
+  auto proof = device_proof(req);
+  if (!proof) return std::nullopt;  // the full check says why
+  auto verified = ctx.sessions.verify_known(*proof, ctx.clock.now_ms());
   if (!verified) return std::nullopt;
   if (!*verified) return Result<Caller>(make_error(verified->error()));
-  return Result<Caller>(device_caller(id));
+  return Result<Caller>(accepted(ctx, *proof, req));
 }
 
 void audit(ApiContext& ctx, const Caller& caller, const std::string& action,

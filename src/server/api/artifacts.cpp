@@ -1,9 +1,11 @@
 // /api/v1/artifacts: streamed, content-addressed uploads and ranged downloads.
 #include <unistd.h>
 
+#include "common/request_signature.h"
 #include "http/file_response.h"
 #include "server/api/api.h"
 #include "server/registry/blob_store.h"
+#include "server/sync/sync_hub.h"
 
 namespace outpost::server::api {
 namespace {
@@ -54,6 +56,36 @@ Result<http::Response> download(ApiContext& ctx, const http::Request& req) {
   return resp;
 }
 
+// Whether `device_id`'s desired state names `digest` (the hub's copy when it has one, else the
+// store's). Digests are JSON strings there, so a quoted match is exact.
+Result<bool> desired_names(ApiContext& ctx, const std::string& device_id,
+                           const std::string& quoted) {
+  if (auto held = ctx.hub.current(device_id); held && held->body) {
+    return held->body->find(quoted) != std::string::npos;
+  }
+  auto device = ctx.store.get_device(device_id);
+  if (!device) return make_error(device.error());
+  return *device && (*device)->desired_json.find(quoted) != std::string::npos;
+}
+
+// A device may download only what its own desired state references, or, for a relay, what
+// the desired state of a device whose calls it carries references (it fetches for them).
+Status device_may_fetch(ApiContext& ctx, const Caller& device, const std::string& digest) {
+  const std::string quoted = "\"" + digest + "\"";
+  auto own = desired_names(ctx, device.device_id, quoted);
+  if (!own) return make_error(own.error());
+  if (*own) return ok();
+  for (const auto& child : ctx.sessions.behind(device.device_id)) {
+    auto theirs = desired_names(ctx, child, quoted);
+    if (!theirs) return make_error(theirs.error());
+    if (*theirs) return ok();
+  }
+  return make_error(Errc::kPermissionDenied,
+                    "artifact " + digest + " is not assigned to device " + device.device_id +
+                        " (nor to a device behind it): devices download only what their desired "
+                        "state names");
+}
+
 }  // namespace
 
 void register_artifact_routes(http::Router& router, ApiContext& ctx) {
@@ -69,16 +101,20 @@ void register_artifact_routes(http::Router& router, ApiContext& ctx) {
         for (const auto& a : *list) out.push_back(artifact_json(a));
         return json_response(200, {{"artifacts", out}});
       });
-  // Devices and operators may both download: try the operator token, then the device one.
+  // Devices (signed calls, for what is assigned to them) and operators may download.
   router.add("GET", "/api/v1/artifacts/{digest}",
              [&ctx](http::Request&& req, http::Responder respond) {
                run_on_worker(ctx, std::move(respond),
                              [&ctx, req = std::move(req)]() -> Result<http::Response> {
-                               auto op = authenticate_operator(ctx, req, Role::kViewer);
-                               if (!op) {
-                                 auto dev = authenticate_device(ctx, req);
-                                 if (!dev) return make_error(op.error());
+                               // A signed call is a device's; anything else an operator's.
+                               if (req.header(std::string(reqsig::kHeaderLower)).empty()) {
+                                 auto op = authenticate_operator(ctx, req, Role::kViewer);
+                                 if (!op) return make_error(op.error());
+                                 return download(ctx, req);
                                }
+                               auto dev = authenticate_device(ctx, req);
+                               if (!dev) return make_error(dev.error());
+                               OUTPOST_TRY(device_may_fetch(ctx, *dev, req.params.at("digest")));
                                return download(ctx, req);
                              });
              });

@@ -15,26 +15,7 @@
 namespace outpost::server::api {
 namespace {
 
-// The relays a request came through, nearest the device first, from the X-Outpost-Via header
-// each relay extends ("d-1a2b3c,d-4d5e6f"). Only device-id-shaped names are kept, at most 16:
-// the header is the relays' word for the topology the operator sees, never an authorization.
-nlohmann::json via_of(const http::Request& req) {
-  nlohmann::json out = nlohmann::json::array();
-  const std::string header = req.header("x-outpost-via");
-  size_t start = 0;
-  while (start <= header.size() && out.size() < 16) {
-    size_t comma = header.find(',', start);
-    if (comma == std::string::npos) comma = header.size();
-    std::string id = header.substr(start, comma - start);
-    while (!id.empty() && id.front() == ' ') id.erase(0, 1);
-    while (!id.empty() && id.back() == ' ') id.pop_back();
-    const bool shaped = id.size() > 2 && id.size() <= 64 && id.rfind("d-", 0) == 0 &&
-                        id.find_first_not_of("0123456789abcdef", 2) == std::string::npos;
-    if (shaped) out.push_back(id);
-    start = comma + 1;
-  }
-  return out;
-}
+nlohmann::json via_of(const http::Request& req) { return via_list(req); }
 
 Result<http::Response> enroll(ApiContext& ctx, const http::Request& req) {
   auto doc = parse_json_body(req.body);
@@ -134,7 +115,14 @@ void poll_desired(ApiContext& ctx, const http::Request& req, const http::Respond
     ctx.hub.publish(caller.device_id, *loaded);
   }
   uint64_t parked = ctx.hub.wait(
-      caller.device_id, known, wait_ms, [respond](std::optional<sync::SignedDesired> desired) {
+      caller.device_id, known, wait_ms,
+      [respond, &sessions = ctx.sessions,
+       device = caller.device_id](std::optional<sync::SignedDesired> desired) {
+        // Revoked while parked: nothing more reaches it.
+        if (sessions.revoked(device)) {
+          return respond(http::Response::error(
+              Error{Errc::kUnauthenticated, "device " + device + " was revoked", {}}));
+        }
         if (!desired) {
           http::Response resp;
           resp.status = 304;

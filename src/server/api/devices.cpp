@@ -59,6 +59,7 @@ nlohmann::json device_summary(const store::Device& d, int64_t now_ms,
           {"deployments_scheduled", scheduled},
           {"unschedulable", unschedulable},
           {"cordoned", d.cordoned},
+          {"revoked_at", d.revoked_at},
           {"online", device_online(d.last_seen, now_ms)},
           {"telemetry", telemetry_summary(telemetry)}};
 }
@@ -182,6 +183,24 @@ Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, con
   return json_response(200, {{"id", id}, {"cordoned", cordoned}});
 }
 
+// Refuses the device's credential from the next call on (the in-memory session too); the
+// device row stays for its history. A revoked device must enroll again with a new token.
+Result<http::Response> revoke_device(ApiContext& ctx, const http::Request& req,
+                                     const Caller& caller) {
+  const std::string& id = req.params.at("id");
+  const int64_t now = ctx.clock.now_ms();
+  auto device = ctx.store.get_device(id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
+  if ((*device)->revoked_at == 0) {
+    OUTPOST_TRY(ctx.store.set_device_revoked(id, now));
+    audit(ctx, caller, "device.revoke", "device/" + id, {{"site", (*device)->site}});
+  }
+  ctx.sessions.revoke(id, (*device)->revoked_at == 0 ? now : (*device)->revoked_at);
+  return json_response(
+      200, {{"id", id}, {"revoked_at", (*device)->revoked_at == 0 ? now : (*device)->revoked_at}});
+}
+
 }  // namespace
 
 void register_device_routes(http::Router& router, ApiContext& ctx) {
@@ -197,6 +216,8 @@ void register_device_routes(http::Router& router, ApiContext& ctx) {
                      [](ApiContext& c, const http::Request& r, const Caller& caller) {
                        return set_cordon(c, r, caller, false);
                      });
+  add_operator_route(router, ctx, "POST", "/api/v1/devices/{id}/revoke", Role::kOperator,
+                     revoke_device);
 }
 
 }  // namespace outpost::server::api

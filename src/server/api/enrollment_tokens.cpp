@@ -80,6 +80,8 @@ Result<http::Response> create_token(ApiContext& ctx, const Caller& caller,
         {{"site", token.site}, {"labels", token.labels}});
   nlohmann::json out = token_json(token);
   out["token"] = secret;  // shown once; only its hash is stored
+  // The pin a device checks the CA against before it trusts the server with the token.
+  if (!ctx.ca_pin.empty()) out["ca_pin"] = ctx.ca_pin;
   return json_response(201, out);
 }
 
