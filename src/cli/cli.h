@@ -100,6 +100,7 @@ int64_t now_ms();
 // Each adds its verbs; the callback stores the verb's exit code in `exit_code`.
 void add_login_command(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_user_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_artifact_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code);

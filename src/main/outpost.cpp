@@ -114,6 +114,7 @@ int main(int argc, char** argv) {
 
   outpost::cli::add_login_command(app, globals, exit_code);
   outpost::cli::add_token_commands(app, globals, exit_code);
+  outpost::cli::add_user_commands(app, globals, exit_code);
   outpost::cli::add_device_commands(app, globals, exit_code);
   outpost::cli::add_artifact_commands(app, globals, exit_code);
   outpost::cli::add_model_commands(app, globals, exit_code);

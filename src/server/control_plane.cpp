@@ -184,6 +184,7 @@ Status ControlPlane::start() {
   api::register_audit_routes(d.router, *d.ctx);
   api::register_telemetry_routes(d.router, *d.ctx);
   api::register_rollout_routes(d.router, *d.ctx);
+  api::register_user_routes(d.router, *d.ctx);
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));

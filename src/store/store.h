@@ -22,12 +22,15 @@ namespace outpost::store {
 
 using Labels = std::map<std::string, std::string>;
 
+// An operator user and its bearer token (one token per user).
 struct OperatorToken {
-  std::string id;          // public identifier, e.g. "admin" or a random id
+  std::string id;          // public identifier: the user name ("admin" for the bootstrap token)
   std::string token_hash;  // hex sha256 of the secret token
   std::string role;        // viewer | operator | admin
-  std::string name;        // who holds it (audit actor)
+  std::string name;        // the user (unique; the audit actor is "user:<name>")
   int64_t created_at = 0;
+  std::vector<std::string> sites;  // site glob patterns the user is scoped to; empty = every site
+  int64_t revoked_at = 0;          // when the token was revoked (0 = not revoked)
 };
 
 struct EnrollmentToken {
@@ -317,10 +320,22 @@ class Store {
  public:
   virtual ~Store() = default;
 
-  // Operator tokens.
+  // Operator tokens (users). put replaces the token with the same id, or inserts it;
+  // kAlreadyExists when another token has the same hash or the same name.
   [[nodiscard]] virtual Status put_operator_token(const OperatorToken& token) = 0;
+  // Inserts a new token; kAlreadyExists naming the user (field "name") when the name or id is
+  // taken, by a revoked user too (names are audit actors and are never reused).
+  [[nodiscard]] virtual Status create_operator_token(const OperatorToken& token) = 0;
+  // Revoked tokens are found too (revoked_at > 0): refusing them is the caller's business.
   [[nodiscard]] virtual Result<std::optional<OperatorToken>> find_operator_token_by_hash(
       const std::string& token_hash) = 0;
+  [[nodiscard]] virtual Result<std::optional<OperatorToken>> find_operator_token_by_name(
+      const std::string& name) = 0;
+  [[nodiscard]] virtual Result<std::vector<OperatorToken>> list_operator_tokens() = 0;  // by name
+  // Marks the user's token revoked at `revoked_at` and returns it as stored; a token already
+  // revoked keeps its first revocation time. kNotFound naming the user when unknown.
+  [[nodiscard]] virtual Result<OperatorToken> revoke_operator_token(const std::string& name,
+                                                                    int64_t revoked_at) = 0;
 
   // Enrollment tokens.
   [[nodiscard]] virtual Status put_enrollment_token(const EnrollmentToken& token) = 0;

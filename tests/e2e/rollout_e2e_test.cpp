@@ -613,9 +613,9 @@ TEST_F(RolloutE2E, PauseResumeAbortAndUndoFromTheCli) {
     }
   }
   EXPECT_EQ(actions, (std::vector<std::string>{
-                         "rollout.start by token:admin", "rollout.pause by token:admin",
-                         "rollout.resume by token:admin", "rollout.abort by token:admin",
-                         "rollout.undo by token:admin", "rollout.complete by rollouts-controller"}))
+                         "rollout.start by user:admin", "rollout.pause by user:admin",
+                         "rollout.resume by user:admin", "rollout.abort by user:admin",
+                         "rollout.undo by user:admin", "rollout.complete by rollouts-controller"}))
       << audit.out;
 }
 

@@ -194,6 +194,8 @@ TEST_P(StoreTest, ReopenKeepsDataAndSchema) {
     GTEST_SKIP() << "backend is not persistent";
   }
   ASSERT_OK(store_->put_operator_token({"admin", "h-admin", "admin", "root", 1}));
+  ASSERT_OK(store_->create_operator_token({"alice", "h-alice", "operator", "alice", 2, {"p-*"}}));
+  ASSERT_OK(store_->revoke_operator_token("alice", 3));
   add_device(device("cam-01"));
   ASSERT_OK(store_->apply_deployment("det", R"({"spec":1})", "s1", "alice", 10));
   ASSERT_OK(store_->append_audit("alice", "deployment.apply", "deployment/det", "{}", 10));
@@ -207,6 +209,11 @@ TEST_P(StoreTest, ReopenKeepsDataAndSchema) {
   ASSERT_OK(token);
   ASSERT_TRUE(token->has_value());
   EXPECT_EQ((*token)->name, "root");
+  auto alice = store_->find_operator_token_by_name("alice");
+  ASSERT_OK(alice);
+  ASSERT_TRUE(alice->has_value());
+  EXPECT_EQ((*alice)->sites, std::vector<std::string>{"p-*"});
+  EXPECT_EQ((*alice)->revoked_at, 3);
   auto dev = store_->get_device("cam-01");
   ASSERT_OK(dev);
   ASSERT_TRUE(dev->has_value());
@@ -251,6 +258,97 @@ TEST_P(StoreTest, PutOperatorTokenReplacesByIdAndRefusesSharedHash) {
   ASSERT_FALSE(clash);
   EXPECT_EQ(clash.error().code, Errc::kAlreadyExists);
   EXPECT_NE(clash.error().message.find("other"), std::string::npos) << clash.error().message;
+}
+
+TEST_P(StoreTest, UsersAreCreatedListedByNameAndFoundByNameOrHash) {
+  OperatorToken alice{"alice", "h-alice", "operator", "alice", 10, {"plant-*", "depot-1"}, 0};
+  OperatorToken vic{"vic", "h-vic", "viewer", "vic", 20, {}, 0};
+  ASSERT_OK(store_->create_operator_token(vic));
+  ASSERT_OK(store_->create_operator_token(alice));
+
+  auto list = store_->list_operator_tokens();
+  ASSERT_OK(list);
+  ASSERT_EQ(list->size(), 2u);
+  EXPECT_EQ((*list)[0].name, "alice");
+  EXPECT_EQ((*list)[0].sites, (std::vector<std::string>{"plant-*", "depot-1"}));
+  EXPECT_EQ((*list)[0].revoked_at, 0);
+  EXPECT_EQ((*list)[1].name, "vic");
+  EXPECT_TRUE((*list)[1].sites.empty());
+
+  auto by_name = store_->find_operator_token_by_name("alice");
+  ASSERT_OK(by_name);
+  ASSERT_TRUE(by_name->has_value());
+  EXPECT_EQ((*by_name)->token_hash, "h-alice");
+  EXPECT_EQ((*by_name)->role, "operator");
+  EXPECT_EQ((*by_name)->created_at, 10);
+  auto by_hash = store_->find_operator_token_by_hash("h-alice");
+  ASSERT_OK(by_hash);
+  ASSERT_TRUE(by_hash->has_value());
+  EXPECT_EQ((*by_hash)->sites, (std::vector<std::string>{"plant-*", "depot-1"}));
+  auto nobody = store_->find_operator_token_by_name("bob");
+  ASSERT_OK(nobody);
+  EXPECT_FALSE(nobody->has_value());
+}
+
+TEST_P(StoreTest, CreateOperatorTokenRefusesATakenNameEvenAfterRevocation) {
+  ASSERT_OK(store_->create_operator_token({"alice", "h1", "operator", "alice", 10, {}, 0}));
+  auto again = store_->create_operator_token({"alice", "h2", "viewer", "alice", 20, {}, 0});
+  ASSERT_FALSE(again);
+  EXPECT_EQ(again.error().code, Errc::kAlreadyExists);
+  EXPECT_EQ(again.error().field, "name");
+  EXPECT_NE(again.error().message.find("user alice already exists"), std::string::npos)
+      << again.error().message;
+
+  ASSERT_OK(store_->revoke_operator_token("alice", 30));
+  auto reused = store_->create_operator_token({"alice", "h3", "viewer", "alice", 40, {}, 0});
+  ASSERT_FALSE(reused);
+  EXPECT_EQ(reused.error().code, Errc::kAlreadyExists);
+  EXPECT_NE(reused.error().message.find("revoked"), std::string::npos) << reused.error().message;
+  // Nothing half-written: the old row is as it was.
+  auto kept = store_->find_operator_token_by_name("alice");
+  ASSERT_OK(kept);
+  ASSERT_TRUE(kept->has_value());
+  EXPECT_EQ((*kept)->token_hash, "h1");
+
+  // A shared hash is refused too, naming the token.
+  auto clash = store_->create_operator_token({"bob", "h1", "viewer", "bob", 50, {}, 0});
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code, Errc::kAlreadyExists);
+  EXPECT_NE(clash.error().message.find("bob"), std::string::npos) << clash.error().message;
+}
+
+TEST_P(StoreTest, PutOperatorTokenRefusesAnotherTokensName) {
+  ASSERT_OK(store_->create_operator_token({"alice", "h1", "operator", "alice", 10, {}, 0}));
+  auto clash = store_->put_operator_token({"other", "h2", "viewer", "alice", 20, {}, 0});
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code, Errc::kAlreadyExists);
+  EXPECT_EQ(clash.error().field, "name");
+  EXPECT_NE(clash.error().message.find("user alice already exists"), std::string::npos)
+      << clash.error().message;
+}
+
+TEST_P(StoreTest, RevokeOperatorTokenKeepsTheFirstTimeAndNamesUnknownUsers) {
+  ASSERT_OK(store_->create_operator_token({"alice", "h1", "operator", "alice", 10, {"p-*"}, 0}));
+  auto revoked = store_->revoke_operator_token("alice", 50);
+  ASSERT_OK(revoked);
+  EXPECT_EQ(revoked->revoked_at, 50);
+  EXPECT_EQ(revoked->token_hash, "h1");
+  EXPECT_EQ(revoked->sites, std::vector<std::string>{"p-*"});
+  // Still found by hash (the caller refuses it), with the revocation time.
+  auto found = store_->find_operator_token_by_hash("h1");
+  ASSERT_OK(found);
+  ASSERT_TRUE(found->has_value());
+  EXPECT_EQ((*found)->revoked_at, 50);
+
+  auto twice = store_->revoke_operator_token("alice", 90);
+  ASSERT_OK(twice);
+  EXPECT_EQ(twice->revoked_at, 50);
+
+  auto unknown = store_->revoke_operator_token("bob", 60);
+  ASSERT_FALSE(unknown);
+  EXPECT_EQ(unknown.error().code, Errc::kNotFound);
+  EXPECT_EQ(unknown.error().field, "name");
+  EXPECT_NE(unknown.error().message.find("user bob"), std::string::npos) << unknown.error().message;
 }
 
 // ---- Enrollment ----
@@ -1693,6 +1791,41 @@ TEST(SqliteMigrationsTest, FailedMigrationLeavesNoTraceAndLaterOnesResume) {
   EXPECT_EQ(older.error().code, Errc::kFailedPrecondition);
   EXPECT_NE(older.error().message.find("schema version 2"), std::string::npos)
       << older.error().message;
+}
+
+TEST(SqliteMigrationsTest, OperatorUsersMigrationKeepsTheAdminTokenUnscoped) {
+  TempDir dir;
+  const std::string path = dir.path() + "/upgrade.db";
+  const auto all = sqlite::embedded_migrations();
+  ASSERT_GE(all.size(), 6u);
+  ASSERT_EQ(all[5].name, "0006_operator_users.sql");
+  {
+    auto before = sqlite::open_sqlite_store(path, all.subspan(0, 5));
+    ASSERT_OK(before);
+  }
+  {
+    // A token as a build before users wrote it (the old columns only).
+    sqlite3* raw = nullptr;
+    ASSERT_EQ(sqlite3_open(path.c_str(), &raw), SQLITE_OK);
+    std::unique_ptr<sqlite3, decltype(&sqlite3_close)> db(raw, &sqlite3_close);
+    ASSERT_EQ(sqlite3_exec(db.get(),
+                           "INSERT INTO operator_tokens (id, token_hash, role, name, created_at)"
+                           " VALUES ('admin', 'h-admin', 'admin', 'admin', 7)",
+                           nullptr, nullptr, nullptr),
+              SQLITE_OK);
+  }
+  auto upgraded = sqlite::open_sqlite_store(path);
+  ASSERT_OK(upgraded);
+  auto admin = (*upgraded)->find_operator_token_by_hash("h-admin");
+  ASSERT_OK(admin);
+  ASSERT_TRUE(admin->has_value());
+  EXPECT_EQ((*admin)->name, "admin");
+  EXPECT_TRUE((*admin)->sites.empty());
+  EXPECT_EQ((*admin)->revoked_at, 0);
+  // The name is unique from now on.
+  auto clash = (*upgraded)->create_operator_token({"x", "h-x", "viewer", "admin", 8, {}, 0});
+  ASSERT_FALSE(clash);
+  EXPECT_EQ(clash.error().code, Errc::kAlreadyExists);
 }
 
 TEST(SqliteMigrationsTest, RefusesMisnumberedMigrations) {

@@ -22,6 +22,7 @@
 #include "http/http_server.h"
 #include "server/device_sessions.h"
 #include "server/group_writer.h"
+#include "server/site_scope.h"
 #include "store/store.h"
 
 namespace outpost::server {
@@ -41,12 +42,16 @@ class RolloutController;
 
 namespace outpost::server::api {
 
-// Who made a call: an operator token or a device credential.
+// Who made a call: an operator user or a device credential.
 struct Caller {
   enum class Kind { kOperator, kDevice } kind = Kind::kOperator;
-  std::string name;  // audit actor: "token:admin" or "device:d-1a2b"
+  std::string name;  // audit actor: "user:alice" or "device:d-1a2b"
   std::string role;  // operators: viewer|operator|admin
+  std::string user;  // operators: the user name ("admin" for DATA/admin.token)
+  SiteScope scope;   // operators: the sites the user may see and act on (see require_* below)
   std::string device_id;
+
+  bool in_scope(const std::string& site) const { return scope.contains_site(site); }
 };
 
 // Telemetry ingest counters for /metrics; shared by the workers.
@@ -150,6 +155,36 @@ enum class Role { kViewer, kOperator, kAdmin };
 // calls it carried (a device cannot put a relay on another device's path).
 std::vector<std::string> via_list(const http::Request& req);
 
+// Site scope (issue 17), checked here and only here for every operator route. Each refusal is
+// kPermissionDenied and says who, their scope and why: "user alice is scoped to sites plant-*;
+// device d-12 is in site depot-2". Unscoped users (and so admins) pass every check.
+//
+// `why` completes the refusal: "device d-12 is in site depot-2".
+[[nodiscard]] Status require_site_in_scope(const Caller& caller, const std::string& site,
+                                           const std::string& why);
+// Loads a device and checks its site; kNotFound when it does not exist.
+[[nodiscard]] Result<store::Device> device_in_scope(ApiContext& ctx, const Caller& caller,
+                                                    const std::string& id);
+// A selector's site patterns must be non-empty and each inside the scope (SiteScope::outside);
+// `what` selects them ("deployment web"). The error's field is spec.selector.sites.
+[[nodiscard]] Status require_selector_in_scope(const Caller& caller, const std::string& what,
+                                               const std::vector<std::string>& sites);
+// A deployment is in scope when the site selectors of its current revision and of its stable
+// revision (which devices still run during a rollout) both are. Blocking (may read the store).
+[[nodiscard]] Status require_deployment_in_scope(ApiContext& ctx, const Caller& caller,
+                                                 const store::Deployment& deployment);
+// The same as a filter, for lists.
+[[nodiscard]] Result<bool> deployment_in_scope(ApiContext& ctx, const Caller& caller,
+                                               const store::Deployment& deployment);
+// The same by name: for a scoped user, loads the deployment (kNotFound when it does not exist)
+// and checks it; for an unscoped one reads nothing.
+[[nodiscard]] Status require_deployment_in_scope(ApiContext& ctx, const Caller& caller,
+                                                 const std::string& name);
+// Fleet-wide things (the audit log): unscoped users only. `what` is the thing refused.
+[[nodiscard]] Status require_unscoped(const Caller& caller, const std::string& what);
+// spec.selector.sites of a stored (normalized) manifest.
+std::vector<std::string> manifest_selector_sites(const std::string& manifest_json);
+
 // Appends an audit entry; failures are logged (the change itself already happened).
 void audit(ApiContext& ctx, const Caller& caller, const std::string& action,
            const std::string& target, const nlohmann::json& details = nlohmann::json::object());
@@ -181,5 +216,6 @@ void register_deployment_routes(http::Router& router, ApiContext& ctx);
 void register_audit_routes(http::Router& router, ApiContext& ctx);
 void register_telemetry_routes(http::Router& router, ApiContext& ctx);
 void register_rollout_routes(http::Router& router, ApiContext& ctx);
+void register_user_routes(http::Router& router, ApiContext& ctx);
 
 }  // namespace outpost::server::api

@@ -55,6 +55,29 @@ int role_rank(const std::string& role) {
   return 0;
 }
 
+const char* role_name(Role role) {
+  switch (role) {
+    case Role::kViewer:
+      return "viewer";
+    case Role::kOperator:
+      return "operator";
+    case Role::kAdmin:
+      return "admin";
+  }
+  return "?";
+}
+
+// "user alice is scoped to sites plant-*": the start of every scope refusal.
+std::string scope_of(const Caller& caller) {
+  return "user " + caller.user + " is scoped to sites " + caller.scope.describe();
+}
+
+std::string joined(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& item : items) out += (out.empty() ? "" : ", ") + item;
+  return out;
+}
+
 }  // namespace
 
 Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req, Role needed) {
@@ -67,14 +90,108 @@ Result<Caller> authenticate_operator(ApiContext& ctx, const http::Request& req, 
   auto record = ctx.auth.authenticate(*token);
   if (!record) return make_error(record.error());
   if (role_rank(record->role) < static_cast<int>(needed)) {
-    return make_error(Errc::kPermissionDenied, "token " + record->id + " has role " + record->role +
-                                                   ", which may not do this");
+    return make_error(Errc::kPermissionDenied,
+                      "user " + record->name + " has role " + record->role +
+                          ", which may not do this (needs " + role_name(needed) + ")");
   }
   Caller caller;
   caller.kind = Caller::Kind::kOperator;
-  caller.name = "token:" + record->name;
+  caller.name = "user:" + record->name;
   caller.role = record->role;
+  caller.user = record->name;
+  caller.scope = SiteScope(record->sites);
   return caller;
+}
+
+Status require_site_in_scope(const Caller& caller, const std::string& site,
+                             const std::string& why) {
+  if (caller.in_scope(site)) return ok();
+  return make_error(Errc::kPermissionDenied, scope_of(caller) + "; " + why);
+}
+
+Result<store::Device> device_in_scope(ApiContext& ctx, const Caller& caller,
+                                      const std::string& id) {
+  auto device = ctx.store.get_device(id);
+  if (!device) return make_error(device.error());
+  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
+  OUTPOST_TRY(require_site_in_scope(caller, (*device)->site,
+                                    "device " + id + " is in site " + (*device)->site));
+  return std::move(**device);
+}
+
+Status require_selector_in_scope(const Caller& caller, const std::string& what,
+                                 const std::vector<std::string>& sites) {
+  const auto outside = caller.scope.outside(sites);
+  if (outside.empty()) return ok();
+  if (sites.empty()) {
+    return make_error(Errc::kPermissionDenied,
+                      scope_of(caller) + "; " + what +
+                          " selects every site (spec.selector.sites is empty); name sites "
+                          "inside the scope",
+                      "spec.selector.sites");
+  }
+  return make_error(
+      Errc::kPermissionDenied,
+      scope_of(caller) + "; " + what + " selects sites " + joined(outside) + ", outside that scope",
+      "spec.selector.sites");
+}
+
+std::vector<std::string> manifest_selector_sites(const std::string& manifest_json) {
+  const nlohmann::json manifest = parse_object_or_empty(manifest_json);
+  std::vector<std::string> sites;
+  const auto spec = manifest.find("spec");
+  if (spec == manifest.end() || !spec->is_object()) return sites;
+  const auto selector = spec->find("selector");
+  if (selector == spec->end() || !selector->is_object()) return sites;
+  const auto list = selector->find("sites");
+  if (list == selector->end() || !list->is_array()) return sites;
+  for (const auto& site : *list) {
+    // Something we cannot read selects nothing we can vouch for: "*" keeps it out of scope.
+    sites.push_back(site.is_string() ? site.get<std::string>() : "*");
+  }
+  return sites;
+}
+
+Status require_deployment_in_scope(ApiContext& ctx, const Caller& caller,
+                                   const store::Deployment& deployment) {
+  if (caller.scope.unrestricted()) return ok();
+  const std::string what = "deployment " + deployment.name;
+  OUTPOST_TRY(
+      require_selector_in_scope(caller, what, manifest_selector_sites(deployment.manifest_json)));
+  if (deployment.stable_revision == 0 || deployment.stable_revision == deployment.revision) {
+    return ok();
+  }
+  auto revisions = ctx.store.list_deployment_revisions(deployment.name);
+  if (!revisions) return make_error(revisions.error());
+  for (const auto& r : *revisions) {
+    if (r.revision != deployment.stable_revision) continue;
+    return require_selector_in_scope(
+        caller, what + " (its stable revision " + std::to_string(r.revision) + ")",
+        manifest_selector_sites(r.manifest_json));
+  }
+  return ok();
+}
+
+Result<bool> deployment_in_scope(ApiContext& ctx, const Caller& caller,
+                                 const store::Deployment& deployment) {
+  auto checked = require_deployment_in_scope(ctx, caller, deployment);
+  if (checked) return true;
+  if (checked.error().code == Errc::kPermissionDenied) return false;
+  return make_error(checked.error());
+}
+
+Status require_deployment_in_scope(ApiContext& ctx, const Caller& caller, const std::string& name) {
+  if (caller.scope.unrestricted()) return ok();
+  auto found = ctx.store.get_deployment(name);
+  if (!found) return make_error(found.error());
+  if (!*found) return make_error(Errc::kNotFound, "deployment " + name + " does not exist");
+  return require_deployment_in_scope(ctx, caller, **found);
+}
+
+Status require_unscoped(const Caller& caller, const std::string& what) {
+  if (caller.scope.unrestricted()) return ok();
+  return make_error(Errc::kPermissionDenied,
+                    scope_of(caller) + "; " + what + " is fleet-wide, for unscoped users only");
 }
 
 std::vector<std::string> via_list(const http::Request& req) {

@@ -25,7 +25,9 @@ Result<int64_t> since_param(ApiContext& ctx, const http::Request& req) {
   return ctx.clock.now_ms() - *ms;
 }
 
-Result<http::Response> list_audit(ApiContext& ctx, const http::Request& req, const Caller&) {
+// The audit log covers the whole fleet (and every user): unscoped users only.
+Result<http::Response> list_audit(ApiContext& ctx, const http::Request& req, const Caller& caller) {
+  OUTPOST_TRY(require_unscoped(caller, "the audit log"));
   auto since = since_param(ctx, req);
   if (!since) return make_error(since.error());
   int64_t limit = 1000;
@@ -43,7 +45,8 @@ Result<http::Response> list_audit(ApiContext& ctx, const http::Request& req, con
   return json_response(200, {{"entries", out}});
 }
 
-Result<http::Response> verify(ApiContext& ctx, const http::Request&, const Caller&) {
+Result<http::Response> verify(ApiContext& ctx, const http::Request&, const Caller& caller) {
+  OUTPOST_TRY(require_unscoped(caller, "the audit log"));
   auto entries = ctx.store.list_audit(0, INT64_MAX);
   if (!entries) return make_error(entries.error());
   std::string prev;

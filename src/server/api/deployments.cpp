@@ -29,6 +29,15 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
   if (!doc) return make_error(doc.error());
   auto manifest = deployments::validate_manifest(*doc);
   if (!manifest) return make_error(manifest.error());
+  // A scoped user applies only what stays inside the scope, and only over a deployment that
+  // is inside it already (a new revision replaces it on every device it targets).
+  OUTPOST_TRY(
+      require_selector_in_scope(caller, "deployment " + manifest->name, manifest->selector.sites));
+  if (auto existing = require_deployment_in_scope(ctx, caller, manifest->name);
+      !existing && existing.error().code != Errc::kNotFound) {
+    return make_error(existing.error().with_context("deployment " + manifest->name +
+                                                    " exists and is outside the scope"));
+  }
   deployments::ReferenceLookup lookup;
   lookup.model_exists = [&ctx](const std::string& model) -> Result<bool> {
     auto versions = ctx.store.list_model_versions(model);
@@ -111,19 +120,26 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
                        out);
 }
 
-Result<http::Response> list_deployments(ApiContext& ctx, const http::Request&, const Caller&) {
+Result<http::Response> list_deployments(ApiContext& ctx, const http::Request&,
+                                        const Caller& caller) {
   auto all = ctx.store.list_deployments();
   if (!all) return make_error(all.error());
   nlohmann::json out = nlohmann::json::array();
-  for (const auto& d : *all) out.push_back(deployment_json(d));
+  for (const auto& d : *all) {
+    auto visible = deployment_in_scope(ctx, caller, d);
+    if (!visible) return make_error(visible.error());
+    if (*visible) out.push_back(deployment_json(d));
+  }
   return json_response(200, {{"deployments", out}});
 }
 
-Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req,
+                                       const Caller& caller) {
   const std::string& name = req.params.at("name");
   auto found = ctx.store.get_deployment(name);
   if (!found) return make_error(found.error());
   if (!*found) return make_error(Errc::kNotFound, "deployment " + name + " does not exist");
+  OUTPOST_TRY(require_deployment_in_scope(ctx, caller, **found));
   nlohmann::json out = deployment_json(**found);
   out["manifest"] = parse_object_or_empty((*found)->manifest_json);
   auto revisions = ctx.store.list_deployment_revisions(name);
@@ -143,6 +159,7 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
   nlohmann::json targets = nlohmann::json::array();
   size_t scheduled = 0, unschedulable = 0, reported = 0;
   for (const auto& d : *devices) {
+    if (!caller.in_scope(d.site)) continue;
     nlohmann::json schedule = parse_object_or_empty(d.schedule_json);
     if (!schedule.contains("deployments") || !schedule["deployments"].contains(name)) continue;
     const auto& entry = schedule["deployments"][name];
@@ -186,6 +203,7 @@ Result<http::Response> show_deployment(ApiContext& ctx, const http::Request& req
 
 Result<http::Response> remove(ApiContext& ctx, const http::Request& req, const Caller& caller) {
   const std::string& name = req.params.at("name");
+  OUTPOST_TRY(require_deployment_in_scope(ctx, caller, name));
   OUTPOST_TRY(ctx.store.delete_deployment(name));
   audit(ctx, caller, "deployment.delete", "deployment/" + name);
   auto summary = ctx.desired.reconcile_all();

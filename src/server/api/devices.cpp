@@ -92,7 +92,9 @@ Result<store::Labels> parse_label_selector(const std::string& text) {
   return labels;
 }
 
-Result<http::Response> list_devices(ApiContext& ctx, const http::Request& req, const Caller&) {
+// A scoped user sees the devices of the sites in scope only (`--site` outside it: none).
+Result<http::Response> list_devices(ApiContext& ctx, const http::Request& req,
+                                    const Caller& caller) {
   store::DeviceFilter filter;
   if (auto site = req.query_param("site"); site && !site->empty()) filter.site = *site;
   if (auto selector = req.query_param("selector"); selector && !selector->empty()) {
@@ -107,18 +109,19 @@ Result<http::Response> list_devices(ApiContext& ctx, const http::Request& req, c
   nlohmann::json out = nlohmann::json::array();
   const int64_t now = ctx.clock.now_ms();
   for (const auto& d : *devices) {
+    if (!caller.in_scope(d.site)) continue;
     auto it = states->find(d.id);
     out.push_back(device_summary(d, now, it == states->end() ? nullptr : &it->second));
   }
   return json_response(200, {{"devices", out}});
 }
 
-Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> show_device(ApiContext& ctx, const http::Request& req,
+                                   const Caller& caller) {
   const std::string& id = req.params.at("id");
-  auto device = ctx.store.get_device(id);
+  auto device = device_in_scope(ctx, caller, id);
   if (!device) return make_error(device.error());
-  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
-  const auto& d = **device;
+  const auto& d = *device;
   auto states = telemetry_states(ctx);
   if (!states) return make_error(states.error());
   auto state = states->find(id);
@@ -137,6 +140,7 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, co
     nlohmann::json children = nlohmann::json::array();
     int64_t behind = 0;
     for (const auto& other : *all) {
+      if (!caller.in_scope(other.site)) continue;
       nlohmann::json st = parse_object_or_empty(other.status_json);
       if (!st.contains("via") || !st["via"].is_array() || st["via"].empty()) continue;
       const auto& chain = st["via"];
@@ -150,7 +154,7 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req, co
 }
 
 // The device's status reports in its own order (what happened while it was offline).
-Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, const Caller&) {
+Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, const Caller& caller) {
   const std::string& id = req.params.at("id");
   int64_t limit = 50;
   if (auto text = req.query_param("limit")) {
@@ -161,9 +165,8 @@ Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, con
                         "limit: expected an integer from 1 to 500, got \"" + *text + "\"", "limit");
     }
   }
-  auto device = ctx.store.get_device(id);
+  auto device = device_in_scope(ctx, caller, id);
   if (!device) return make_error(device.error());
-  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
   auto log = ctx.store.list_device_status_log(id, limit);
   if (!log) return make_error(log.error());
   nlohmann::json reports = nlohmann::json::array();
@@ -178,6 +181,8 @@ Result<http::Response> status_log(ApiContext& ctx, const http::Request& req, con
 Result<http::Response> set_cordon(ApiContext& ctx, const http::Request& req, const Caller& caller,
                                   bool cordoned) {
   const std::string& id = req.params.at("id");
+  auto device = device_in_scope(ctx, caller, id);
+  if (!device) return make_error(device.error());
   OUTPOST_TRY(ctx.store.set_device_cordoned(id, cordoned));
   audit(ctx, caller, cordoned ? "device.cordon" : "device.uncordon", "device/" + id);
   return json_response(200, {{"id", id}, {"cordoned", cordoned}});
@@ -189,16 +194,15 @@ Result<http::Response> revoke_device(ApiContext& ctx, const http::Request& req,
                                      const Caller& caller) {
   const std::string& id = req.params.at("id");
   const int64_t now = ctx.clock.now_ms();
-  auto device = ctx.store.get_device(id);
+  auto device = device_in_scope(ctx, caller, id);
   if (!device) return make_error(device.error());
-  if (!*device) return make_error(Errc::kNotFound, "device " + id + " does not exist");
-  if ((*device)->revoked_at == 0) {
+  const int64_t revoked_at = device->revoked_at == 0 ? now : device->revoked_at;
+  if (device->revoked_at == 0) {
     OUTPOST_TRY(ctx.store.set_device_revoked(id, now));
-    audit(ctx, caller, "device.revoke", "device/" + id, {{"site", (*device)->site}});
+    audit(ctx, caller, "device.revoke", "device/" + id, {{"site", device->site}});
   }
-  ctx.sessions.revoke(id, (*device)->revoked_at == 0 ? now : (*device)->revoked_at);
-  return json_response(
-      200, {{"id", id}, {"revoked_at", (*device)->revoked_at == 0 ? now : (*device)->revoked_at}});
+  ctx.sessions.revoke(id, revoked_at);
+  return json_response(200, {{"id", id}, {"revoked_at", revoked_at}});
 }
 
 }  // namespace

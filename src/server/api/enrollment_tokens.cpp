@@ -47,6 +47,8 @@ Result<http::Response> create_token(ApiContext& ctx, const Caller& caller,
         "site: \"" + *site + "\" is not a valid site name (letters, digits, '-', '_', '.')",
         "site");
   }
+  OUTPOST_TRY(require_site_in_scope(caller, *site,
+                                    "an enrollment token for site " + *site + " is outside it"));
   auto labels = json_fields::string_map(*doc, "labels", "labels");
   if (!labels) return make_error(labels.error());
   auto uses = json_fields::optional_int(*doc, "uses", "uses");
@@ -94,11 +96,13 @@ void register_enrollment_token_routes(http::Router& router, ApiContext& ctx) {
                      });
   add_operator_route(
       router, ctx, "GET", "/api/v1/enrollment-tokens", Role::kViewer,
-      [](ApiContext& c, const http::Request&, const Caller&) -> Result<http::Response> {
+      [](ApiContext& c, const http::Request&, const Caller& caller) -> Result<http::Response> {
         auto tokens = c.store.list_enrollment_tokens();
         if (!tokens) return make_error(tokens.error());
         nlohmann::json list = nlohmann::json::array();
-        for (const auto& t : *tokens) list.push_back(token_json(t));
+        for (const auto& t : *tokens) {
+          if (caller.in_scope(t.site)) list.push_back(token_json(t));
+        }
         return json_response(200, {{"tokens", list}});
       });
 }

@@ -187,6 +187,9 @@ Result<http::Response> show_model(ApiContext& ctx, const http::Request& req, con
 }  // namespace
 
 void register_model_routes(http::Router& router, ApiContext& ctx) {
+  // Models (and artifacts, artifacts.cpp) are fleet-wide, not scoped to sites: any viewer reads
+  // them, any operator pushes a version (versions are immutable, so a push never changes what a
+  // deployment runs; which devices run it is the deployments' business, and those are scoped).
   add_operator_route(router, ctx, "GET", "/api/v1/models", Role::kViewer, list_models);
   add_operator_route(router, ctx, "GET", "/api/v1/models/{name}", Role::kViewer, show_model);
   add_operator_route(router, ctx, "GET", "/api/v1/models/{name}/versions", Role::kViewer,

@@ -19,6 +19,7 @@ json site_json(const store::Site& s) {
 
 Result<http::Response> put_site(ApiContext& ctx, const http::Request& req, const Caller& caller) {
   const std::string& name = req.params.at("name");
+  OUTPOST_TRY(require_site_in_scope(caller, name, "site " + name + " is outside it"));
   auto doc = parse_json_body(req.body.empty() ? "{}" : req.body);
   if (!doc) return make_error(doc.error());
   if (!doc->is_object()) return make_error(Errc::kInvalidArgument, "site: expected an object");
@@ -48,7 +49,8 @@ Result<http::Response> put_site(ApiContext& ctx, const http::Request& req, const
   return json_response(200, site_json(site));
 }
 
-Result<http::Response> list_sites(ApiContext& ctx, const http::Request&, const Caller&) {
+// A scoped user sees the sites in scope only.
+Result<http::Response> list_sites(ApiContext& ctx, const http::Request&, const Caller& caller) {
   auto sites = ctx.store.list_sites();
   if (!sites) return make_error(sites.error());
   auto devices = ctx.store.list_devices({});
@@ -63,6 +65,7 @@ Result<http::Response> list_sites(ApiContext& ctx, const http::Request&, const C
   }
   json list = json::array();
   for (auto& [name, s] : out) {
+    if (!caller.in_scope(name)) continue;
     s["devices"] = counts[name];
     list.push_back(std::move(s));
   }
@@ -77,7 +80,9 @@ void add_action(http::Router& router, ApiContext& ctx, const std::string& verb, 
                      Role::kOperator,
                      [action](ApiContext& c, const http::Request& req,
                               const Caller& caller) -> Result<http::Response> {
-                       auto out = (c.rollouts.*action)(req.params.at("name"), caller.name);
+                       const std::string& name = req.params.at("name");
+                       OUTPOST_TRY(require_deployment_in_scope(c, caller, name));
+                       auto out = (c.rollouts.*action)(name, caller.name);
                        if (!out) return make_error(out.error());
                        return json_response(200, *out);
                      });
@@ -88,8 +93,10 @@ void add_action(http::Router& router, ApiContext& ctx, const std::string& verb, 
 void register_rollout_routes(http::Router& router, ApiContext& ctx) {
   add_operator_route(
       router, ctx, "GET", "/api/v1/deployments/{name}/rollout", Role::kViewer,
-      [](ApiContext& c, const http::Request& req, const Caller&) -> Result<http::Response> {
-        auto out = c.rollouts.status(req.params.at("name"));
+      [](ApiContext& c, const http::Request& req, const Caller& caller) -> Result<http::Response> {
+        const std::string& name = req.params.at("name");
+        OUTPOST_TRY(require_deployment_in_scope(c, caller, name));
+        auto out = c.rollouts.status(name);
         if (!out) return make_error(out.error());
         return json_response(200, *out);
       });

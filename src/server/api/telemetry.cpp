@@ -147,7 +147,29 @@ Result<int64_t> parse_time(const std::string& text, int64_t now, const char* fie
   return now - *ago;
 }
 
-Result<http::Response> query_telemetry(ApiContext& ctx, const http::Request& req, const Caller&) {
+// A scoped user must name a site or a device inside the scope (a query over more is refused,
+// not quietly narrowed: its aggregates would not mean what the user asked for).
+Status require_query_in_scope(ApiContext& ctx, const Caller& caller,
+                              const store::TelemetryQuery& q) {
+  if (caller.scope.unrestricted()) return ok();
+  if (!q.site && !q.device) {
+    return make_error(Errc::kPermissionDenied,
+                      "user " + caller.user + " is scoped to sites " + caller.scope.describe() +
+                          "; a telemetry query across sites is fleet-wide: name a site (--site) "
+                          "or a device (--device) inside the scope");
+  }
+  if (q.site) {
+    OUTPOST_TRY(require_site_in_scope(caller, *q.site, "site " + *q.site + " is outside it"));
+  }
+  if (q.device) {
+    auto device = device_in_scope(ctx, caller, *q.device);
+    if (!device) return make_error(device.error());
+  }
+  return ok();
+}
+
+Result<http::Response> query_telemetry(ApiContext& ctx, const http::Request& req,
+                                       const Caller& caller) {
   const int64_t now = ctx.clock.now_ms();
   store::TelemetryQuery q;
   auto metric = req.query_param("metric");
@@ -160,6 +182,7 @@ Result<http::Response> query_telemetry(ApiContext& ctx, const http::Request& req
                             std::pair{"deployment", &q.deployment}}) {
     if (auto value = req.query_param(name); value && !value->empty()) *slot = *value;
   }
+  OUTPOST_TRY(require_query_in_scope(ctx, caller, q));
   auto since = parse_time(req.query_param("since").value_or("1h"), now, "since");
   if (!since) return make_error(since.error());
   auto until = parse_time(req.query_param("until").value_or("now"), now, "until");

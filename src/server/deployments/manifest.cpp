@@ -1298,6 +1298,8 @@ Result<Manifest> validate(const json& doc) {
 
 // ---------------------------------------------------------------------------------------
 
+bool is_site_pattern(std::string_view text) { return is_token(text); }
+
 Result<nlohmann::json> parse_document(std::string_view text) {
   try {
     size_t bad = invalid_utf8_offset(text);

@@ -144,6 +144,10 @@ struct Manifest {
 // impossible values are refused with kInvalidArgument naming the field's path.
 [[nodiscard]] Result<Manifest> validate_manifest(const nlohmann::json& doc);
 
+// What spec.selector.sites accepts: a site name or a shell glob (fnmatch) like plant-*, 1-128
+// printable characters without spaces.
+bool is_site_pattern(std::string_view text);
+
 // parse_document + validate_manifest.
 [[nodiscard]] Result<Manifest> parse_manifest(std::string_view text);
 

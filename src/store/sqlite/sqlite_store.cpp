@@ -376,7 +376,8 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
 }
 
 // Column lists shared by the queries that read whole rows, in the order read_*() expects.
-#define OUTPOST_OPERATOR_TOKEN_COLUMNS "id, token_hash, role, name, created_at"
+#define OUTPOST_OPERATOR_TOKEN_COLUMNS \
+  "id, token_hash, role, name, created_at, sites_json, revoked_at"
 #define OUTPOST_ENROLLMENT_TOKEN_COLUMNS \
   "id, token_hash, site, labels_json, uses_left, expires_at, created_at, created_by"
 #define OUTPOST_DEVICE_COLUMNS                                                               \
@@ -388,14 +389,39 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
   "name, revision, manifest_json, spec_hash, created_at, updated_at, stable_revision"
 #define OUTPOST_AUDIT_COLUMNS "seq, time, actor, action, target, details_json, prev_hash, hash"
 
-OperatorToken read_operator_token(const Statement& s) {
-  return OperatorToken{
+Result<std::string> sites_to_json(const std::vector<std::string>& sites) {
+  try {
+    return nlohmann::json(sites).dump();
+  } catch (const nlohmann::json::exception& e) {
+    return make_error(Errc::kInvalidArgument,
+                      std::string("sites must be valid UTF-8 strings: ") + e.what(), "sites");
+  }
+}
+
+Result<OperatorToken> read_operator_token(const Statement& s) {
+  OperatorToken token{
       .id = s.text(0),
       .token_hash = s.text(1),
       .role = s.text(2),
       .name = s.text(3),
       .created_at = s.int64(4),
+      .sites = {},
+      .revoked_at = s.int64(6),
   };
+  const std::string text = s.text(5);
+  const auto json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!json.is_array()) {
+    return make_error(Errc::kInternal, "operator token " + token.id +
+                                           ": stored sites are not a JSON array: " + text);
+  }
+  for (const auto& site : json) {
+    if (!site.is_string()) {
+      return make_error(Errc::kInternal, "operator token " + token.id +
+                                             ": stored site is not a string: " + site.dump());
+    }
+    token.sites.push_back(site.get<std::string>());
+  }
+  return token;
 }
 
 Result<EnrollmentToken> read_enrollment_token(const Statement& s) {
@@ -550,8 +576,13 @@ class SqliteStore final : public Store {
   [[nodiscard]] Status init(const std::string& path, std::span<const Migration> migrations);
 
   Status put_operator_token(const OperatorToken& token) override;
+  Status create_operator_token(const OperatorToken& token) override;
   Result<std::optional<OperatorToken>> find_operator_token_by_hash(
       const std::string& token_hash) override;
+  Result<std::optional<OperatorToken>> find_operator_token_by_name(
+      const std::string& name) override;
+  Result<std::vector<OperatorToken>> list_operator_tokens() override;
+  Result<OperatorToken> revoke_operator_token(const std::string& name, int64_t revoked_at) override;
   Status put_enrollment_token(const EnrollmentToken& token) override;
   Result<std::optional<EnrollmentToken>> find_enrollment_token_by_hash(
       const std::string& token_hash) override;
@@ -663,6 +694,7 @@ class SqliteStore final : public Store {
     return ok();
   }
 
+  Error operator_token_clash(const OperatorToken& token);
   Status load_variants(ModelVersion& version);
   Result<int64_t> write_desired_state(const std::string& id, const std::string& desired_json,
                                       const std::string& desired_hash,
@@ -769,21 +801,80 @@ Status SqliteStore::init(const std::string& path, std::span<const Migration> mig
 
 // ---- Operator tokens ----
 
+// Which unique constraint a write of `token` broke (its name held by another token, or its
+// hash), for an error that names the user. Called inside locked().
+Error SqliteStore::operator_token_clash(const OperatorToken& token) {
+  auto stmt = conn_.prepare("SELECT id FROM operator_tokens WHERE name = ?");
+  if (stmt) {
+    auto row = stmt->bind(token.name).step();
+    if (row && *row && stmt->text(0) != token.id) {
+      return Error{Errc::kAlreadyExists, "user " + token.name + " already exists", "name"};
+    }
+  }
+  return Error{Errc::kAlreadyExists,
+               "operator token " + token.id + ": another token has the same hash", "token_hash"};
+}
+
 Status SqliteStore::put_operator_token(const OperatorToken& token) {
   return locked("storing operator token", token.id, [&]() -> Status {
+    auto sites = sites_to_json(token.sites);
+    if (!sites) {
+      return make_error(std::move(sites).error());
+    }
     auto stmt = conn_.prepare(
         "INSERT INTO operator_tokens (" OUTPOST_OPERATOR_TOKEN_COLUMNS
-        ") VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET token_hash = excluded.token_hash,"
-        " role = excluded.role, name = excluded.name, created_at = excluded.created_at");
+        ") VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+        " token_hash = excluded.token_hash, role = excluded.role, name = excluded.name,"
+        " created_at = excluded.created_at, sites_json = excluded.sites_json,"
+        " revoked_at = excluded.revoked_at");
     if (!stmt) {
       return make_error(std::move(stmt).error());
     }
-    auto done =
-        stmt->bind(token.id, token.token_hash, token.role, token.name, token.created_at).run();
+    auto done = stmt->bind(token.id, token.token_hash, token.role, token.name, token.created_at,
+                           *sites, token.revoked_at)
+                    .run();
     if (!done && done.error().code == Errc::kAlreadyExists) {
-      return make_error(Errc::kAlreadyExists,
-                        "operator token " + token.id + ": another token has the same hash",
-                        "token_hash");
+      return make_error(operator_token_clash(token));
+    }
+    return done;
+  });
+}
+
+Status SqliteStore::create_operator_token(const OperatorToken& token) {
+  return locked("creating operator token", token.id, [&]() -> Status {
+    auto sites = sites_to_json(token.sites);
+    if (!sites) {
+      return make_error(std::move(sites).error());
+    }
+    {
+      auto taken = conn_.prepare("SELECT revoked_at FROM operator_tokens WHERE name = ? OR id = ?");
+      if (!taken) {
+        return make_error(std::move(taken).error());
+      }
+      auto row = taken->bind(token.name, token.id).step();
+      if (!row) {
+        return make_error(std::move(row).error());
+      }
+      if (*row) {
+        const int64_t revoked_at = taken->int64(0);
+        return make_error(Errc::kAlreadyExists,
+                          "user " + token.name + " already exists" +
+                              (revoked_at > 0 ? " (revoked at " + iso_time(revoked_at) +
+                                                    "; a name is never reused)"
+                                              : ""),
+                          "name");
+      }
+    }
+    auto stmt = conn_.prepare("INSERT INTO operator_tokens (" OUTPOST_OPERATOR_TOKEN_COLUMNS
+                              ") VALUES (?, ?, ?, ?, ?, ?, ?)");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    auto done = stmt->bind(token.id, token.token_hash, token.role, token.name, token.created_at,
+                           *sites, token.revoked_at)
+                    .run();
+    if (!done && done.error().code == Errc::kAlreadyExists) {
+      return make_error(operator_token_clash(token));
     }
     return done;
   });
@@ -798,6 +889,80 @@ Result<std::optional<OperatorToken>> SqliteStore::find_operator_token_by_hash(
       return make_error(std::move(stmt).error());
     }
     return read_one<OperatorToken>(stmt->bind(token_hash), read_operator_token);
+  });
+}
+
+Result<std::optional<OperatorToken>> SqliteStore::find_operator_token_by_name(
+    const std::string& name) {
+  return locked("finding user", name, [&]() -> Result<std::optional<OperatorToken>> {
+    auto stmt = conn_.prepare("SELECT " OUTPOST_OPERATOR_TOKEN_COLUMNS
+                              " FROM operator_tokens WHERE name = ?");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_one<OperatorToken>(stmt->bind(name), read_operator_token);
+  });
+}
+
+Result<std::vector<OperatorToken>> SqliteStore::list_operator_tokens() {
+  return locked("listing users", "", [&]() -> Result<std::vector<OperatorToken>> {
+    auto stmt = conn_.prepare("SELECT " OUTPOST_OPERATOR_TOKEN_COLUMNS
+                              " FROM operator_tokens ORDER BY name");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    std::vector<OperatorToken> out;
+    while (true) {
+      auto row = stmt->step();
+      if (!row) {
+        return make_error(std::move(row).error());
+      }
+      if (!*row) {
+        break;
+      }
+      auto token = read_operator_token(*stmt);
+      if (!token) {
+        return make_error(std::move(token).error());
+      }
+      out.push_back(std::move(*token));
+    }
+    return out;
+  });
+}
+
+Result<OperatorToken> SqliteStore::revoke_operator_token(const std::string& name,
+                                                         int64_t revoked_at) {
+  return locked("revoking user", name, [&]() -> Result<OperatorToken> {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    {
+      auto stmt = conn_.prepare(
+          "UPDATE operator_tokens SET revoked_at = ? WHERE name = ? AND revoked_at = 0");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      OUTPOST_TRY(stmt->bind(revoked_at, name).run());
+    }
+    std::optional<OperatorToken> token;
+    {
+      auto stmt = conn_.prepare("SELECT " OUTPOST_OPERATOR_TOKEN_COLUMNS
+                                " FROM operator_tokens WHERE name = ?");
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      auto found = read_one<OperatorToken>(stmt->bind(name), read_operator_token);
+      if (!found) {
+        return make_error(std::move(found).error());
+      }
+      token = std::move(*found);
+    }
+    if (!token) {
+      return make_error(Errc::kNotFound, "user " + name + " does not exist", "name");
+    }
+    OUTPOST_TRY(txn->commit());
+    return std::move(*token);
   });
 }
 
