@@ -155,8 +155,11 @@ Result<int64_t> parse_http_date(const std::string& text) {
   for (int i = 0; i < 12; ++i) {
     if (std::string_view(month) == kMonths[i]) tm.tm_mon = i;
   }
-  if (tm.tm_mon < 0)
+  // Fields in range, and no year before 1970 (strftime would not give 4 digits back).
+  if (tm.tm_mon < 0 || tm.tm_year < 1970 || tm.tm_mday < 1 || tm.tm_mday > 31 || tm.tm_hour < 0 ||
+      tm.tm_hour > 23 || tm.tm_min < 0 || tm.tm_min > 59 || tm.tm_sec < 0 || tm.tm_sec > 60) {
     return make_error(Errc::kInvalidArgument, "not an HTTP date: \"" + text + "\"");
+  }
   tm.tm_year -= 1900;
   const time_t t = ::timegm(&tm);
   return static_cast<int64_t>(t) * 1000;
