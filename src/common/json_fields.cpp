@@ -91,4 +91,32 @@ nlohmann::json parse_object_or_empty(const std::string& text) {
   return doc.is_object() ? doc : nlohmann::json::object();
 }
 
+Status check_nesting(std::string_view text, const std::string& what, int limit) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;  // the escaped character cannot end the string
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) {
+        return make_error(Errc::kInvalidArgument, what + ": nested deeper than " +
+                                                      std::to_string(limit) + " levels (at byte " +
+                                                      std::to_string(i) + ")");
+      }
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return ok();
+}
+
 }  // namespace outpost::json_fields

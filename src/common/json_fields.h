@@ -5,6 +5,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include <nlohmann/json.hpp>
 
@@ -28,6 +29,15 @@ namespace outpost::json_fields {
 // A JSON object we stored ourselves (a manifest, schedule, status, rollout plan), or {} when
 // the text is not a JSON object.
 nlohmann::json parse_object_or_empty(const std::string& text);
+
+// How deep JSON from outside may nest. nlohmann::json builds and frees nested values
+// recursively, so a body of a million '[' would overflow the stack before any check of ours.
+inline constexpr int kMaxJsonDepth = 64;
+
+// Scans `text` (any bytes, JSON or flow-style YAML) before it is parsed: kInvalidArgument
+// naming `what` and the byte where brackets nest deeper than `limit` (strings skipped).
+[[nodiscard]] Status check_nesting(std::string_view text, const std::string& what,
+                                   int limit = kMaxJsonDepth);
 
 // "a string", "a number", "an object"... for messages.
 std::string type_name(const nlohmann::json& value);

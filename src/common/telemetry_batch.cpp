@@ -1,5 +1,7 @@
 #include "common/telemetry_batch.h"
 
+#include "common/json_fields.h"
+
 #include <zstd.h>
 
 #include <cmath>
@@ -630,6 +632,9 @@ Result<Batch> decode_batch(std::string_view compressed) {
   }
   auto text = decompress(compressed, kMaxBatchJson);
   if (!text) return make_error(text.error());
+  if (auto nesting = json_fields::check_nesting(*text, "batch"); !nesting) {
+    return make_error(Error{nesting.error().code, nesting.error().message, "body"});
+  }
   json doc = json::parse(*text, nullptr, false);
   if (doc.is_discarded()) {
     return make_error(Errc::kInvalidArgument, "batch is not valid JSON", "body");

@@ -347,6 +347,15 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
   }
 
   void on_header(beast::error_code ec) {
+    if (ec == bhttp::error::header_limit) {
+      keep_alive_ = false;
+      return write(Response::json(
+          431, nlohmann::json{{"error",
+                               {{"code", "header_too_large"},
+                                {"message", "request header is over the limit of 16 KiB"},
+                                {"field", ""}}}}
+                   .dump()));
+    }
     if (ec) return shutdown();
     auto& msg = header_parser_->get();
     request_ = Request{};
@@ -418,6 +427,16 @@ class Session : public std::enable_shared_from_this<Session<Stream>> {
     // body would take 24 reads, each re-arming the timer. Room for the body (up to 64 KB)
     // makes it one or two; sessions without a body (long-polls) keep their small buffer.
     const auto length = header_parser_->content_length();
+    // Beast checks a Content-Length against the body limit only while it parses the header,
+    // when the route (and so its limit) was not known yet: refuse here, before any byte.
+    if (length && *length > options.body_limit) {
+      keep_alive_ = false;
+      return write(Response::error(
+          Error{Errc::kPayloadTooLarge,
+                "request body of " + std::to_string(*length) + " bytes is over the limit of " +
+                    std::to_string(options.body_limit) + " for " + request_.path,
+                {}}));
+    }
     if (length && *length > 512) {
       buffer_.reserve(static_cast<size_t>(std::min<uint64_t>(*length, 64 * 1024)));
     }

@@ -79,6 +79,12 @@ int main(int argc, char** argv) {
       ->add_option("--telemetry-rollup-retention", telemetry_rollup_retention,
                    "How long hourly telemetry rollups are kept")
       ->capture_default_str();
+  std::string slow_client_timeout = "10s";
+  server
+      ->add_option("--slow-client-timeout", slow_client_timeout,
+                   "A client must send its request header (and finish a TLS handshake) within "
+                   "this once it starts; bodies must arrive at 16 KiB/s or better")
+      ->capture_default_str();
   std::string rollout_tick = "1s";
   std::string rollout_gate_interval = "5s";
   server
@@ -97,6 +103,8 @@ int main(int argc, char** argv) {
           std::tuple{&telemetry_rollup_retention, &server_options.telemetry_rollup_retention_ms,
                      "--telemetry-rollup-retention"},
           std::tuple{&rollout_tick, &server_options.rollout_tick_ms, "--rollout-tick"},
+          std::tuple{&slow_client_timeout, &server_options.header_timeout_ms,
+                     "--slow-client-timeout"},
           std::tuple{&rollout_gate_interval, &server_options.rollout_gate_interval_ms,
                      "--rollout-gate-interval"}}) {
       auto ms = outpost::parse_duration_ms(*text);

@@ -157,6 +157,7 @@ Status ControlPlane::start() {
 
   http::ServerOptions http_options;
   http_options.listen = d.options.listen;
+  http_options.header_timeout_ms = d.options.header_timeout_ms;
   http_options.tls_cert_file = d.tls.cert_file;
   http_options.tls_key_file = d.tls.key_file;
   http_options.io_threads = d.options.io_threads;

@@ -29,6 +29,8 @@ struct ControlPlaneOptions {
   // Rollouts: how often the controller advances them, and reads telemetry gates at most.
   int64_t rollout_tick_ms = 1'000;
   int64_t rollout_gate_interval_ms = 5'000;
+  // A client that started a request must finish its header within this (slowloris).
+  int64_t header_timeout_ms = 10'000;
   // HTTPS by default (a development CA under DATA/tls/ unless a certificate is given).
   TlsOptions tls;
 };

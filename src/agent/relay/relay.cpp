@@ -16,6 +16,7 @@
 #include "common/digest.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
+#include "common/json_fields.h"
 #include "common/telemetry_batch.h"
 #include "http/file_response.h"
 #include "http/http_server.h"
@@ -499,6 +500,9 @@ void Relay::post_upload(http::Request&& req, Respond respond, bool telemetry) {
                 {"duplicates", 0},
                 {"relayed", true}};
     } else {
+      if (auto nesting = json_fields::check_nesting(req.body, "status"); !nesting) {
+        return respond(http::Response::error(nesting.error()));
+      }
       auto doc = json::parse(req.body, nullptr, false);
       if (!doc.is_object()) {
         return respond(error_response(Errc::kInvalidArgument, "status: expected an object"));

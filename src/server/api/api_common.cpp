@@ -325,6 +325,7 @@ void add_deferred_route(http::Router& router, ApiContext& ctx, std::string metho
 Result<nlohmann::json> parse_json_body(const std::string& body) {
   try {
     if (body.empty()) return nlohmann::json::object();
+    OUTPOST_TRY(json_fields::check_nesting(body, "request body"));
     return nlohmann::json::parse(body);
   } catch (const nlohmann::json::parse_error& e) {
     return make_error(Errc::kInvalidArgument,

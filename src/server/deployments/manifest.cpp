@@ -1,4 +1,5 @@
 #include "server/deployments/manifest.h"
+#include "common/json_fields.h"
 #include "common/units.h"
 
 #include <algorithm>
@@ -219,6 +220,10 @@ class YamlToJson {
 };
 
 Result<json> parse_yaml(std::string_view text) {
+  // yaml-cpp parses flow collections ([[[...) recursively: bound them before it runs.
+  if (auto nesting = json_fields::check_nesting(text, "invalid YAML"); !nesting) {
+    return make_error(nesting.error());
+  }
   std::vector<YAML::Node> documents;
   try {
     documents = YAML::LoadAll(std::string(text));
@@ -311,6 +316,11 @@ Result<json> parse_json(std::string_view text, bool& syntax_failed) {
     }
     return true;
   };
+  // The callback sees the depth only while nlohmann builds (recursively) what it parsed.
+  if (auto nesting = json_fields::check_nesting(text, "invalid JSON"); !nesting) {
+    syntax_failed = true;
+    return syntax_error(nesting.error().message);
+  }
   json out;
   try {
     out = json::parse(text.begin(), text.end(), callback);
@@ -1058,10 +1068,10 @@ Status validate_placement(const json& v, Manifest& m, json& out) {
 
 Status validate_gates(const json& v, Manifest::Gates& g, json& out) {
   const std::string path = "spec.rollout.gates";
-  OUTPOST_TRY(expect_map(v, path,
-                         {"max_error_rate", "max_p95_latency_ms", "max_restarts",
-                          "max_fallback_rate", "max_confidence_shift", "max_failed_devices",
-                          "min_requests"}));
+  OUTPOST_TRY(
+      expect_map(v, path,
+                 {"max_error_rate", "max_p95_latency_ms", "max_restarts", "max_fallback_rate",
+                  "max_confidence_shift", "max_failed_devices", "min_requests"}));
   out = json::object();
   auto fraction = [&](const char* key, std::optional<double>& slot) -> Status {
     if (const json* x = find(v, key)) {
@@ -1087,9 +1097,9 @@ Status validate_gates(const json& v, Manifest::Gates& g, json& out) {
   }
   OUTPOST_TRY(fraction("max_fallback_rate", g.max_fallback_rate));
   OUTPOST_TRY(fraction("max_confidence_shift", g.max_confidence_shift));
-  for (auto [key, slot] : {std::pair<const char*, int64_t*>{"max_failed_devices",
-                                                             &g.max_failed_devices},
-                           {"min_requests", &g.min_requests}}) {
+  for (auto [key, slot] :
+       {std::pair<const char*, int64_t*>{"max_failed_devices", &g.max_failed_devices},
+        {"min_requests", &g.min_requests}}) {
     if (const json* x = find(v, key)) {
       auto n = get_int(*x, child(path, key), 0);
       if (!n) return make_error(n.error());
