@@ -33,6 +33,8 @@ nlohmann::json parse_object_or_empty(const std::string& text);
 // How deep JSON from outside may nest. nlohmann::json builds and frees nested values
 // recursively, so a body of a million '[' would overflow the stack before any check of ours.
 inline constexpr int kMaxJsonDepth = 64;
+// For parsers with a finer depth check of their own (with the path): only what would hurt.
+inline constexpr int kStackSafeDepth = 1024;
 
 // Scans `text` (any bytes, JSON or flow-style YAML) before it is parsed: kInvalidArgument
 // naming `what` and the byte where brackets nest deeper than `limit` (strings skipped).

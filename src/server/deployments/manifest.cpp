@@ -22,6 +22,9 @@ using json = nlohmann::json;
 // Bounds for hostile input: manifests are small, so these only stop resource abuse
 // (deep nesting, alias bombs that expand into millions of nodes).
 constexpr int kMaxDepth = 64;
+// Before parsing at all: what the parsers may build recursively without harm; the finer
+// kMaxDepth check (with the path) runs while parsing.
+using json_fields::kStackSafeDepth;
 constexpr size_t kMaxNodes = 100'000;
 
 // ---------------------------------------------------------------------------------------
@@ -221,7 +224,7 @@ class YamlToJson {
 
 Result<json> parse_yaml(std::string_view text) {
   // yaml-cpp parses flow collections ([[[...) recursively: bound them before it runs.
-  if (auto nesting = json_fields::check_nesting(text, "invalid YAML"); !nesting) {
+  if (auto nesting = json_fields::check_nesting(text, "invalid YAML", kStackSafeDepth); !nesting) {
     return make_error(nesting.error());
   }
   std::vector<YAML::Node> documents;
@@ -317,7 +320,7 @@ Result<json> parse_json(std::string_view text, bool& syntax_failed) {
     return true;
   };
   // The callback sees the depth only while nlohmann builds (recursively) what it parsed.
-  if (auto nesting = json_fields::check_nesting(text, "invalid JSON"); !nesting) {
+  if (auto nesting = json_fields::check_nesting(text, "invalid JSON", kStackSafeDepth); !nesting) {
     syntax_failed = true;
     return syntax_error(nesting.error().message);
   }
