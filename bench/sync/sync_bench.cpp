@@ -42,6 +42,7 @@
 #include "common/crypto.h"
 #include "common/error.h"
 #include "common/http_client.h"
+#include "common/request_signature.h"
 
 namespace outpost::bench {
 namespace {
@@ -76,6 +77,7 @@ struct Options {
 struct Device {
   std::string id;
   std::string credential;
+  std::string secret_key;   // the device key: every call is signed, as the agent signs it
   int64_t generation = -1;  // -1: not fetched
 };
 
@@ -469,6 +471,18 @@ HttpRequest make_request(bhttp::verb verb, std::string target, const std::string
   return req;
 }
 
+// A device's call: its credential and its signature (common/request_signature.h), made now.
+HttpRequest device_request(bhttp::verb verb, std::string target, const Device& device) {
+  HttpRequest req = make_request(verb, target, device.credential);
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  req.set(std::string(reqsig::kHeader),
+          reqsig::sign(device.id, device.secret_key, now, std::string(bhttp::to_string(verb)),
+                       target, ""));
+  return req;
+}
+
 // Long-polls, one per connection, opened a window at a time so the server's accept queue
 // never overflows. A 304 at the server's deadline is renewed, as an agent would; a 200 means
 // the generation moved, which nothing in this bench does, so it is counted as answered early.
@@ -488,10 +502,10 @@ class HeldWorkload final : public Workload {
   bool next(size_t conn, HttpRequest& req, Clock::time_point&) override {
     if (state_[conn] == State::kStopped) return false;
     const Device& device = devices_[conn];
-    req = make_request(bhttp::verb::get,
-                       "/api/v1/device/desired?generation=" + std::to_string(device.generation) +
-                           "&wait=" + std::to_string(wait_s_),
-                       device.credential);
+    req = device_request(bhttp::verb::get,
+                         "/api/v1/device/desired?generation=" + std::to_string(device.generation) +
+                             "&wait=" + std::to_string(wait_s_),
+                         device);
     return true;
   }
   void on_write_settled(size_t conn) override {
@@ -567,7 +581,7 @@ class SyncLoadWorkload final : public Workload {
     }
     if (send_at >= stop_at_) return false;
     const Device& device = devices_[k % devices_.size()];
-    req = make_request(bhttp::verb::get, "/api/v1/device/desired?generation=0", device.credential);
+    req = device_request(bhttp::verb::get, "/api/v1/device/desired?generation=0", device);
     return true;
   }
   void on_outcome(size_t conn, Outcome&& outcome) override {
@@ -776,10 +790,13 @@ int run(const Options& opt) {
   {
     std::vector<HttpRequest> requests;
     requests.reserve(opt.devices);
+    std::vector<std::string> secret_keys;  // by request, as the outcomes are
     for (int i = 0; i < opt.devices; ++i) {
+      const auto key = crypto::ed25519_generate();
+      secret_keys.push_back(key.secret_key);
       nlohmann::json body = {
           {"token", enroll_token},
-          {"public_key", crypto::base64_encode(crypto::ed25519_generate().public_key)},
+          {"public_key", crypto::base64_encode(key.public_key)},
           {"facts",
            {{"arch", "x86_64"}, {"cores", 4}, {"memory_mb", 4096}, {"accelerator", "cpu"}}}};
       requests.push_back(make_request(bhttp::verb::post, "/api/v1/device/enroll", "", body.dump()));
@@ -793,7 +810,8 @@ int run(const Options& opt) {
         "enrolled", [&] { return batch.open() == 0; }, batch.total(), [&] { return batch.done(); });
     enroll_s = seconds_between(started, Clock::now());
     if (opt.server_pid) server_after_enroll = sample_process(opt.server_pid);
-    for (auto& outcome : batch.outcomes()) {
+    for (size_t i = 0; i < batch.outcomes().size(); ++i) {
+      const Outcome& outcome = batch.outcomes()[i];
       if (!outcome.transport_error.empty()) {
         errors.add("enroll: " + outcome.transport_error);
       } else if (outcome.status != 201) {
@@ -802,7 +820,7 @@ int run(const Options& opt) {
         try {
           auto doc = nlohmann::json::parse(outcome.body);
           devices.push_back(Device{doc.at("device_id").get<std::string>(),
-                                   doc.at("credential").get<std::string>()});
+                                   doc.at("credential").get<std::string>(), secret_keys[i]});
         } catch (const std::exception& e) {
           errors.add(std::string("enroll: 201 without device_id/credential: ") + e.what());
         }
@@ -825,8 +843,8 @@ int run(const Options& opt) {
   if (held_count > 0) {
     std::vector<HttpRequest> requests;
     for (size_t i = 0; i < held_count; ++i) {
-      requests.push_back(make_request(bhttp::verb::get, "/api/v1/device/desired?generation=0",
-                                      devices[i].credential));
+      requests.push_back(
+          device_request(bhttp::verb::get, "/api/v1/device/desired?generation=0", devices[i]));
     }
     const size_t conns = std::min<size_t>(opt.clients, requests.size());
     BatchWorkload batch(std::move(requests), conns);

@@ -25,6 +25,7 @@
 
 #include "common/crypto.h"
 #include "common/http_client.h"
+#include "common/request_signature.h"
 #include "common/telemetry_batch.h"
 
 namespace outpost::bench {
@@ -119,6 +120,7 @@ struct IngestOptions {
 struct Device {
   std::string id;
   std::string credential;
+  std::string secret_key;            // signs each upload, as the agent does
   std::vector<std::string> batches;  // compressed, in seq order
 };
 
@@ -237,8 +239,10 @@ int run_ingest(const IngestOptions& opt) {
   size_t records = 0, batches = 0, compressed_bytes = 0;
   HttpClient enroller(opt.server, "");
   for (int i = 0; i < opt.devices; ++i) {
+    const auto key = crypto::ed25519_generate();
+    devices[i].secret_key = key.secret_key;
     json body = {{"token", enroll_token},
-                 {"public_key", crypto::base64_encode(crypto::ed25519_generate().public_key)},
+                 {"public_key", crypto::base64_encode(key.public_key)},
                  {"facts", {{"arch", "x86_64"}, {"cores", 4}, {"accelerator", "cpu"}}}};
     auto r = enroller.request("POST", "/api/v1/device/enroll", body.dump());
     if (!r || r->status != 201) {
@@ -284,8 +288,14 @@ int run_ingest(const IngestOptions& opt) {
         if (i >= work.size()) return;
         auto [d, b] = work[i];
         while (answered[d].load() != b) std::this_thread::yield();
+        const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::system_clock::now().time_since_epoch())
+                                .count();
         request.headers = {{"Content-Encoding", "zstd"},
-                           {"Authorization", "Bearer " + devices[d].credential}};
+                           {"Authorization", "Bearer " + devices[d].credential},
+                           {std::string(reqsig::kHeader),
+                            reqsig::sign(devices[d].id, devices[d].secret_key, now, "POST",
+                                         "/api/v1/device/telemetry", devices[d].batches[b])}};
         auto r = http.request("POST", "/api/v1/device/telemetry", devices[d].batches[b],
                               "application/json", request);
         answered[d].store(b + 1);
