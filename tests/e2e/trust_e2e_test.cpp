@@ -193,11 +193,25 @@ TEST_F(TrustE2E, SignedCallsCannotBeReplayedBorrowedOrLeftOut) {
 TEST_F(TrustE2E, ARevokedDeviceIsRefusedOnItsNextCallAndAfterARestart) {
   FakeDevice d = enroll("plant-1");
   ASSERT_FALSE(d.id.empty());
-  EXPECT_EQ(d.desired(server_->url(), 0, 0).status, 200);
+
+  // A long-poll the device holds when it is revoked ends at once, refused.
+  auto current = d.desired(server_->url(), 0, 0);
+  ASSERT_EQ(current.status, 200) << current.body;
+  const int64_t generation = std::stoll(current.headers["x-outpost-generation"]);
+  HttpResponse parked;
+  std::chrono::steady_clock::time_point parked_answered;
+  std::thread poll([&] {
+    parked = d.desired(server_->url(), generation, 30);
+    parked_answered = std::chrono::steady_clock::now();
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));  // parked by now
 
   auto revoked = server_->cli({"device", "revoke", d.id});
   const auto after_revoke = std::chrono::steady_clock::now();
   ASSERT_EQ(revoked.exit_code, 0) << revoked.err;
+  poll.join();
+  EXPECT_EQ(parked.status, 401) << parked.body;
+  EXPECT_LT(parked_answered - after_revoke, std::chrono::seconds(1));
   EXPECT_THAT(revoked.out, HasSubstr("revoked at"));
   auto next = d.desired(server_->url(), 0, 0);
   EXPECT_LT(std::chrono::steady_clock::now() - after_revoke, std::chrono::seconds(1));

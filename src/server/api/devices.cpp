@@ -5,6 +5,7 @@
 
 #include "server/api/api.h"
 #include "server/desired_states.h"
+#include "server/sync/sync_hub.h"
 
 namespace outpost::server::api {
 namespace {
@@ -202,6 +203,7 @@ Result<http::Response> revoke_device(ApiContext& ctx, const http::Request& req,
     audit(ctx, caller, "device.revoke", "device/" + id, {{"site", device->site}});
   }
   ctx.sessions.revoke(id, revoked_at);
+  ctx.hub.release(id);  // its held long-poll ends now, refused
   return json_response(200, {{"id", id}, {"revoked_at", revoked_at}});
 }
 

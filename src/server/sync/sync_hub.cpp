@@ -131,6 +131,24 @@ void SyncHub::shutdown() {
   }
 }
 
+void SyncHub::release(const std::string& device_id) {
+  std::vector<std::shared_ptr<Waiter>> parked;
+  {
+    std::lock_guard lock(mu_);
+    auto it = slots_.find(device_id);
+    if (it == slots_.end()) return;
+    for (auto& [wid, waiter] : it->second.waiters) parked.push_back(waiter);
+    waiting_ -= it->second.waiters.size();
+    it->second.waiters.clear();
+  }
+  for (auto& waiter : parked) {
+    if (waiter->answered.exchange(true)) continue;
+    waiter->timer.cancel();
+    timed_out_.fetch_add(1, std::memory_order_relaxed);
+    waiter->callback(std::nullopt);
+  }
+}
+
 size_t SyncHub::waiting() const {
   std::lock_guard lock(mu_);
   return waiting_;

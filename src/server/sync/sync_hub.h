@@ -46,6 +46,10 @@ class SyncHub {
   // answered already.
   void cancel(const std::string& device_id, uint64_t waiter_id);
 
+  // Answers the device's parked requests at once with nullopt (a revoked device: its
+  // callbacks then refuse it).
+  void release(const std::string& device_id);
+
   // Answers every parked request with nullopt and refuses new waits (server stopping).
   void shutdown();
 
