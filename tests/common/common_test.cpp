@@ -11,6 +11,9 @@
 #include "common/digest.h"
 #include "common/durable_file.h"
 #include "common/error.h"
+#include "common/json_fields.h"
+#include "common/request_signature.h"
+#include "common/tls_certs.h"
 #include "common/units.h"
 
 namespace outpost {
@@ -93,6 +96,72 @@ TEST(CryptoTest, SignaturesVerifyOnlyForTheirMessageAndKey) {
   EXPECT_TRUE(crypto::constant_time_equal("abc", "abc"));
   EXPECT_FALSE(crypto::constant_time_equal("abc", "abd"));
   EXPECT_FALSE(crypto::constant_time_equal("abc", "abcd"));
+}
+
+TEST(JsonNestingTest, CountsBracketsOutsideStringsOnly) {
+  EXPECT_TRUE(json_fields::check_nesting(R"({"a":[[1,2],{"b":"[[[[[["}]})", "body", 3).has_value());
+  auto deep = json_fields::check_nesting(R"({"a":[[[1]]]})", "body", 3);
+  ASSERT_FALSE(deep.has_value());
+  EXPECT_EQ(deep.error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(deep.error().message, "body: nested deeper than 3 levels (at byte 7)");
+  // An escaped quote does not end a string; brackets inside it are text.
+  EXPECT_TRUE(json_fields::check_nesting(R"(["\"[[[[[[[["])", "body", 1).has_value());
+  EXPECT_FALSE(json_fields::check_nesting(std::string(100, '['), "body").has_value());
+}
+
+TEST(RequestSignatureTest, SignsTheRequestAsSentAndParsesStrictly) {
+  crypto::init();
+  const auto key = crypto::ed25519_generate();
+  const std::string header =
+      reqsig::sign("d-1", key.secret_key, 1'800'000'000'000, "POST", "/x?y=1", "body");
+  auto sig = reqsig::parse(header);
+  ASSERT_TRUE(sig.has_value()) << sig.error().message;
+  EXPECT_EQ(sig->device_id, "d-1");
+  EXPECT_EQ(sig->time_ms, 1'800'000'000'000);
+  EXPECT_TRUE(reqsig::verify(*sig, key.public_key, "POST", "/x?y=1", "body"));
+  EXPECT_FALSE(reqsig::verify(*sig, key.public_key, "POST", "/x?y=2", "body"));
+  EXPECT_FALSE(reqsig::verify(*sig, key.public_key, "POST", "/x?y=1", "bodY"));
+  EXPECT_FALSE(reqsig::verify(*sig, key.public_key, "GET", "/x?y=1", "body"));
+  for (const char* bad : {"v2 id=d-1", "v1 id=d-1 id=d-2", "v1 id=d-1 t=x n=00 s=AA", ""}) {
+    auto refused = reqsig::parse(bad);
+    ASSERT_FALSE(refused.has_value()) << bad;
+    EXPECT_EQ(refused.error().code, Errc::kUnauthenticated);
+  }
+}
+
+TEST(RequestSignatureTest, TheSignerFollowsTheServersClock) {
+  crypto::init();
+  reqsig::Signer signer("d-1", crypto::ed25519_generate().secret_key);
+  const int64_t now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                          std::chrono::system_clock::now().time_since_epoch())
+                          .count();
+  signer.observe_date(reqsig::format_http_date(now + 3'600'000));  // server an hour ahead
+  EXPECT_NEAR(static_cast<double>(signer.offset_ms()), 3'600'000.0, 2'000.0);
+  auto sig = reqsig::parse(signer.header("GET", "/", "").second);
+  ASSERT_TRUE(sig.has_value());
+  EXPECT_NEAR(static_cast<double>(sig->time_ms - now), 3'600'000.0, 3'000.0);
+  signer.observe_date("not a date");  // ignored
+  EXPECT_NEAR(static_cast<double>(signer.offset_ms()), 3'600'000.0, 2'000.0);
+}
+
+TEST(TlsCertsTest, ADevelopmentCaIssuesAServerCertificateForItsNames) {
+  auto ca = tls::make_ca("test CA", 10);
+  ASSERT_TRUE(ca.has_value()) << ca.error().message;
+  auto server = tls::issue_server_cert(*ca, {"localhost", "10.1.2.3"}, 5);
+  ASSERT_TRUE(server.has_value()) << server.error().message;
+  EXPECT_TRUE(tls::names_not_covered(server->cert_pem, {"localhost", "10.1.2.3"})->empty());
+  EXPECT_EQ(*tls::names_not_covered(server->cert_pem, {"10.1.2.4", "other"}),
+            (std::vector<std::string>{"10.1.2.4", "other"}));
+  EXPECT_TRUE(tls::key_matches_cert(server->cert_pem, server->key_pem));
+  EXPECT_FALSE(tls::key_matches_cert(server->cert_pem, ca->key_pem));
+  const int64_t left = *tls::seconds_to_expiry(server->cert_pem);
+  EXPECT_GT(left, 4 * 86400);
+  EXPECT_LE(left, 5 * 86400);
+  auto pin = tls::cert_fingerprint(ca->cert_pem);
+  ASSERT_TRUE(pin.has_value());
+  EXPECT_EQ(pin->size(), 7u + 64u);
+  EXPECT_NE(*pin, *tls::cert_fingerprint(server->cert_pem));
+  EXPECT_FALSE(tls::cert_fingerprint("not a certificate").has_value());
 }
 
 TEST(DurableFileTest, ReplacesAtomicallyWithMode) {
