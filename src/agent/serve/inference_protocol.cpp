@@ -468,7 +468,8 @@ Result<InferRequest> parse_infer_request(std::string_view body,
     binary.rest = body.substr(*json_length);
     body = body.substr(0, *json_length);
   }
-  if (auto nesting = json_fields::check_nesting(body, "request body", json_fields::kStackSafeDepth); !nesting) {
+  if (auto nesting = json_fields::check_nesting(body, "request body", json_fields::kStackSafeDepth);
+      !nesting) {
     return make_error(nesting.error());
   }
   json doc;

@@ -380,8 +380,8 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
   "id, token_hash, role, name, created_at, sites_json, revoked_at"
 #define OUTPOST_ENROLLMENT_TOKEN_COLUMNS \
   "id, token_hash, site, labels_json, uses_left, expires_at, created_at, created_by"
-#define OUTPOST_DEVICE_COLUMNS                                                               \
-  "id, site, labels_json, facts_json, public_key, credential_hash, enrolled_at, last_seen, " \
+#define OUTPOST_DEVICE_COLUMNS                                                                \
+  "id, site, labels_json, facts_json, public_key, credential_hash, enrolled_at, last_seen, "  \
   "generation, desired_json, desired_hash, status_json, status_at, schedule_json, cordoned, " \
   "revoked_at"
 #define OUTPOST_ARTIFACT_COLUMNS "digest, size, media_type, created_at"
@@ -1070,13 +1070,12 @@ Result<EnrollmentToken> SqliteStore::enroll_device(const std::string& token_hash
       if (!stmt) {
         return make_error(std::move(stmt).error());
       }
-      auto inserted =
-          stmt->bind(device.id, device.site, *labels, device.facts_json, device.public_key,
-                     device.credential_hash, device.enrolled_at, device.last_seen,
-                     device.generation, device.desired_json, device.desired_hash,
-                     device.status_json, device.status_at, device.schedule_json, device.cordoned,
-                     device.revoked_at)
-              .run();
+      auto inserted = stmt->bind(device.id, device.site, *labels, device.facts_json,
+                                 device.public_key, device.credential_hash, device.enrolled_at,
+                                 device.last_seen, device.generation, device.desired_json,
+                                 device.desired_hash, device.status_json, device.status_at,
+                                 device.schedule_json, device.cordoned, device.revoked_at)
+                          .run();
       if (!inserted && inserted.error().code == Errc::kAlreadyExists) {
         return make_error(Errc::kAlreadyExists, "device " + device.id + " already exists", "id");
       }
