@@ -49,22 +49,25 @@ Result<Key> new_key() {
   return key;
 }
 
-Result<std::string> key_pem(EVP_PKEY* key) {
+// The PEM text `write` puts into a memory BIO; `what` names it in errors.
+template <class Write>
+Result<std::string> pem_text(const char* what, Write write) {
   Bio bio(BIO_new(BIO_s_mem()));
-  if (!bio || PEM_write_bio_PrivateKey(bio.get(), key, nullptr, nullptr, 0, nullptr, nullptr) != 1)
-    return make_error(openssl_error("encoding a private key"));
+  if (!bio || write(bio.get()) != 1) return make_error(openssl_error(what));
   char* data = nullptr;
   long n = BIO_get_mem_data(bio.get(), &data);
   return std::string(data, static_cast<size_t>(n));
 }
 
+Result<std::string> key_pem(EVP_PKEY* key) {
+  return pem_text("encoding a private key", [key](BIO* bio) {
+    return PEM_write_bio_PrivateKey(bio, key, nullptr, nullptr, 0, nullptr, nullptr);
+  });
+}
+
 Result<std::string> cert_pem(X509* cert) {
-  Bio bio(BIO_new(BIO_s_mem()));
-  if (!bio || PEM_write_bio_X509(bio.get(), cert) != 1)
-    return make_error(openssl_error("encoding a certificate"));
-  char* data = nullptr;
-  long n = BIO_get_mem_data(bio.get(), &data);
-  return std::string(data, static_cast<size_t>(n));
+  return pem_text("encoding a certificate",
+                  [cert](BIO* bio) { return PEM_write_bio_X509(bio, cert); });
 }
 
 Result<Cert> read_cert(const std::string& pem) {
