@@ -155,6 +155,7 @@ Agent::~Agent() {
   if (http_) http_->stop();
   if (sync_) sync_->stop();
   if (fetcher_) fetcher_->stop();
+  if (release_) release_->stop();
   if (outbox_) outbox_->stop();
   for (auto& [name, rt] : deployments_) stop_process(*rt);
   if (telemetry_) telemetry_->stop();
@@ -215,6 +216,11 @@ Status Agent::start() {
   if (!options_.artifact_source.empty()) fetch_identity.server = options_.artifact_source;
   fetcher_ = std::make_unique<Fetcher>(artifacts_, fetch_identity, options_.fetch,
                                        [this] { post([] {}); });
+  // Release metadata from the control plane (through the relay, if any): its own server, not
+  // the artifact source, which is only a cache.
+  release_ = std::make_unique<ReleaseTrust>(options_.data_dir, identity_, clock_, options_.release,
+                                            [this] { post([] {}); });
+  OUTPOST_TRY(release_->init());
   sync_ = std::make_unique<DesiredSync>(
       options_.data_dir, identity_, generation_, options_.sync,
       [this](const DesiredState& state) {
@@ -272,6 +278,7 @@ Status Agent::start() {
   publish_snapshot();
   outbox_->start();
   fetcher_->start();
+  release_->start();
   sync_->start();
   telemetry_->start();
   return ok();
@@ -310,6 +317,7 @@ void Agent::run(const std::atomic<bool>& stop) {
   if (http_) http_->stop();
   sync_->stop();
   fetcher_->stop();
+  release_->stop();
   for (auto& [name, rt] : deployments_) stop_process(*rt);
   report_if_changed(false);
   outbox_->stop();
@@ -427,6 +435,28 @@ void Agent::reconcile_one(Runtime& rt) {
   if (!p.current.empty() && rt.dir.prepared(p.current) && ensure_serving(rt, p.current)) {
     ensure_running(rt, p.current);
   }
+  // Signed release metadata first: nothing is fetched, nor activated from what is on disk,
+  // unless the current targets list it (see agent/release).
+  std::map<std::string, int64_t> signed_lengths;
+  if (release_) {
+    for (const auto& digest : needed_artifacts(rt.entry)) {
+      const auto verdict = release_->check(digest);
+      using Kind = ReleaseTrust::Verdict::Kind;
+      if (verdict.kind == Kind::kRefused) {
+        if (fetcher_) fetcher_->forget(digest);
+        rt.phase = "failed";
+        rt.message = "release metadata: " + verdict.reason;
+        return;
+      }
+      if (verdict.kind == Kind::kPending) {
+        rt.phase = "pending";
+        rt.message = "checking signed release metadata" +
+                     (verdict.reason.empty() ? std::string() : ": " + verdict.reason);
+        return;
+      }
+      signed_lengths[digest] = verdict.length;
+    }
+  }
   bool missing = false;
   std::string waiting_phase = "pending";
   std::string problem;
@@ -440,7 +470,8 @@ void Agent::reconcile_one(Runtime& rt) {
     }
     missing = true;
     if (!fetcher_) continue;  // start(): the fetcher comes up right after
-    fetcher_->want(digest);
+    auto length = signed_lengths.find(digest);
+    fetcher_->want(digest, length == signed_lengths.end() ? -1 : length->second);
     auto prog = fetcher_->progress(digest);
     if (!prog) continue;
     fetched += prog->fetched_bytes;
@@ -857,6 +888,7 @@ json Agent::status() const {
   }
   if (outbox_) out["status_queued"] = outbox_->pending();  // live: the sender moves on its own
   if (options_.relay_stats) out["relay"] = options_.relay_stats();
+  if (release_) out["release"] = release_->status();
   if (telemetry_) {
     json t = telemetry_->stats_json();
     out["telemetry"] = {

@@ -17,6 +17,7 @@
 #include "agent/activate/revisions.h"
 #include "agent/device_api.h"
 #include "agent/fetch/fetcher.h"
+#include "agent/release/release_trust.h"
 #include "agent/identity.h"
 #include "agent/serve/model_server.h"
 #include "agent/status/outbox.h"
@@ -45,6 +46,7 @@ struct AgentOptions {
   int64_t retry_initial_ms = 5'000;  // a failed first install is tried again after this, doubling
   int64_t retry_max_ms = 600'000;
   DesiredSync::Options sync;
+  ReleaseTrustOptions release;
   int serve_threads = 2;      // HTTP threads of the local API, which also run inferences
   int inference_threads = 1;  // ONNX Runtime intra-op threads per inference
   // Loads model files for serving; empty = ONNX Runtime (tests swap in a fake).
@@ -101,6 +103,7 @@ class Agent {
   Identity identity_;
   ArtifactStore artifacts_;
   std::unique_ptr<Fetcher> fetcher_;
+  std::unique_ptr<ReleaseTrust> release_;
   std::unique_ptr<DesiredSync> sync_;
   std::unique_ptr<StatusOutbox> outbox_;
   std::unique_ptr<serve::ModelServer> models_;

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/digest.h"
+#include "common/durable_file.h"
 
 namespace outpost::crypto {
 
@@ -84,6 +85,36 @@ bool ed25519_verify(std::string_view message, std::string_view signature,
 bool constant_time_equal(std::string_view a, std::string_view b) {
   if (a.size() != b.size()) return false;
   return sodium_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+Result<Ed25519KeyPair> key_pair_from_secret(std::string_view secret_b64, const std::string& what) {
+  std::string_view text = secret_b64;
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r' || text.back() == ' ')) {
+    text.remove_suffix(1);
+  }
+  auto secret = base64_decode(text);
+  if (!secret || secret->size() != 64) {
+    return make_error(Errc::kInvalidArgument, what + " is not a base64 Ed25519 secret key");
+  }
+  Ed25519KeyPair pair;
+  pair.secret_key = *secret;
+  pair.public_key = secret->substr(32);
+  return pair;
+}
+
+Result<Ed25519KeyPair> load_or_create_key_file(const std::string& key_path,
+                                               const std::string& pub_path) {
+  if (auto existing = read_file(key_path)) {
+    return key_pair_from_secret(*existing, key_path);
+  } else if (existing.error().code != Errc::kNotFound) {
+    return make_error(existing.error());
+  }
+  auto pair = ed25519_generate();
+  OUTPOST_TRY(write_file_durably(key_path, base64_encode(pair.secret_key), 0600));
+  if (!pub_path.empty()) {
+    OUTPOST_TRY(write_file_durably(pub_path, base64_encode(pair.public_key) + "\n", 0644));
+  }
+  return pair;
 }
 
 }  // namespace outpost::crypto

@@ -70,6 +70,26 @@ size_t write_body(char* data, size_t size, size_t count, void* user) {
   return size * count;
 }
 
+}  // namespace curl_io
+
+namespace {
+struct BoundedBody {
+  std::string* body;
+  size_t limit;
+  bool overflowed = false;
+};
+size_t write_bounded_body(char* data, size_t size, size_t count, void* user) {
+  auto* b = static_cast<BoundedBody*>(user);
+  if (b->body->size() + size * count > b->limit) {
+    b->overflowed = true;
+    return 0;  // libcurl stops the transfer (CURLE_WRITE_ERROR)
+  }
+  b->body->append(data, size * count);
+  return size * count;
+}
+}  // namespace
+
+namespace curl_io {
 size_t write_header(char* data, size_t size, size_t count, void* user) {
   auto* headers = static_cast<std::map<std::string, std::string>*>(user);
   std::string line(data, size * count);
@@ -120,8 +140,14 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   const std::string url = base_url_ + path;
   curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
   curl_easy_setopt(curl, CURLOPT_CUSTOMREQUEST, method.c_str());
-  curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, curl_io::write_body);
-  curl_easy_setopt(curl, CURLOPT_WRITEDATA, &response.body);
+  BoundedBody bounded{&response.body, options.max_body_bytes};
+  if (options.max_body_bytes > 0) {
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, write_bounded_body);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &bounded);
+  } else {
+    curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, curl_io::write_body);
+    curl_easy_setopt(curl, CURLOPT_WRITEDATA, &response.body);
+  }
   curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, curl_io::write_header);
   curl_easy_setopt(curl, CURLOPT_HEADERDATA, &response.headers);
   curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(options.timeout_ms));
@@ -191,6 +217,11 @@ Result<HttpResponse> HttpClient::request(const std::string& method, const std::s
   if (upload) std::fclose(upload);
   if (rc == CURLE_ABORTED_BY_CALLBACK) {
     return make_error(Errc::kUnavailable, "request to " + base_url_ + " cancelled");
+  }
+  if (bounded.overflowed) {
+    return make_error(Errc::kPayloadTooLarge,
+                      "endless data refused: " + base_url_ + path + " sent more than " +
+                          std::to_string(options.max_body_bytes) + " bytes; stopped reading");
   }
   if (rc != CURLE_OK) return make_error(transport_error(rc, base_url_, error_buffer));
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &response.status);

@@ -37,6 +37,9 @@ struct HttpRequestOptions {
   bool count_bytes = false;  // fill HttpResponse::bytes_sent/bytes_received
   // Skip the server certificate check: only to fetch a CA that is then checked against a pin.
   bool insecure_skip_verify = false;
+  // When > 0, a response body longer than this is not read on: the request fails with
+  // kPayloadTooLarge ("endless data": a hostile or broken server cannot fill the memory).
+  size_t max_body_bytes = 0;
 };
 
 // Not thread-safe: one client per thread (it reuses one connection).

@@ -95,6 +95,17 @@ int main(int argc, char** argv) {
       ->add_option("--rollout-gate-interval", rollout_gate_interval,
                    "How often a rollout reads its telemetry gates at most")
       ->capture_default_str();
+  std::string release_targets_ttl = "30d";
+  std::string release_timestamp_ttl = "1d";
+  server
+      ->add_option("--release-targets-ttl", release_targets_ttl,
+                   "Signed targets metadata expires this long after signing (re-signed at half)")
+      ->capture_default_str();
+  server
+      ->add_option("--release-timestamp-ttl", release_timestamp_ttl,
+                   "Signed timestamp metadata expires this long after signing (re-signed at "
+                   "half): how stale metadata a device may be shown before it refuses (freeze)")
+      ->capture_default_str();
   server->callback([&] {
     spdlog::set_level(spdlog::level::from_str(log_level));
     for (auto [text, slot, flag] :
@@ -106,7 +117,11 @@ int main(int argc, char** argv) {
           std::tuple{&slow_client_timeout, &server_options.header_timeout_ms,
                      "--slow-client-timeout"},
           std::tuple{&rollout_gate_interval, &server_options.rollout_gate_interval_ms,
-                     "--rollout-gate-interval"}}) {
+                     "--rollout-gate-interval"},
+          std::tuple{&release_targets_ttl, &server_options.release.targets_ttl_ms,
+                     "--release-targets-ttl"},
+          std::tuple{&release_timestamp_ttl, &server_options.release.timestamp_ttl_ms,
+                     "--release-timestamp-ttl"}}) {
       auto ms = outpost::parse_duration_ms(*text);
       if (!ms || *ms <= 0) {
         std::fprintf(stderr,
@@ -123,6 +138,7 @@ int main(int argc, char** argv) {
   outpost::cli::add_login_command(app, globals, exit_code);
   outpost::cli::add_token_commands(app, globals, exit_code);
   outpost::cli::add_user_commands(app, globals, exit_code);
+  outpost::cli::add_release_commands(app, globals, exit_code);
   outpost::cli::add_device_commands(app, globals, exit_code);
   outpost::cli::add_artifact_commands(app, globals, exit_code);
   outpost::cli::add_model_commands(app, globals, exit_code);

@@ -27,26 +27,9 @@ namespace outpost::server {
 
 namespace {
 
-// Loads DATA/server.key (the Ed25519 signing key), creating it on first start.
+// Loads DATA/server.key (the Ed25519 key that signs desired states), creating it on first start.
 Result<crypto::Ed25519KeyPair> load_or_create_signing_key(const std::string& data_dir) {
-  const std::string key_path = data_dir + "/server.key";
-  const std::string pub_path = data_dir + "/server.pub";
-  if (auto existing = read_file(key_path)) {
-    auto secret = crypto::base64_decode(*existing);
-    if (!secret || secret->size() != 64) {
-      return make_error(Errc::kInvalidArgument, key_path + " is not a valid signing key");
-    }
-    crypto::Ed25519KeyPair pair;
-    pair.secret_key = *secret;
-    pair.public_key = secret->substr(32);  // libsodium's secret key ends with the public key
-    return pair;
-  } else if (existing.error().code != Errc::kNotFound) {
-    return make_error(existing.error());
-  }
-  auto pair = crypto::ed25519_generate();
-  OUTPOST_TRY(write_file_durably(key_path, crypto::base64_encode(pair.secret_key), 0600));
-  OUTPOST_TRY(write_file_durably(pub_path, crypto::base64_encode(pair.public_key) + "\n", 0644));
-  return pair;
+  return crypto::load_or_create_key_file(data_dir + "/server.key", data_dir + "/server.pub");
 }
 
 }  // namespace
@@ -67,6 +50,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<rollouts::RolloutController> rollouts;
   std::unique_ptr<boost::asio::steady_timer> rollout_timer;
   std::unique_ptr<DeviceSessions> sessions;
+  std::unique_ptr<registry::ReleaseSigner> release;
   // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
   std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
   std::unique_ptr<boost::asio::steady_timer> flush_timer;
@@ -166,13 +150,23 @@ Status ControlPlane::start() {
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
   d.sessions = std::make_unique<DeviceSessions>(*d.store);
+  d.release = std::make_unique<registry::ReleaseSigner>(*d.store, d.clock, d.options.data_dir,
+                                                        d.options.release);
+  if (auto release = d.release->init(); !release) {
+    // A root that does not name this server's key must not stop the server: devices keep what
+    // they trust, and `outpost release status` shows why nothing is signed.
+    if (release.error().code != Errc::kFailedPrecondition) {
+      return make_error(release.error().with_context("release metadata"));
+    }
+    spdlog::warn("release metadata: {}", release.error().message);
+  }
   rollouts::ControllerOptions rollout_options;
   rollout_options.gate_interval_ms = d.options.rollout_gate_interval_ms;
   d.rollouts =
       std::make_unique<rollouts::RolloutController>(*d.store, *d.desired, d.clock, rollout_options);
   d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
-      *d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth, d.clock, d.workers,
-      crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+      *d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth, *d.release,
+      d.clock, d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
   d.ctx->ca_pem = d.tls.ca_pem;
   d.ctx->ca_pin = d.tls.ca_pin;
 
@@ -186,6 +180,7 @@ Status ControlPlane::start() {
   api::register_telemetry_routes(d.router, *d.ctx);
   api::register_rollout_routes(d.router, *d.ctx);
   api::register_user_routes(d.router, *d.ctx);
+  api::register_release_routes(d.router, *d.ctx);
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));
@@ -238,6 +233,7 @@ Status ControlPlane::start() {
   auto summary = d.desired->reconcile_all();
   if (!summary) return make_error(summary.error().with_context("scheduling devices at start"));
   OUTPOST_TRY(d.http->start());
+  d.release->start();
   d.flush_strand = std::make_unique<boost::asio::strand<boost::asio::thread_pool::executor_type>>(
       d.workers.get_executor());
   d.flush_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
@@ -261,6 +257,7 @@ void ControlPlane::stop() {
   }
   if (d.rollout_timer) boost::asio::post(*d.flush_strand, [&d] { d.rollout_timer->cancel(); });
   d.workers.join();
+  if (d.release) d.release->stop();
   if (d.sessions) d.flush_last_seen();
   if (d.http) d.http->stop();
 }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "server/registry/release_signer.h"
 #include "server/tls_setup.h"
 
 namespace outpost::server {
@@ -33,6 +34,8 @@ struct ControlPlaneOptions {
   int64_t header_timeout_ms = 10'000;
   // HTTPS by default (a development CA under DATA/tls/ unless a certificate is given).
   TlsOptions tls;
+  // Signed release metadata: how long targets and timestamp documents stay valid.
+  registry::ReleaseOptions release;
 };
 
 class ControlPlane {

@@ -99,6 +99,14 @@ struct Artifact {
   int64_t created_at = 0;
 };
 
+// A signed release metadata document (common/release_meta.h), as stored and served.
+struct ReleaseDocument {
+  std::string role;  // "root" | "targets" | "timestamp"
+  int64_t version = 0;
+  std::string body;
+  int64_t created_at = 0;
+};
+
 struct ModelVariant {
   std::string selector_json = "{}";  // {"accelerator":"gpu","arch":"arm64"}
   std::string needs_json = "{}";     // {"min_memory_mb":512,"accelerator":"gpu"}
@@ -394,6 +402,12 @@ class Store {
   [[nodiscard]] virtual Status set_device_cordoned(const std::string& id, bool cordoned) = 0;
   // Marks the device revoked at `revoked_at` (ms; 0 clears it). kNotFound for an unknown id.
   [[nodiscard]] virtual Status set_device_revoked(const std::string& id, int64_t revoked_at) = 0;
+
+  // Release metadata. put inserts; false when that (role, version) is stored already (versions
+  // never change once signed). get with version 0 returns the newest of the role.
+  [[nodiscard]] virtual Result<bool> put_release_document(const ReleaseDocument& doc) = 0;
+  [[nodiscard]] virtual Result<std::optional<ReleaseDocument>> get_release_document(
+      const std::string& role, int64_t version) = 0;
 
   // Artifacts (metadata only; blobs live on disk).
   // Inserts when new; returns false when the digest already existed (dedupe).

@@ -41,11 +41,17 @@ struct Transfer {
   const std::atomic<bool>* stopping = nullptr;
   std::function<void(int64_t)> on_bytes;
   std::string write_error;
+  int64_t limit = -1;  // bytes this transfer may write (-1: no limit)
+  bool overflowed = false;
 };
 
 size_t write_to_file(char* data, size_t size, size_t count, void* user) {
   auto* t = static_cast<Transfer*>(user);
   size_t n = size * count;
+  if (t->limit >= 0 && t->written + static_cast<int64_t>(n) > t->limit) {
+    t->overflowed = true;  // not one byte past the signed length reaches the disk
+    return 0;
+  }
   if (std::fwrite(data, 1, n, t->file) != n) {
     t->write_error = std::string("write failed: ") + std::strerror(errno);
     return 0;
@@ -131,12 +137,17 @@ void Fetcher::stop() {
   threads_.clear();
 }
 
-void Fetcher::want(const std::string& digest) {
+void Fetcher::want(const std::string& digest, int64_t signed_length) {
   {
     std::lock_guard lock(mu_);
-    if (jobs_.contains(digest)) return;
+    if (auto it = jobs_.find(digest); it != jobs_.end()) {
+      it->second.signed_length = signed_length;
+      return;
+    }
     if (store_.has(digest)) return;
-    jobs_[digest] = FetchProgress{};
+    FetchProgress job;
+    job.signed_length = signed_length;
+    jobs_[digest] = job;
     queue_.push_back(digest);
   }
   cv_.notify_one();
@@ -316,7 +327,21 @@ Status Fetcher::fetch_once(const std::string& digest) {
   }
   curl_off_t length = -1;
   curl_easy_getinfo(curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
-  const int64_t total = length >= 0 ? static_cast<int64_t>(length) : 0;
+  int64_t total = length >= 0 ? static_cast<int64_t>(length) : 0;
+  int64_t signed_length = -1;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = jobs_.find(digest); it != jobs_.end()) signed_length = it->second.signed_length;
+  }
+  if (signed_length >= 0) {
+    if (total > signed_length) {
+      return make_error(Errc::kPermissionDenied,
+                        "endless data refused: the server offers " + std::to_string(total) +
+                            " bytes of artifact " + digest + ", the signed release metadata " +
+                            std::to_string(signed_length));
+    }
+    total = signed_length;  // and never more than that is read below
+  }
   int64_t have = file_size(partial);
   if (have > total) {  // not ours (a different blob would not share the name): start over
     ::unlink(partial.c_str());
@@ -356,6 +381,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
     Transfer t;
     t.file = file;
     t.stopping = &stopping_;
+    t.limit = signed_length >= 0 ? need : -1;
     t.on_bytes = [&](int64_t n) {
       set_progress(digest, [n](FetchProgress& p) {
         p.have_bytes += n;
@@ -384,6 +410,12 @@ Status Fetcher::fetch_once(const std::string& digest) {
     std::fclose(file);
     if (rc == CURLE_ABORTED_BY_CALLBACK) {
       return make_error(Errc::kUnavailable, "download of " + digest + " interrupted (stopping)");
+    }
+    if (t.overflowed) {
+      return make_error(Errc::kPermissionDenied,
+                        "endless data refused: the server sent more of artifact " + digest +
+                            " than the " + std::to_string(signed_length) +
+                            " bytes the signed release metadata gives it; stopped reading");
     }
     if (!t.write_error.empty()) return make_error(Errc::kIo, partial + ": " + t.write_error);
     if (rc == CURLE_RANGE_ERROR || (rc == CURLE_OK && have > 0 && status == 200)) {

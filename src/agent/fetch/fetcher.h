@@ -56,6 +56,9 @@ struct FetchProgress {
   int attempts = 0;
   std::string last_error;   // why the last attempt failed ("" when none)
   int64_t retry_at_ms = 0;  // steady-clock ms of the next attempt (kWaitingRetry)
+  // The length signed release metadata gives the blob (-1: none): no byte past it is read, and
+  // a server that offers more is refused ("endless data").
+  int64_t signed_length = -1;
 };
 
 class Fetcher {
@@ -69,7 +72,7 @@ class Fetcher {
 
   // Asks for a blob; no-op when it is verified already or being fetched. Failed attempts are
   // retried with backoff until the blob arrives or forget() is called.
-  void want(const std::string& digest);
+  void want(const std::string& digest, int64_t signed_length = -1);
   void forget(const std::string& digest);  // no longer needed (the partial is kept)
   std::optional<FetchProgress> progress(const std::string& digest) const;
   // Digests being fetched or waiting (GC must keep their partials).

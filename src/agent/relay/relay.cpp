@@ -211,6 +211,12 @@ Status Relay::start() {
   router_->add("GET", "/api/v1/artifacts/{digest}", [this](http::Request&& req, http::Responder r) {
     get_artifact(std::move(req), std::move(r));
   });
+  // Signed release metadata: forwarded, and the last good copy kept for when the uplink is down
+  // (the documents are signed and expire, so a cached copy can only be stale, never forged).
+  router_->add("GET", "/api/v1/device/release/{doc...}",
+               [this](http::Request&& req, http::Responder r) {
+                 get_release(std::move(req), std::move(r));
+               });
   router_->add("GET", "/healthz", [this](http::Request&&, http::Responder r) {
     std::lock_guard lock(mu_);
     r(http::Response::json(200, json{{"ok", true},
@@ -799,6 +805,48 @@ void Relay::enroll(http::Request&& req, Respond respond) {
     }
     set_upstream(answer->status < 500, "upstream answered HTTP " + std::to_string(answer->status));
     respond(passthrough(*answer));
+  });
+}
+
+// --- Release metadata --------------------------------------------------------------------------
+
+void Relay::get_release(http::Request&& req, Respond respond) {
+  std::string doc = req.params.at("doc");
+  // "root", "root/7", "timestamp", "targets": a flat file name for the cache.
+  for (char& c : doc) {
+    if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+  }
+  const std::string cached = dir_ + "/release-" + doc + ".json";
+  AsyncRequest forward;
+  forward.url = upstream_ + req.target;
+  forward.headers = {{"X-Outpost-Via", outgoing_via(req)}};
+  forward.timeout_ms = 30'000;
+  up_->submit(std::move(forward), [this, cached, respond = std::move(respond)](
+                                      Result<HttpResponse> answer) {
+    if (stopping_) {
+      return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
+    }
+    if (answer && answer->status < 500) {
+      set_upstream(true, "");
+      if (answer->status == 200) {
+        boost::asio::post(*workers_, [cached, body = answer->body] {
+          if (auto saved = write_file_durably(cached, body, 0600); !saved) {
+            spdlog::warn("relay: caching release metadata: {}", saved.error().message);
+          }
+        });
+      }
+      return respond(passthrough(*answer));
+    }
+    if (!answer) set_upstream(false, answer.error().message);
+    boost::asio::post(*workers_, [this, cached, respond] {
+      if (auto text = read_file(cached)) {
+        return respond(http::Response::json(200, std::move(*text)));
+      }
+      respond(error_response(Errc::kUnavailable,
+                             "relay " + identity_.device_id +
+                                 " cannot reach the control plane and has no copy of this "
+                                 "release metadata yet; retry"));
+    });
   });
 }
 

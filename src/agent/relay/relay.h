@@ -97,6 +97,7 @@ class Relay {
                    bool telemetry);
   void get_artifact(http::Request&& req, std::function<void(http::Response)> respond);
   void enroll(http::Request&& req, std::function<void(http::Response)> respond);
+  void get_release(http::Request&& req, std::function<void(http::Response)> respond);
   void on_fetch_change();
   http::Response serve_blob(const http::Request& req, const std::string& digest);
   void evict();

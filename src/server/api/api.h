@@ -30,6 +30,7 @@ class DesiredStateUpdater;
 class OperatorAuth;
 namespace registry {
 class BlobStore;
+class ReleaseSigner;
 }
 namespace sync {
 class SyncHub;
@@ -97,6 +98,7 @@ struct ApiContext {
   rollouts::RolloutController& rollouts;
   DeviceSessions& sessions;
   OperatorAuth& auth;
+  registry::ReleaseSigner& release;
   const Clock& clock;
   boost::asio::thread_pool& workers;
   std::string server_public_key_b64;
@@ -217,5 +219,6 @@ void register_audit_routes(http::Router& router, ApiContext& ctx);
 void register_telemetry_routes(http::Router& router, ApiContext& ctx);
 void register_rollout_routes(http::Router& router, ApiContext& ctx);
 void register_user_routes(http::Router& router, ApiContext& ctx);
+void register_release_routes(http::Router& router, ApiContext& ctx);
 
 }  // namespace outpost::server::api

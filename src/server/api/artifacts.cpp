@@ -1,10 +1,13 @@
 // /api/v1/artifacts: streamed, content-addressed uploads and ranged downloads.
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include "common/request_signature.h"
 #include "http/file_response.h"
 #include "server/api/api.h"
 #include "server/registry/blob_store.h"
+#include "server/registry/release_signer.h"
 #include "server/sync/sync_hub.h"
 
 namespace outpost::server::api {
@@ -33,6 +36,12 @@ Result<http::Response> push(ApiContext& ctx, const http::Request& req, const Cal
   if (!inserted) return make_error(inserted.error());
   if (*inserted) {
     audit(ctx, caller, "artifact.push", "artifact/" + artifact.digest, {{"size", artifact.size}});
+    // Signed release metadata lists every artifact: sign the new targets before anyone is
+    // told to fetch it (a failure is logged; the periodic re-sign retries).
+    if (auto signed_now = ctx.release.refresh(); !signed_now) {
+      spdlog::error("release metadata after pushing {}: {}", artifact.digest,
+                    signed_now.error().message);
+    }
   }
   return json_response(
       *inserted ? 201 : 200,

@@ -608,6 +608,9 @@ class SqliteStore final : public Store {
   Result<int64_t> touch_devices(const std::vector<std::pair<std::string, int64_t>>& seen) override;
   Status set_device_cordoned(const std::string& id, bool cordoned) override;
   Status set_device_revoked(const std::string& id, int64_t revoked_at) override;
+  Result<bool> put_release_document(const ReleaseDocument& doc) override;
+  Result<std::optional<ReleaseDocument>> get_release_document(const std::string& role,
+                                                              int64_t version) override;
   Result<bool> put_artifact(const Artifact& artifact) override;
   Result<std::optional<Artifact>> get_artifact(const std::string& digest) override;
   Result<std::vector<Artifact>> list_artifacts() override;
@@ -1382,6 +1385,39 @@ Status SqliteStore::set_device_revoked(const std::string& id, int64_t revoked_at
     }
     OUTPOST_TRY(stmt->bind(revoked_at, id).run());
     return expect_changed("device " + id);
+  });
+}
+
+// ---- Release metadata ----
+
+Result<bool> SqliteStore::put_release_document(const ReleaseDocument& doc) {
+  return locked("storing release metadata", doc.role, [&]() -> Result<bool> {
+    auto stmt = conn_.prepare(
+        "INSERT INTO release_metadata (role, version, body, created_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (role, version) DO NOTHING");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    OUTPOST_TRY(stmt->bind(doc.role, doc.version, doc.body, doc.created_at).run());
+    return conn_.changes() == 1;
+  });
+}
+
+Result<std::optional<ReleaseDocument>> SqliteStore::get_release_document(const std::string& role,
+                                                                         int64_t version) {
+  return locked("reading release metadata", role, [&]() -> Result<std::optional<ReleaseDocument>> {
+    auto stmt = conn_.prepare(
+        version > 0 ? "SELECT role, version, body, created_at FROM release_metadata"
+                      " WHERE role = ? AND version = ?"
+                    : "SELECT role, version, body, created_at FROM release_metadata"
+                      " WHERE role = ? AND version > ? ORDER BY version DESC LIMIT 1");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return read_one<ReleaseDocument>(stmt->bind(role, version), [](const Statement& s) {
+      return ReleaseDocument{
+          .role = s.text(0), .version = s.int64(1), .body = s.text(2), .created_at = s.int64(3)};
+    });
   });
 }
 
