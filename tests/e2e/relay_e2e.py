@@ -38,6 +38,15 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                child needs, least recently served first, and keeps the running one.
   relay-chain  On loopback: device -> relay3 -> relay2 -> relay1 -> server; the device converges
                and `device list` shows via=[relay3, relay2, relay1].
+  release      On loopback, not in "all" (its own ctest, release_e2e): signed release metadata
+               (`outpost release keys init`, timestamp TTL 4 s) with a TamperProxy as a lying
+               mirror between device and server. Each attack makes the new revision fail with
+               the reason in `outpost device show` while the old one keeps running: rollback
+               (older signed timestamp+targets), freeze (one timestamp served until it expires),
+               mix-and-match (current timestamp, older targets), altered (expiry edited, signature
+               kept), endless data (HEAD and GET a megabyte past the signed length). After each,
+               the honest mirror lets the revision install; `release keys rotate --new-root-keys`
+               is followed (root 1 -> 2) and installs go on.
 
 The relay scenarios describe the relay's contract (--relay, --relay-listen, DATA/relay.addr,
 "via", "children", status.relay); --scenarios netns,tamper,proxy runs the others alone.
@@ -515,12 +524,12 @@ class Stopping:
 class Server:
     """`outpost server` (in a namespace or not) and the CLI pointed at it."""
 
-    def __init__(self, world, name, host, ns=None):
+    def __init__(self, world, name, host, ns=None, extra=()):
         self.world = world
         self.name = name
         self.data = world.path(name, "data")
         self.proc = world.spawn(name, [world.binary("outpost"), "server", "--listen", f"{host}:0",
-                                       "--data", self.data, "--insecure-http"], ns=ns)
+                                       "--data", self.data, "--insecure-http", *extra], ns=ns)
         pattern = re.compile(r"listening on (http://" + re.escape(host) + r":\d+)")
 
         def ready():
@@ -719,6 +728,9 @@ class TamperProxy:
         self.name = name
         self.flip_desired = False
         self.flip_blob = False
+        # rewrite(method, path, status, data) -> (status, data, head_length or None) or None:
+        # a relay or mirror that lies (the release scenario's attacks).
+        self.rewrite = None
         self.counts = collections.Counter()
         self.upstream = split_addr(upstream_url)
         self.log = open(log_path, "a", buffering=1)
@@ -783,7 +795,15 @@ class TamperProxy:
                             and path.startswith("/api/v1/artifacts/")):
                         data = flip(data)
                         proxy.counts["flipped_blob"] += 1
-                self.send_response_only(resp.status, resp.reason)
+                status, reason, head_length = resp.status, resp.reason, None
+                rewrite = proxy.rewrite
+                if rewrite:
+                    changed = rewrite(self.command, path, status, data)
+                    if changed:
+                        status, data, head_length = changed
+                        reason = None
+                        proxy.counts["rewritten"] += 1
+                self.send_response_only(status, reason)
                 length = str(len(data))
                 for k, v in resp.getheaders():
                     if k.lower() in HOP_BY_HOP:
@@ -791,6 +811,8 @@ class TamperProxy:
                             length = v  # a HEAD answer says the size of the GET's body
                         continue
                     self.send_header(k, v)
+                if head_length is not None:
+                    length = str(head_length)
                 self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
@@ -1282,6 +1304,127 @@ def scenario_relay_chain(w):
         return f"device {dev.id} converged through 3 relays; via={via}"
 
 
+RELEASE = "/api/v1/device/release/"
+TS_PATH = RELEASE + "timestamp"
+TG_PATH = RELEASE + "targets"
+
+
+def scenario_release(w):
+    """Signed release metadata against a lying mirror (TamperProxy between device and server)."""
+    s = Server(w, "server-release", "127.0.0.1", extra=["--release-timestamp-ttl", "4s"])
+    keydir = os.path.dirname(w.path("release-root", "keys", "x"))
+    s.cli(["release", "keys", "init", "--dir", keydir, "--keys", "3", "--threshold", "2"])
+    proxy = TamperProxy("127.0.0.1", s.url, w.path("logs", "release-proxy.log"), "lying mirror")
+    w.closers.append(proxy)
+    seen = collections.defaultdict(list)  # release document path -> 200 bodies, in order
+
+    def honest(method, path, status, data):
+        if method == "GET" and status == 200 and path.startswith(RELEASE):
+            seen[path].append(data)
+        return None
+
+    proxy.rewrite = honest
+    a = Agent(w, "release-agent")
+    rev = 0
+
+    def deploy(version, seed):
+        nonlocal rev
+        _, size, digest = s.model("relmodel", f"1.{version}.0", seed)
+        s.deploy("rel", "rel-site", "relmodel", f"1.{version}.0")
+        rev += 1
+        return size, digest
+
+    def shown(needle, timeout=60):
+        def find():
+            out = s.cli(["device", "show", a.id]).stdout
+            return next((ln.strip() for ln in out.splitlines() if needle in ln), None)
+        line = wait_until(f"`outpost device show` says {needle!r}", find, timeout, 0.5, [a.proc])
+        d = a.deployment("rel")
+        if d.get("current_revision") == rev:
+            raise Failure(f"revision {rev} was activated despite: {line}")
+        return line
+
+    results = []
+    with Stopping([a]):
+        deploy(1, 201)
+        a.start(f"http://{proxy.addr}", s.enroll_token("rel-site", 1))
+        a.wait_running("rel", rev, timeout=60)
+        trust = a.status().get("release", {})
+        if trust.get("state") != "trusted" or trust.get("root", {}).get("version") != 1:
+            raise Failure(f"the agent does not trust root version 1: {trust}")
+        old_ts, old_tg = seen[TS_PATH][-1], seen[TG_PATH][-1]
+        deploy(2, 202)
+        a.wait_running("rel", rev, timeout=60)
+
+        # Rollback: older (validly signed) timestamp and targets than the device trusts.
+        proxy.rewrite = lambda m, p, st, d: ((200, old_ts, None) if p == TS_PATH else
+                                             (200, old_tg, None) if p == TG_PATH else None)
+        deploy(3, 203)
+        results.append(shown("rollback refused"))
+        proxy.rewrite = honest
+        a.wait_running("rel", rev, timeout=60)
+
+        # Freeze: the mirror keeps serving one timestamp; it expires (4 s) and is refused.
+        frozen = {}
+
+        def freeze(m, p, st, d):
+            if p == TS_PATH and st == 200:
+                return 200, frozen.setdefault("ts", d), None
+            return None
+
+        proxy.rewrite = freeze
+        w.local.request("GET", proxy.addr, TS_PATH, timeout=10)
+        deploy(4, 204)
+        results.append(shown("freeze refused"))
+        proxy.rewrite = honest
+        a.wait_running("rel", rev, timeout=60)
+
+        # Mix-and-match: today's timestamp with a targets document of another day.
+        proxy.rewrite = lambda m, p, st, d: (200, old_tg, None) if p == TG_PATH else None
+        deploy(5, 205)
+        results.append(shown("mix-and-match refused"))
+        proxy.rewrite = honest
+        a.wait_running("rel", rev, timeout=60)
+
+        # Altered metadata: the timestamp's expiry moved to 2099, its signature kept.
+        def alter(m, p, st, d):
+            if p == TS_PATH and st == 200:
+                doc = json.loads(d)
+                doc["signed"]["expires"] = "2099-01-01T00:00:00Z"
+                return 200, json.dumps(doc).encode(), None
+            return None
+
+        proxy.rewrite = alter
+        deploy(6, 206)
+        results.append(shown("signature refused"))
+        proxy.rewrite = honest
+        a.wait_running("rel", rev, timeout=60)
+
+        # Endless data: the blob is offered with a megabyte more than its signed length.
+        size, digest = deploy(7, 207)
+        junk = b"\0" * (1 << 20)
+
+        def endless(m, p, st, d):
+            if p == f"/api/v1/artifacts/{digest}" and st in (200, 206):
+                return (st, b"", size + len(junk)) if m == "HEAD" else (st, d + junk, None)
+            return None
+
+        proxy.rewrite = endless
+        results.append(shown("endless data refused"))
+        proxy.rewrite = honest
+        a.wait_running("rel", rev, timeout=90)
+
+        # Root rotation with new root keys: the device walks root 1 -> 2 and keeps installing.
+        s.cli(["release", "keys", "rotate", "--dir", keydir, "--new-root-keys"])
+        deploy(8, 208)
+        a.wait_running("rel", rev, timeout=60)
+        trust = a.status().get("release", {})
+        if trust.get("root", {}).get("version") != 2:
+            raise Failure(f"after `release keys rotate` the agent trusts {trust}")
+    return ("refused, each shown by `device show`: " + " | ".join(r[:110] for r in results) +
+            "; honest again, each revision installed; root rotated 1 -> 2 and followed")
+
+
 def scenario_relay_evict(w):
     """A cache budget of 2K and a model of ~760 bytes: each new version leaves the previous
     blob unneeded, and the relay evicts the least recently served of those, never one a child's
@@ -1333,8 +1476,9 @@ SCENARIOS = [
     ("relay-enroll", scenario_relay_enroll, True),
     ("relay-chain", scenario_relay_chain, False),
     ("relay-evict", scenario_relay_evict, False),
+    ("release", scenario_release, False),
 ]
-GROUPS = {"all": [s[0] for s in SCENARIOS],
+GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] != "release"],
           "relay": [s[0] for s in SCENARIOS if s[0].startswith("relay")]}
 
 
