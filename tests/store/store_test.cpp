@@ -1838,3 +1838,40 @@ TEST(SqliteMigrationsTest, RefusesMisnumberedMigrations) {
 
 }  // namespace
 }  // namespace outpost::store
+
+namespace outpost::store {
+namespace {
+
+TEST_P(StoreTest, ReleaseDocumentsKeepEveryVersionAndNeverChangeOne) {
+  for (int64_t v = 1; v <= 3; ++v) {
+    auto put = store_->put_release_document({"root", v, "root-" + std::to_string(v), 100 + v});
+    ASSERT_OK(put);
+    EXPECT_TRUE(*put);
+  }
+  ASSERT_OK(store_->put_release_document({"timestamp", 7, "ts-7", 1}));
+  // A version once stored is not replaced (another replica signed it first).
+  auto again = store_->put_release_document({"root", 2, "other", 1});
+  ASSERT_OK(again);
+  EXPECT_FALSE(*again);
+  auto two = store_->get_release_document("root", 2);
+  ASSERT_OK(two);
+  ASSERT_TRUE(two->has_value());
+  EXPECT_EQ((*two)->body, "root-2");
+  auto newest = store_->get_release_document("root", 0);
+  ASSERT_OK(newest);
+  ASSERT_TRUE(newest->has_value());
+  EXPECT_EQ((*newest)->version, 3);
+  auto ts = store_->get_release_document("timestamp", 0);
+  ASSERT_OK(ts);
+  ASSERT_TRUE(ts->has_value());
+  EXPECT_EQ((*ts)->body, "ts-7");
+  auto none = store_->get_release_document("targets", 0);
+  ASSERT_OK(none);
+  EXPECT_FALSE(none->has_value());
+  auto missing = store_->get_release_document("root", 9);
+  ASSERT_OK(missing);
+  EXPECT_FALSE(missing->has_value());
+}
+
+}  // namespace
+}  // namespace outpost::store
