@@ -18,6 +18,7 @@ CLIENTS=${CLIENTS:-32}
 RATE=${RATE:-0}                   # syncs/s, paced (open loop); 0: as fast as answered
 MIN_DEVICES=${MIN_DEVICES:-1000}  # devices enrolled per run: max(held, MIN_DEVICES)
 SERVER_ARGS=${SERVER_ARGS:-}      # extra `outpost server` flags, e.g. "--workers 8"
+TLS=${TLS:-0}                     # 1: HTTPS with the server's development CA (as devices run it)
 # Where the servers' data directories go. Its file system matters: every sync writes SQLite.
 DATA_PARENT=${DATA_PARENT:-${TMPDIR:-/tmp}}
 RECORD=${RECORD:-1}               # 0: print the table, leave bench/RESULTS.md alone
@@ -58,12 +59,15 @@ trap 'exit 130' INT TERM
 start_server() {
   local data=$1
   # shellcheck disable=SC2086  # SERVER_ARGS is a list of flags
-  "$run_server_bin" server --listen 127.0.0.1:0 --data "$data" --insecure-http $SERVER_ARGS \
+  local plain=--insecure-http scheme=http
+  if [ "$TLS" = "1" ]; then plain="" scheme=https; fi
+  # shellcheck disable=SC2086  # $plain is one flag or none
+  "$run_server_bin" server --listen 127.0.0.1:0 --data "$data" $plain $SERVER_ARGS \
     >"$data.log" 2>&1 &
   server_pid=$!
   server_url=""
   for _ in $(seq 1 100); do
-    server_url=$(grep -o 'http://127\.0\.0\.1:[0-9]*' "$data.log" | head -n 1 || true)
+    server_url=$(grep -o "$scheme://127\.0\.0\.1:[0-9]*" "$data.log" | head -n 1 || true)
     if [ -n "$server_url" ] && [ -s "$data/admin.token" ]; then return 0; fi
     if ! kill -0 "$server_pid" 2>/dev/null; then
       echo "run.sh: the server exited at start:" >&2
@@ -110,7 +114,9 @@ for rep in $(seq 1 "$REPS"); do
     start_server "$name"
     echo "run.sh: run $rep/$REPS: held=$held devices=$devices (server pid $server_pid," \
       "$server_url)" >&2
-    if ! "$run_bench_bin" --server "$server_url" --token "$(cat "$name/admin.token")" \
+    ca_args=()
+    if [ "$TLS" = "1" ]; then ca_args=(--ca-file "$name/tls/ca.pem"); fi
+    if ! "$run_bench_bin" --server "$server_url" "${ca_args[@]}" --token "$(cat "$name/admin.token")" \
       --devices "$devices" --held "$held" --clients "$CLIENTS" --rate "$RATE" \
       --duration "$DURATION" --server-pid "$server_pid" -o json >"$name.json" 2>"$name.err"; then
       echo "run.sh: outpost-sync-bench failed:" >&2
@@ -157,10 +163,13 @@ if [ "$RECORD" = "1" ]; then
     if [ -n "${BENCH_BIN:-}" ]; then overrides+="BENCH_BIN=$BENCH_BIN "; fi
     if [ "$BUILD_DIR" != "$root/build" ]; then overrides+="BUILD_DIR=$BUILD_DIR "; fi
     if [ -n "$SERVER_ARGS" ]; then overrides+="SERVER_ARGS=\"$SERVER_ARGS\" "; fi
+    if [ "$TLS" = "1" ]; then overrides+="TLS=1 "; fi
     if [ "$DATA_PARENT" != "${TMPDIR:-/tmp}" ]; then overrides+="DATA_PARENT=$DATA_PARENT "; fi
     echo "- command: \`${overrides}HELD=\"$HELD\" REPS=$REPS DURATION=$DURATION" \
       "CLIENTS=$CLIENTS RATE=$RATE MIN_DEVICES=$MIN_DEVICES bench/sync/run.sh\`" \
       "($elapsed s)"
+    if [ "$TLS" = "1" ]; then link="HTTPS (development CA, TLS 1.3, verified by the bench)"; else link="plain HTTP (--insecure-http)"; fi
+    echo "- link: $link"
     echo "- each run: \`outpost server --listen 127.0.0.1:0 --data FRESH_DIR${SERVER_ARGS:+ $SERVER_ARGS}\`, then" \
       "\`outpost-sync-bench --server URL --token ADMIN --devices max(H,$MIN_DEVICES) --held H" \
       "--clients $CLIENTS --rate $RATE --duration $DURATION --server-pid PID -o json\`"

@@ -37,6 +37,8 @@
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
+#include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
 
 #include "common/crypto.h"
@@ -58,6 +60,7 @@ constexpr int kSpareFds = 64;  // libcurl, /proc reads, stdio, the resolver
 
 struct Options {
   std::string server;
+  std::string ca_file;
   std::string token;
   int devices = 1000;
   int held = -1;  // -1: as many as devices
@@ -240,10 +243,12 @@ class Workload {
 // A transport failure is reported as an outcome; the next request reconnects.
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
-  Connection(net::io_context& io, tcp::endpoint endpoint, std::string host, Workload& workload,
-             size_t index, Clock::duration timeout)
-      : stream_(net::make_strand(io)),
-        retry_timer_(stream_.get_executor()),
+  // tls: the client context for an https:// server (nullptr: plain HTTP).
+  Connection(net::io_context& io, tcp::endpoint endpoint, std::string host,
+             net::ssl::context* tls, Workload& workload, size_t index, Clock::duration timeout)
+      : tls_(tls),
+        stream_(std::make_unique<Stream>(net::make_strand(io), tls ? *tls : plain_context())),
+        retry_timer_(tcp().get_executor()),
         endpoint_(endpoint),
         host_(std::move(host)),
         workload_(workload),
@@ -254,16 +259,16 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void start() {
     [[maybe_unused]] const bool twice = started_.exchange(true);
     assert(!twice && "Connection::start called twice");
-    net::post(stream_.get_executor(), [self = shared_from_this()] { self->run_next(); });
+    net::post(tcp().get_executor(), [self = shared_from_this()] { self->run_next(); });
   }
 
   // Closes the socket; a request in flight ends without an outcome.
   void close() {
-    net::post(stream_.get_executor(), [self = shared_from_this()] {
+    net::post(tcp().get_executor(), [self = shared_from_this()] {
       self->closing_ = true;
       self->retry_timer_.cancel();
       beast::error_code ec;
-      self->stream_.socket().close(ec);
+      self->tcp().socket().close(ec);
       if (!self->busy_) self->finish();
     });
   }
@@ -296,34 +301,55 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
 
   void send() {
-    if (stream_.socket().is_open()) return write();
+    if (tcp().socket().is_open()) return write();
     buffer_.clear();
-    stream_.expires_after(timeout_);
-    stream_.async_connect(endpoint_, [self = shared_from_this()](beast::error_code ec) {
+    // A TLS session cannot be reused after its socket closed: a fresh stream, same strand.
+    if (tls_) stream_ = std::make_unique<Stream>(tcp().get_executor(), *tls_);
+    tcp().expires_after(timeout_);
+    tcp().async_connect(endpoint_, [self = shared_from_this()](beast::error_code ec) {
       if (ec) return self->fail("connect", ec);
       beast::error_code opt_ec;
-      self->stream_.socket().set_option(tcp::no_delay(true), opt_ec);
-      self->write();
+      self->tcp().socket().set_option(tcp::no_delay(true), opt_ec);
+      if (!self->tls_) return self->write();
+      self->stream_->async_handshake(net::ssl::stream_base::client,
+                                     [self](beast::error_code hs_ec) {
+                                       if (hs_ec) return self->fail("tls handshake", hs_ec);
+                                       self->write();
+                                     });
     });
   }
 
+  // Runs `op` on the TLS stream, or on the TCP stream under it for plain HTTP.
+  template <typename Op>
+  void on_stream(Op&& op) {
+    if (tls_) {
+      op(*stream_);
+    } else {
+      op(tcp());
+    }
+  }
+
   void write() {
-    stream_.expires_after(timeout_);
-    bhttp::async_write(stream_, req_, [self = shared_from_this()](beast::error_code ec, size_t) {
-      if (ec) return self->fail("write", ec);
-      self->write_settled_ = true;
-      self->workload_.on_write_settled(self->index_);
-      self->read();
+    tcp().expires_after(timeout_);
+    on_stream([&](auto& s) {
+      bhttp::async_write(s, req_, [self = shared_from_this()](beast::error_code ec, size_t) {
+        if (ec) return self->fail("write", ec);
+        self->write_settled_ = true;
+        self->workload_.on_write_settled(self->index_);
+        self->read();
+      });
     });
   }
 
   void read() {
     parser_.emplace();
     parser_->body_limit(16 * 1024 * 1024);
-    stream_.expires_after(timeout_);
-    bhttp::async_read(
-        stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+    tcp().expires_after(timeout_);
+    on_stream([&](auto& s) {
+      bhttp::async_read(
+          s, buffer_, *parser_,
+          [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
+    });
   }
 
   void on_read(beast::error_code ec) {
@@ -342,7 +368,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     workload_.on_outcome(index_, std::move(outcome));
     if (!keep_alive) {
       beast::error_code close_ec;
-      stream_.socket().close(close_ec);
+      tcp().socket().close(close_ec);
     }
     run_next();
   }
@@ -350,7 +376,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void fail(const char* step, beast::error_code ec) {
     busy_ = false;
     beast::error_code close_ec;
-    stream_.socket().close(close_ec);
+    tcp().socket().close(close_ec);
     if (!write_settled_) {
       write_settled_ = true;
       workload_.on_write_settled(index_);
@@ -374,11 +400,19 @@ class Connection : public std::enable_shared_from_this<Connection> {
     if (finished_) return;
     finished_ = true;
     beast::error_code ec;
-    stream_.socket().close(ec);
+    tcp().socket().close(ec);
     workload_.on_closed(index_);
   }
 
-  beast::tcp_stream stream_;
+  using Stream = beast::ssl_stream<beast::tcp_stream>;
+  static net::ssl::context& plain_context() {
+    static net::ssl::context unused(net::ssl::context::tls_client);  // plain HTTP: never used
+    return unused;
+  }
+  beast::tcp_stream& tcp() { return stream_->next_layer(); }
+
+  net::ssl::context* tls_;
+  std::unique_ptr<Stream> stream_;
   net::steady_timer retry_timer_;
   beast::flat_buffer buffer_;
   HttpRequest req_;
@@ -398,7 +432,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
 struct Endpoint {
   tcp::endpoint address;
-  std::string host;  // Host header
+  std::string host;                           // Host header
+  std::shared_ptr<net::ssl::context> tls;     // https:// servers
 };
 
 class ConnectionSet {
@@ -407,7 +442,8 @@ class ConnectionSet {
                 Clock::duration timeout) {
     for (size_t i = 0; i < count; ++i) {
       conns_.push_back(
-          std::make_shared<Connection>(io, endpoint.address, endpoint.host, workload, i, timeout));
+          std::make_shared<Connection>(io, endpoint.address, endpoint.host, endpoint.tls.get(),
+                                       workload, i, timeout));
     }
   }
   void start(size_t i) { conns_[i]->start(); }
@@ -644,19 +680,20 @@ class SyncLoadWorkload final : public Workload {
 
 // ---------------------------------------------------------------------------------------
 
-Result<Endpoint> resolve_server(net::io_context& io, const std::string& url) {
-  constexpr std::string_view kScheme = "http://";
-  if (url.rfind(kScheme, 0) != 0) {
-    return make_error(
-        Errc::kInvalidArgument,
-        "--server: expected http://HOST:PORT (this bench speaks plain HTTP), got \"" + url + "\"",
-        "server");
+Result<Endpoint> resolve_server(net::io_context& io, const std::string& url,
+                                const std::string& ca_file) {
+  const bool https = url.rfind("https://", 0) == 0;
+  if (!https && url.rfind("http://", 0) != 0) {
+    return make_error(Errc::kInvalidArgument,
+                      "--server: expected http://HOST:PORT or https://HOST:PORT, got \"" + url + "\"",
+                      "server");
   }
-  std::string authority = url.substr(kScheme.size());
+  std::string authority = url.substr(https ? 8 : 7);
   authority = authority.substr(0, authority.find('/'));
   auto colon = authority.rfind(':');
   std::string host = colon == std::string::npos ? authority : authority.substr(0, colon);
-  std::string port = colon == std::string::npos ? "80" : authority.substr(colon + 1);
+  std::string port =
+      colon == std::string::npos ? (https ? "443" : "80") : authority.substr(colon + 1);
   if (host.size() >= 2 && host.front() == '[') host = host.substr(1, host.size() - 2);
   beast::error_code ec;
   tcp::resolver resolver(io);
@@ -665,7 +702,23 @@ Result<Endpoint> resolve_server(net::io_context& io, const std::string& url) {
     return make_error(Errc::kUnavailable,
                       "--server: cannot resolve " + authority + ": " + ec.message());
   }
-  return Endpoint{results.begin()->endpoint(), authority};
+  Endpoint out{results.begin()->endpoint(), authority, nullptr};
+  if (https) {
+    // Verified like a device does: the CA it pinned (--ca-file), the name in the certificate.
+    out.tls = std::make_shared<net::ssl::context>(net::ssl::context::tls_client);
+    out.tls->set_verify_mode(net::ssl::verify_peer);
+    if (ca_file.empty()) {
+      out.tls->set_default_verify_paths();
+    } else {
+      out.tls->load_verify_file(ca_file, ec);
+      if (ec) {
+        return make_error(Errc::kInvalidArgument,
+                          "--ca-file: cannot load " + ca_file + ": " + ec.message(), "ca_file");
+      }
+    }
+    out.tls->set_verify_callback(net::ssl::host_name_verification(host));
+  }
+  return out;
 }
 
 // One unlabelled sample from GET /metrics (Prometheus text); nullopt when absent.
@@ -748,7 +801,7 @@ int run(const Options& opt) {
 
   crypto::init();
   ErrorTally errors;
-  HttpClient admin(opt.server, opt.token);
+  HttpClient admin(opt.server, opt.token, opt.ca_file);
 
   // Enrollment token for the whole fleet.
   nlohmann::json token_body = {{"site", opt.site}, {"uses", opt.devices}, {"ttl", "1h"}};
@@ -771,7 +824,7 @@ int run(const Options& opt) {
   }
 
   net::io_context io(opt.threads);
-  auto endpoint = resolve_server(io, opt.server);
+  auto endpoint = resolve_server(io, opt.server, opt.ca_file);
   if (!endpoint) {
     std::fprintf(stderr, "error: %s\n", endpoint.error().describe().c_str());
     return 1;
@@ -956,6 +1009,7 @@ int run(const Options& opt) {
   nlohmann::json report;
   report["bench"] = "sync";
   report["server"] = opt.server;
+  report["tls"] = opt.server.rfind("https://", 0) == 0;
   report["config"] = {{"devices", opt.devices},
                       {"held", held_wanted},
                       {"clients", opt.clients},
@@ -1197,7 +1251,9 @@ int main(int argc, char** argv) {
       "--held long-polls open, then runs immediate syncs from --clients keep-alive connections "
       "for --duration seconds."};
   std::vector<std::string> summarize_files;
-  app.add_option("--server", opt.server, "Server URL, http://HOST:PORT (required)")
+  app.add_option("--ca-file", opt.ca_file,
+                 "PEM CA to verify an https:// server with (its development CA: DATA/tls/ca.pem)");
+  app.add_option("--server", opt.server, "Server URL, http(s)://HOST:PORT (required)")
       ->envname("OUTPOST_SERVER");
   app.add_option("--token", opt.token, "Operator (admin) bearer token (required)")
       ->envname("OUTPOST_TOKEN");

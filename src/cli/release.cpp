@@ -149,8 +149,9 @@ int keys_init(Session& session, const KeysArgs& a) {
   if (!existing) return session.fail(existing.error());
   if (!existing->empty()) {
     return session.fail(Error{Errc::kAlreadyExists,
-                              a.dir + " already holds root keys: to change keys or extend the "
-                                      "root, use `outpost release keys rotate --dir " +
+                              a.dir +
+                                  " already holds root keys: to change keys or extend the "
+                                  "root, use `outpost release keys rotate --dir " +
                                   a.dir + "`",
                               "dir"});
   }
@@ -208,12 +209,12 @@ int keys_rotate(Session& session, KeysArgs a) {
     if (auto it = held->find(id); it != held->end()) old_secrets.push_back(it->second.secret_key);
   }
   if (static_cast<int>(old_secrets.size()) < role.threshold) {
-    return session.fail(Error{
-        Errc::kFailedPrecondition,
-        a.dir + "/keys holds " + std::to_string(old_secrets.size()) + " of the root keys of root version " +
-            std::to_string(current->version) + "; it takes " + std::to_string(role.threshold) +
-            " to sign the next one",
-        "dir"});
+    return session.fail(Error{Errc::kFailedPrecondition,
+                              a.dir + "/keys holds " + std::to_string(old_secrets.size()) +
+                                  " of the root keys of root version " +
+                                  std::to_string(current->version) + "; it takes " +
+                                  std::to_string(role.threshold) + " to sign the next one",
+                              "dir"});
   }
   if (!a.keys_given) a.keys = static_cast<int>(role.keyids.size());
   if (!a.threshold_given) a.threshold = std::min(role.threshold, a.keys);
@@ -243,8 +244,7 @@ int keys_rotate(Session& session, KeysArgs a) {
       root_keys.push_back(it != held->end() ? it->second : pub_only);
     }
   }
-  release::Root next =
-      build_root(current->version + 1, *expires, root_keys, a.threshold, *online);
+  release::Root next = build_root(current->version + 1, *expires, root_keys, a.threshold, *online);
   std::vector<std::string> secrets = old_secrets;
   for (const auto& k : root_keys) {
     if (k.secret_key.empty()) continue;
@@ -273,8 +273,8 @@ int keys_rotate(Session& session, KeysArgs a) {
             << current->version << "'s keys" << (a.new_root_keys ? " and the new ones" : "")
             << "); the server signs with a new online key from now on.\n";
   if (a.new_root_keys) {
-    std::cout << "New root keys are in " << keys_dir(a.dir) << "/; the old ones moved to "
-              << a.dir << "/retired/ (devices no longer accept them).\n";
+    std::cout << "New root keys are in " << keys_dir(a.dir) << "/; the old ones moved to " << a.dir
+              << "/retired/ (devices no longer accept them).\n";
   }
   print_status(*accepted);
   return kExitOk;
@@ -310,8 +310,9 @@ void add_release_commands(CLI::App& app, GlobalOptions& options, int& exit_code)
       ->capture_default_str();
   init->add_option("--expires", args->expires, "Root expiry (devices refuse an expired root)")
       ->capture_default_str();
-  init->footer("Example: outpost release keys init --dir /media/usb/outpost-root --keys 3 "
-               "--threshold 2");
+  init->footer(
+      "Example: outpost release keys init --dir /media/usb/outpost-root --keys 3 "
+      "--threshold 2");
   init->callback([&options, &exit_code, args] {
     Session session(options);
     exit_code = keys_init(session, *args);

@@ -28,8 +28,8 @@ Result<int64_t> int_field(const json& obj, const std::string& key, const std::st
   }
   const int64_t v = it->get<int64_t>();
   if (v < min_value) {
-    return make_error(
-        field_error(where + "." + key, std::to_string(v) + " is below " + std::to_string(min_value)));
+    return make_error(field_error(where + "." + key,
+                                  std::to_string(v) + " is below " + std::to_string(min_value)));
   }
   return v;
 }
@@ -103,10 +103,9 @@ Result<Envelope> parse_envelope(std::string_view text, std::string_view expected
                                 size_t max_bytes) {
   const std::string what = std::string(expected_type) + " metadata";
   if (text.size() > max_bytes) {
-    return make_error(Errc::kPayloadTooLarge, "endless data refused: " + what + " is " +
-                                                  std::to_string(text.size()) +
-                                                  " bytes, over its bound of " +
-                                                  std::to_string(max_bytes));
+    return make_error(Errc::kPayloadTooLarge,
+                      "endless data refused: " + what + " is " + std::to_string(text.size()) +
+                          " bytes, over its bound of " + std::to_string(max_bytes));
   }
   OUTPOST_TRY(json_fields::check_nesting(text, what));
   json doc = json::parse(text, nullptr, false);
@@ -128,9 +127,8 @@ Result<Envelope> parse_envelope(std::string_view text, std::string_view expected
     return make_error(field_error(what + ".signatures", "missing or not an array"));
   }
   if (sigs->size() > static_cast<size_t>(kMaxKeysPerRole) * 2) {
-    return make_error(field_error(what + ".signatures", "more than " +
-                                                            std::to_string(kMaxKeysPerRole * 2) +
-                                                            " signatures"));
+    return make_error(field_error(
+        what + ".signatures", "more than " + std::to_string(kMaxKeysPerRole * 2) + " signatures"));
   }
   Envelope env;
   env.type = *type;
@@ -219,9 +217,9 @@ Result<Root> root_from(const Envelope& env) {
       role.keyids.push_back(keyid);
     }
     if (*threshold > static_cast<int64_t>(role.keyids.size())) {
-      return make_error(field_error(rw + ".threshold", std::to_string(*threshold) + " is over the " +
-                                                           std::to_string(role.keyids.size()) +
-                                                           " keys of the role"));
+      return make_error(field_error(rw + ".threshold",
+                                    std::to_string(*threshold) + " is over the " +
+                                        std::to_string(role.keyids.size()) + " keys of the role"));
     }
     role.threshold = static_cast<int>(*threshold);
     root.roles[std::string(name)] = std::move(role);
@@ -320,8 +318,8 @@ json timestamp_signed(const Timestamp& t) {
 Status verify_signatures(const Envelope& env, const Root& root, std::string_view role) {
   auto r = root.roles.find(std::string(role));
   if (r == root.roles.end()) {
-    return make_error(Errc::kInternal, "root version " + std::to_string(root.version) +
-                                           " has no " + std::string(role) + " role");
+    return make_error(Errc::kInternal, "root version " + std::to_string(root.version) + " has no " +
+                                           std::string(role) + " role");
   }
   const std::string bytes = signing_bytes(env.signed_part);
   std::set<std::string> valid;
@@ -424,8 +422,8 @@ Result<Targets> verify_targets(const Root& root, const Timestamp& timestamp, std
                       "mix-and-match refused: targets metadata sha256:" + hash.substr(0, 16) +
                           "… is not the document timestamp version " +
                           std::to_string(timestamp.version) + " names (targets version " +
-                          std::to_string(timestamp.targets_version) + ", sha256:" +
-                          timestamp.targets_sha256.substr(0, 16) + "…)");
+                          std::to_string(timestamp.targets_version) +
+                          ", sha256:" + timestamp.targets_sha256.substr(0, 16) + "…)");
   }
   auto env = parse_envelope(text, kTargets, kMaxTargetsBytes);
   if (!env) return make_error(env.error());

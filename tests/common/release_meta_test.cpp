@@ -168,10 +168,10 @@ TEST(ReleaseMetaTest, TargetsMustBeTheOneTheTimestampNames) {
 }
 
 TEST(ReleaseMetaTest, ParseRefusalsNameTheField) {
-  EXPECT_FALSE(parse_envelope(std::string(kMaxTimestampBytes + 1, ' '), kTimestamp,
-                              kMaxTimestampBytes));
-  auto wrong_type = parse_envelope(R"({"signed":{"_type":"targets"},"signatures":[]})",
-                                   kTimestamp, kMaxTimestampBytes);
+  EXPECT_FALSE(
+      parse_envelope(std::string(kMaxTimestampBytes + 1, ' '), kTimestamp, kMaxTimestampBytes));
+  auto wrong_type = parse_envelope(R"({"signed":{"_type":"targets"},"signatures":[]})", kTimestamp,
+                                   kMaxTimestampBytes);
   ASSERT_FALSE(wrong_type);
   EXPECT_EQ(wrong_type.error().field, "timestamp metadata.signed._type");
   auto env = parse_envelope(
@@ -181,7 +181,7 @@ TEST(ReleaseMetaTest, ParseRefusalsNameTheField) {
   auto t = targets_from(*env);
   ASSERT_FALSE(t);
   EXPECT_EQ(t.error().field, "targets metadata.signed.expires");
-  EXPECT_FALSE(parse_envelope(std::string(2000, '[') , kRoot, kMaxRootBytes));
+  EXPECT_FALSE(parse_envelope(std::string(2000, '['), kRoot, kMaxRootBytes));
   auto time = parse_time("2027-01-31T12:00:00Z");
   ASSERT_TRUE(time);
   EXPECT_EQ(format_time(*time), "2027-01-31T12:00:00Z");

@@ -335,10 +335,10 @@ Status Fetcher::fetch_once(const std::string& digest) {
   }
   if (signed_length >= 0) {
     if (total > signed_length) {
-      return make_error(Errc::kPermissionDenied,
-                        "endless data refused: the server offers " + std::to_string(total) +
-                            " bytes of artifact " + digest + ", the signed release metadata " +
-                            std::to_string(signed_length));
+      return make_error(Errc::kPermissionDenied, "endless data refused: the server offers " +
+                                                     std::to_string(total) + " bytes of artifact " +
+                                                     digest + ", the signed release metadata " +
+                                                     std::to_string(signed_length));
     }
     total = signed_length;  // and never more than that is read below
   }

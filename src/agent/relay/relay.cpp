@@ -821,8 +821,8 @@ void Relay::get_release(http::Request&& req, Respond respond) {
   forward.url = upstream_ + req.target;
   forward.headers = {{"X-Outpost-Via", outgoing_via(req)}};
   forward.timeout_ms = 30'000;
-  up_->submit(std::move(forward), [this, cached, respond = std::move(respond)](
-                                      Result<HttpResponse> answer) {
+  up_->submit(std::move(forward), [this, cached,
+                                   respond = std::move(respond)](Result<HttpResponse> answer) {
     if (stopping_) {
       return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
     }

@@ -69,7 +69,8 @@ Status ReleaseTrust::init() {
   }
   // A crash between the two writes: the targets are not the ones the timestamp names. Keep the
   // versions for rollback checks; the next refresh fetches the matching document.
-  if (timestamp_ && targets_ && timestamp_->targets_sha256 != targets_sha256_) targets_sha256_.clear();
+  if (timestamp_ && targets_ && timestamp_->targets_sha256 != targets_sha256_)
+    targets_sha256_.clear();
   return ok();
 }
 
@@ -79,7 +80,8 @@ void ReleaseTrust::start() {
     while (!stopping_) {
       const int64_t now = clock_.now_ms();
       if (refresh_due_ == 0 || refresh_due_ > now) {
-        const int64_t wait = refresh_due_ == 0 ? 60'000 : std::min<int64_t>(refresh_due_ - now, 60'000);
+        const int64_t wait =
+            refresh_due_ == 0 ? 60'000 : std::min<int64_t>(refresh_due_ - now, 60'000);
         cv_.wait_for(lock, std::chrono::milliseconds(std::max<int64_t>(wait, 10)));
         continue;
       }

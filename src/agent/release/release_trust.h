@@ -30,8 +30,8 @@
 namespace outpost::agent {
 
 struct ReleaseTrustOptions {
-  int64_t min_refresh_ms = 1'000;      // at most one refresh this often while artifacts wait
-  int64_t retry_ms = 10'000;           // after a refresh that failed
+  int64_t min_refresh_ms = 1'000;       // at most one refresh this often while artifacts wait
+  int64_t retry_ms = 10'000;            // after a refresh that failed
   int64_t no_root_recheck_ms = 60'000;  // the server published no root: look again this often
 };
 
@@ -52,10 +52,10 @@ class ReleaseTrust {
 
   struct Verdict {
     enum class Kind {
-      kTrusted,     // listed: install at most `length` bytes
-      kUnchecked,   // the server publishes no release metadata and none was ever trusted
-      kPending,     // a refresh is under way or due
-      kRefused,     // not listed by verified metadata, or the metadata was refused: `reason`
+      kTrusted,    // listed: install at most `length` bytes
+      kUnchecked,  // the server publishes no release metadata and none was ever trusted
+      kPending,    // a refresh is under way or due
+      kRefused,    // not listed by verified metadata, or the metadata was refused: `reason`
     } kind = Kind::kPending;
     int64_t length = -1;
     std::string reason;
@@ -71,8 +71,7 @@ class ReleaseTrust {
 
  private:
   [[nodiscard]] Status refresh_once();
-  [[nodiscard]] Result<std::optional<std::string>> fetch(const std::string& path,
-                                                         size_t max_bytes);
+  [[nodiscard]] Result<std::optional<std::string>> fetch(const std::string& path, size_t max_bytes);
   void request_refresh_locked(int64_t now);
 
   std::string dir_;
@@ -90,9 +89,9 @@ class ReleaseTrust {
   bool server_has_no_root_ = false;
   std::string last_error_;
   bool last_error_transport_ = false;  // the server could not be reached (not a refusal)
-  int64_t refresh_due_ = 0;          // steady: when the thread should refresh (0 = not asked)
-  int64_t last_refresh_start_ = 0;   // clock ms of the last refresh that started
-  int64_t last_refresh_end_ = 0;     // and ended
+  int64_t refresh_due_ = 0;            // steady: when the thread should refresh (0 = not asked)
+  int64_t last_refresh_start_ = 0;     // clock ms of the last refresh that started
+  int64_t last_refresh_end_ = 0;       // and ended
   bool refreshing_ = false;
   std::map<std::string, int64_t> asked_at_;  // digest -> when check() first missed it
   bool stopping_ = false;

@@ -31,7 +31,7 @@ class OperatorAuth;
 namespace registry {
 class BlobStore;
 class ReleaseSigner;
-}
+}  // namespace registry
 namespace sync {
 class SyncHub;
 }

@@ -27,9 +27,8 @@ void add_document_route(http::Router& router, ApiContext& ctx, const std::string
                         std::function<http::Response(const http::Request&)> serve) {
   router.add("GET", pattern, [&ctx, serve](http::Request&& req, http::Responder respond) {
     // The root may come from the store: not on an I/O thread.
-    run_on_worker(ctx, std::move(respond), [req = std::move(req), serve]() -> Result<http::Response> {
-      return serve(req);
-    });
+    run_on_worker(ctx, std::move(respond),
+                  [req = std::move(req), serve]() -> Result<http::Response> { return serve(req); });
   });
 }
 
@@ -66,9 +65,9 @@ void register_release_routes(http::Router& router, ApiContext& ctx) {
         int64_t version = 0;
         auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), version);
         if (ec != std::errc{} || end != text.data() + text.size() || version < 1) {
-          return http::Response::error(
-              Error{Errc::kInvalidArgument, "root version \"" + text + "\" is not a number ≥ 1",
-                    "version"});
+          return http::Response::error(Error{Errc::kInvalidArgument,
+                                             "root version \"" + text + "\" is not a number ≥ 1",
+                                             "version"});
         }
         return document(ctx.release.root(version), "root metadata version " + text);
       });
@@ -80,8 +79,7 @@ void register_release_routes(http::Router& router, ApiContext& ctx) {
   });
 
   add_operator_route(router, ctx, "GET", "/api/v1/release", Role::kViewer, status);
-  add_operator_route(router, ctx, "POST", "/api/v1/release/online-key", Role::kAdmin,
-                     pending_key);
+  add_operator_route(router, ctx, "POST", "/api/v1/release/online-key", Role::kAdmin, pending_key);
   add_operator_route(router, ctx, "PUT", "/api/v1/release/root", Role::kAdmin, put_root,
                      http::RouteOptions{.body_limit = release::kMaxRootBytes});
 }

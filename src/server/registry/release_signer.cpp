@@ -67,9 +67,9 @@ Status ReleaseSigner::load_latest_locked() {
       all_ours = false;
       continue;
     }
-    auto e = release::parse_envelope((*doc)->body, role,
-                                     role == release::kTargets ? release::kMaxTargetsBytes
-                                                               : release::kMaxTimestampBytes);
+    auto e = release::parse_envelope(
+        (*doc)->body, role,
+        role == release::kTargets ? release::kMaxTargetsBytes : release::kMaxTimestampBytes);
     if (!e) return make_error(e.error().with_context("stored metadata"));
     // Signed by a key the root no longer gives the role (a rotation): re-signed below.
     if (!release::verify_signatures(*e, *root_, role)) all_ours = false;
@@ -91,9 +91,8 @@ Status ReleaseSigner::load_latest_locked() {
 
 void ReleaseSigner::start() {
   thread_ = std::thread([this] {
-    const int64_t period =
-        std::clamp<int64_t>(std::min(options_.timestamp_ttl_ms, options_.targets_ttl_ms) / 4,
-                            1'000, 60'000);
+    const int64_t period = std::clamp<int64_t>(
+        std::min(options_.timestamp_ttl_ms, options_.targets_ttl_ms) / 4, 1'000, 60'000);
     std::unique_lock lock(mu_);
     while (!stopping_) {
       cv_.wait_for(lock, std::chrono::milliseconds(period));
@@ -163,13 +162,11 @@ Status ReleaseSigner::refresh_locked() {
     next.targets = listed;
     next.expires_ms = now + options_.targets_ttl_ms;
     std::string text;
-    auto version = store_next(release::kTargets, targets_ ? targets_->version : 0,
-                              [&](int64_t v) {
-                                next.version = v;
-                                text = release::sign_document(release::targets_signed(next),
-                                                              {online_.secret_key});
-                                return text;
-                              });
+    auto version = store_next(release::kTargets, targets_ ? targets_->version : 0, [&](int64_t v) {
+      next.version = v;
+      text = release::sign_document(release::targets_signed(next), {online_.secret_key});
+      return text;
+    });
     if (!version) return make_error(version.error());
     targets_ = next;
     targets_text_ = text;
@@ -184,13 +181,12 @@ Status ReleaseSigner::refresh_locked() {
     next.targets_sha256 = sha256_hex(targets_text_);
     next.targets_length = static_cast<int64_t>(targets_text_.size());
     std::string text;
-    auto version = store_next(release::kTimestamp, timestamp_ ? timestamp_->version : 0,
-                              [&](int64_t v) {
-                                next.version = v;
-                                text = release::sign_document(release::timestamp_signed(next),
-                                                              {online_.secret_key});
-                                return text;
-                              });
+    auto version =
+        store_next(release::kTimestamp, timestamp_ ? timestamp_->version : 0, [&](int64_t v) {
+          next.version = v;
+          text = release::sign_document(release::timestamp_signed(next), {online_.secret_key});
+          return text;
+        });
     if (!version) return make_error(version.error());
     timestamp_ = next;
     timestamp_text_ = text;
@@ -274,8 +270,8 @@ Result<release::Root> ReleaseSigner::accept_root(std::string_view text) {
   auto put = store_.put_release_document(doc);
   if (!put) return make_error(put.error());
   if (!*put) {
-    return make_error(Errc::kConflict, "root version " + std::to_string(next->version) +
-                                           " is stored already");
+    return make_error(Errc::kConflict,
+                      "root version " + std::to_string(next->version) + " is stored already");
   }
   if (chosen == pending_id && chosen != online_id) {
     OUTPOST_TRY(rename_durably(dir_ + "/pending.key", dir_ + "/online.key"));
