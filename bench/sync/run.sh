@@ -168,7 +168,7 @@ if [ "$RECORD" = "1" ]; then
     echo "- command: \`${overrides}HELD=\"$HELD\" REPS=$REPS DURATION=$DURATION" \
       "CLIENTS=$CLIENTS RATE=$RATE MIN_DEVICES=$MIN_DEVICES bench/sync/run.sh\`" \
       "($elapsed s)"
-    if [ "$TLS" = "1" ]; then link="HTTPS (development CA, TLS 1.3, verified by the bench)"; else link="plain HTTP (--insecure-http)"; fi
+    if [ "$TLS" = "1" ]; then link="HTTPS (development CA, verified by the bench)"; else link="plain HTTP (--insecure-http)"; fi
     echo "- link: $link"
     echo "- each run: \`outpost server --listen 127.0.0.1:0 --data FRESH_DIR${SERVER_ARGS:+ $SERVER_ARGS}\`, then" \
       "\`outpost-sync-bench --server URL --token ADMIN --devices max(H,$MIN_DEVICES) --held H" \
