@@ -472,6 +472,10 @@ class World:
     def loop_server(self):
         if self._loop_server is None:
             self._loop_server = Server(self, "server-loopback", "127.0.0.1")
+            # Signed release metadata on: the loopback scenarios' devices (behind proxies and
+            # relay chains, which forward and cache the documents) verify every blob with it.
+            self._loop_server.cli(["release", "keys", "init", "--dir",
+                                   os.path.dirname(self.path("loopback-root", "keys", "x"))])
         return self._loop_server
 
     def shutdown(self):
@@ -1288,6 +1292,9 @@ def scenario_relay_chain(w):
         dev.start(upstream, token)
         dev.wait_running("chain", 1)
         dev.infer("chain")
+        trust = dev.status().get("release", {})
+        if trust.get("state") != "trusted" or not trust.get("targets"):
+            raise Failure(f"through 3 relays the device does not trust release metadata: {trust}")
         relays = agents[:3]
         want = [relays[2].id, relays[1].id, relays[0].id]
         seen = {}
@@ -1301,7 +1308,8 @@ def scenario_relay_chain(w):
         except Failure as e:
             raise Failure(f"{e}; device list shows via={seen.get('via')}, expected {want} "
                           f"(relay3, relay2, relay1)")
-        return f"device {dev.id} converged through 3 relays; via={via}"
+        return (f"device {dev.id} converged through 3 relays, verifying signed release metadata "
+                f"(targets version {trust['targets'].get('version')}) they forwarded; via={via}")
 
 
 RELEASE = "/api/v1/device/release/"
