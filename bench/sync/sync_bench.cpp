@@ -33,11 +33,11 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
-#include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/beast/ssl.hpp>
 #include <nlohmann/json.hpp>
 
@@ -244,8 +244,8 @@ class Workload {
 class Connection : public std::enable_shared_from_this<Connection> {
  public:
   // tls: the client context for an https:// server (nullptr: plain HTTP).
-  Connection(net::io_context& io, tcp::endpoint endpoint, std::string host,
-             net::ssl::context* tls, Workload& workload, size_t index, Clock::duration timeout)
+  Connection(net::io_context& io, tcp::endpoint endpoint, std::string host, net::ssl::context* tls,
+             Workload& workload, size_t index, Clock::duration timeout)
       : tls_(tls),
         stream_(std::make_unique<Stream>(net::make_strand(io), tls ? *tls : plain_context())),
         retry_timer_(tcp().get_executor()),
@@ -432,8 +432,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
 struct Endpoint {
   tcp::endpoint address;
-  std::string host;                           // Host header
-  std::shared_ptr<net::ssl::context> tls;     // https:// servers
+  std::string host;                        // Host header
+  std::shared_ptr<net::ssl::context> tls;  // https:// servers
 };
 
 class ConnectionSet {
@@ -441,9 +441,8 @@ class ConnectionSet {
   ConnectionSet(net::io_context& io, const Endpoint& endpoint, Workload& workload, size_t count,
                 Clock::duration timeout) {
     for (size_t i = 0; i < count; ++i) {
-      conns_.push_back(
-          std::make_shared<Connection>(io, endpoint.address, endpoint.host, endpoint.tls.get(),
-                                       workload, i, timeout));
+      conns_.push_back(std::make_shared<Connection>(io, endpoint.address, endpoint.host,
+                                                    endpoint.tls.get(), workload, i, timeout));
     }
   }
   void start(size_t i) { conns_[i]->start(); }
@@ -684,9 +683,9 @@ Result<Endpoint> resolve_server(net::io_context& io, const std::string& url,
                                 const std::string& ca_file) {
   const bool https = url.rfind("https://", 0) == 0;
   if (!https && url.rfind("http://", 0) != 0) {
-    return make_error(Errc::kInvalidArgument,
-                      "--server: expected http://HOST:PORT or https://HOST:PORT, got \"" + url + "\"",
-                      "server");
+    return make_error(
+        Errc::kInvalidArgument,
+        "--server: expected http://HOST:PORT or https://HOST:PORT, got \"" + url + "\"", "server");
   }
   std::string authority = url.substr(https ? 8 : 7);
   authority = authority.substr(0, authority.find('/'));

@@ -381,7 +381,7 @@ Result<Root> verify_next_root(const Root& trusted, std::string_view text) {
     return make_error(Errc::kPermissionDenied,
                       "rollback refused: root metadata version " + std::to_string(next->version) +
                           " does not follow version " + std::to_string(trusted.version) +
-                          ", which this device trusts");
+                          ", the root trusted now (each root must be the next version)");
   }
   return next;
 }
