@@ -50,6 +50,18 @@ Result<int64_t> expires_field(const json& obj, const std::string& where) {
   return *t;
 }
 
+// The two fields every document has: a version of at least 1 and an expiry.
+template <typename Doc>
+Status read_version_and_expiry(const json& s, const std::string& where, Doc& doc) {
+  auto version = int_field(s, "version", where, 1);
+  if (!version) return make_error(version.error());
+  doc.version = *version;
+  auto expires = expires_field(s, where);
+  if (!expires) return make_error(expires.error());
+  doc.expires_ms = *expires;
+  return ok();
+}
+
 bool is_hex(std::string_view s, size_t len) {
   if (s.size() != len) return false;
   for (char c : s) {
@@ -154,12 +166,7 @@ Result<Root> root_from(const Envelope& env) {
   const json& s = env.signed_part;
   const std::string where = "root metadata.signed";
   Root root;
-  auto version = int_field(s, "version", where, 1);
-  if (!version) return make_error(version.error());
-  root.version = *version;
-  auto expires = expires_field(s, where);
-  if (!expires) return make_error(expires.error());
-  root.expires_ms = *expires;
+  OUTPOST_TRY(read_version_and_expiry(s, where, root));
   auto keys = s.find("keys");
   if (keys == s.end() || !keys->is_object()) {
     return make_error(field_error(where + ".keys", "missing or not an object"));
@@ -231,12 +238,7 @@ Result<Targets> targets_from(const Envelope& env) {
   const json& s = env.signed_part;
   const std::string where = "targets metadata.signed";
   Targets t;
-  auto version = int_field(s, "version", where, 1);
-  if (!version) return make_error(version.error());
-  t.version = *version;
-  auto expires = expires_field(s, where);
-  if (!expires) return make_error(expires.error());
-  t.expires_ms = *expires;
+  OUTPOST_TRY(read_version_and_expiry(s, where, t));
   auto list = s.find("targets");
   if (list == s.end() || !list->is_object()) {
     return make_error(field_error(where + ".targets", "missing or not an object"));
@@ -256,12 +258,7 @@ Result<Timestamp> timestamp_from(const Envelope& env) {
   const json& s = env.signed_part;
   const std::string where = "timestamp metadata.signed";
   Timestamp t;
-  auto version = int_field(s, "version", where, 1);
-  if (!version) return make_error(version.error());
-  t.version = *version;
-  auto expires = expires_field(s, where);
-  if (!expires) return make_error(expires.error());
-  t.expires_ms = *expires;
+  OUTPOST_TRY(read_version_and_expiry(s, where, t));
   auto meta = s.find("targets");
   if (meta == s.end() || !meta->is_object()) {
     return make_error(field_error(where + ".targets", "missing or not an object"));
