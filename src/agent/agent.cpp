@@ -213,7 +213,12 @@ Status Agent::start() {
   // A relay's own workloads are fed from its site cache, so the site's uplink carries each blob
   // once however many of its devices (the relay included) run it.
   Identity fetch_identity = identity_;
-  if (!options_.artifact_source.empty()) fetch_identity.server = options_.artifact_source;
+  if (!options_.artifact_source.empty()) {
+    fetch_identity.server = options_.artifact_source;
+    if (!options_.artifact_source_ca_file.empty()) {
+      fetch_identity.ca_file = options_.artifact_source_ca_file;
+    }
+  }
   fetcher_ = std::make_unique<Fetcher>(artifacts_, fetch_identity, options_.fetch,
                                        [this] { post([] {}); });
   // Release metadata from the control plane (through the relay, if any): its own server, not

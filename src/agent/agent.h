@@ -57,6 +57,7 @@ struct AgentOptions {
   std::function<nlohmann::json()> relay_stats;
   // Where artifacts are downloaded from when not identity.server (a relay's own cache).
   std::string artifact_source;
+  std::string artifact_source_ca_file;  // the CA to trust for an https:// artifact_source
 };
 
 class Agent {

@@ -158,6 +158,14 @@ int main(int argc, char** argv) {
                  "Relay: most disk for uploads stored while the uplink is down (when full, "
                  "devices keep theirs and retry)")
       ->capture_default_str();
+  std::string relay_tls_cert, relay_tls_key, relay_tls_ca;
+  app.add_option("--relay-tls-cert", relay_tls_cert,
+                 "Relay: serve the site's devices over HTTPS with this PEM certificate chain "
+                 "(they trust its CA with --ca-file)");
+  app.add_option("--relay-tls-key", relay_tls_key, "Relay: the PEM key of --relay-tls-cert");
+  app.add_option("--relay-tls-ca", relay_tls_ca,
+                 "Relay: the CA that issued --relay-tls-cert, for this agent's own downloads from "
+                 "its relay (default: the certificate file itself, for a self-signed one)");
   app.add_option("--log-level", log_level, "trace|debug|info|warn|error")->capture_default_str();
   auto* status_cmd = app.add_subcommand("status", "Print what the agent on this device runs");
   std::string output = "text";
@@ -256,8 +264,17 @@ int main(int argc, char** argv) {
     }
     relay_options.backlog_limit_bytes = *backlog_bytes;
     relay_options.fetch = options.fetch;
+    if (relay_tls_cert.empty() != relay_tls_key.empty()) {
+      return fail(kExitUsage, "--relay-tls-cert and --relay-tls-key go together");
+    }
+    if (!relay_tls_ca.empty() && relay_tls_cert.empty()) {
+      return fail(kExitUsage, "--relay-tls-ca needs --relay-tls-cert");
+    }
+    relay_options.tls_cert_file = relay_tls_cert;
+    relay_options.tls_key_file = relay_tls_key;
   } else {
-    for (const char* flag : {"--relay-listen", "--relay-cache", "--relay-backlog"}) {
+    for (const char* flag : {"--relay-listen", "--relay-cache", "--relay-backlog",
+                             "--relay-tls-cert", "--relay-tls-key", "--relay-tls-ca"}) {
       if (app.get_option(flag)->count() > 0) {
         return fail(kExitUsage, std::string(flag) + " needs --relay");
       }
@@ -306,14 +323,19 @@ int main(int argc, char** argv) {
     if (auto started = site_relay->start(); !started) {
       return fail(kExitFailure, "--relay: " + started.error().message);
     }
-    const std::string relay_addr =
-        relay_listen.substr(0, relay_listen.rfind(':')) + ":" + std::to_string(site_relay->port());
+    const std::string scheme = relay_tls_cert.empty() ? "" : "https://";
+    const std::string relay_addr = scheme + relay_listen.substr(0, relay_listen.rfind(':')) + ":" +
+                                   std::to_string(site_relay->port());
     (void)outpost::write_file_durably(data + "/relay.addr", relay_addr);
     options.relay_stats = [r = site_relay.get()] { return r->stats(); };
     std::string host = relay_listen.substr(0, relay_listen.rfind(':'));
     if (host == "0.0.0.0" || host.empty()) host = "127.0.0.1";
     if (host == "::" || host == "[::]") host = "[::1]";
-    options.artifact_source = "http://" + host + ":" + std::to_string(site_relay->port());
+    options.artifact_source = (relay_tls_cert.empty() ? "http://" : "https://") + host + ":" +
+                              std::to_string(site_relay->port());
+    if (!relay_tls_cert.empty()) {
+      options.artifact_source_ca_file = relay_tls_ca.empty() ? relay_tls_cert : relay_tls_ca;
+    }
   }
   outpost::agent::Agent agent(options, *identity);
   if (auto started = agent.start(); !started) return fail(kExitFailure, started.error().message);

@@ -38,6 +38,9 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                child needs, least recently served first, and keeps the running one.
   relay-chain  On loopback: device -> relay3 -> relay2 -> relay1 -> server; the device converges
                and `device list` shows via=[relay3, relay2, relay1].
+  relay-tls    On loopback: a relay with --relay-tls-cert/--relay-tls-key (a site CA made here
+               with openssl) serves its children over HTTPS; a device with --ca-file converges,
+               serves and trusts release metadata through it, one without is refused.
   release      On loopback, not in "all" (its own ctest, release_e2e): signed release metadata
                (`outpost release keys init`, timestamp TTL 4 s) with a TamperProxy as a lying
                mirror between device and server. Each attack makes the new revision fail with
@@ -1433,6 +1436,57 @@ def scenario_release(w):
             "; honest again, each revision installed; root rotated 1 -> 2 and followed")
 
 
+def scenario_relay_tls(w):
+    """A relay serving its children over HTTPS with an operator's CA (made here with openssl)."""
+    server = w.loop_server()
+    token = server.enroll_token("tls-site", 3)
+    server.model("tls-m", "1.0.0", 51)
+    server.deploy("tls", "tls-site", "tls-m", "1.0.0")
+    d = os.path.dirname(w.path("relay-tls", "x"))
+    ca_key, ca, key, csr, cert = (os.path.join(d, n) for n in
+                                  ("ca.key", "ca.pem", "relay.key", "relay.csr", "relay.pem"))
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sh("openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+       "-subj", "/CN=site CA")
+    sh("openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=relay")
+    ext = os.path.join(d, "san.ext")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    sh("openssl", "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+       "-out", cert, "-days", "2", "-extfile", ext)
+    agents = []
+    with Stopping(agents):
+        relay = Agent(w, "tls-relay")
+        relay.extra_args = ["--relay-tls-cert", cert, "--relay-tls-key", key,
+                            "--relay-tls-ca", ca]
+        agents.append(relay)
+        relay.start(server.url, token, relay_listen="127.0.0.1:0")
+        if not relay.relay_addr.startswith("https://"):
+            raise Failure(f"relay.addr says {relay.relay_addr}, expected an https:// URL")
+        relay.wait_running("tls", 1)  # its own workload, fetched from its cache over HTTPS
+        # A device that does not trust the site CA is refused before it sends its token.
+        stranger = Agent(w, "tls-stranger")
+        r = subprocess.run(stranger.argv(relay.relay_url, token), env=w.env, capture_output=True,
+                           text=True, timeout=60)
+        if r.returncode == 0 or "not trusted" not in r.stderr + r.stdout:
+            raise Failure(f"a device without --ca-file enrolled through the HTTPS relay, or "
+                          f"failed without saying why (exit {r.returncode}): "
+                          f"{(r.stderr or r.stdout)[-300:]}")
+        dev = Agent(w, "tls-dev")
+        dev.extra_args = ["--ca-file", ca]
+        agents.append(dev)
+        dev.start(relay.relay_url, token)
+        dev.wait_running("tls", 1)
+        dev.infer("tls")
+        trust = dev.status().get("release", {})
+        if trust.get("state") != "trusted":
+            raise Failure(f"through the HTTPS relay the device does not trust release metadata: "
+                          f"{trust}")
+    return (f"relay on {relay.relay_addr} with an openssl-made site CA: the device with "
+            f"--ca-file converged, served and verified release metadata; one without it was "
+            f"refused ({r.stderr.strip().splitlines()[-1][:120]!r})")
+
+
 def scenario_relay_evict(w):
     """A cache budget of 2K and a model of ~760 bytes: each new version leaves the previous
     blob unneeded, and the relay evicts the least recently served of those, never one a child's
@@ -1484,6 +1538,7 @@ SCENARIOS = [
     ("relay-enroll", scenario_relay_enroll, True),
     ("relay-chain", scenario_relay_chain, False),
     ("relay-evict", scenario_relay_evict, False),
+    ("relay-tls", scenario_relay_tls, False),
     ("release", scenario_release, False),
 ]
 GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] != "release"],

@@ -230,6 +230,8 @@ Status Relay::start() {
   server.temp_dir = dir_;
   // Held long-polls are idle connections from the server's point of view: give them room.
   server.idle_timeout_ms = 180'000;
+  server.tls_cert_file = options_.tls_cert_file;
+  server.tls_key_file = options_.tls_key_file;
   http_ = std::make_unique<http::HttpServer>(server, *router_);
   OUTPOST_TRY(http_->start());
   fetcher_->start();

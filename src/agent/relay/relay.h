@@ -59,6 +59,9 @@ struct RelayOptions {
   int64_t offline_hold_ms = 30'000;      // a poll is held this long while the upstream is down
   int64_t child_window_ms = 5 * 60'000;  // a child counts as present when seen this recently
   FetchOptions fetch;                    // the cache's downloads (rate cap, parallelism)
+  // HTTPS for the children (PEM chain and key); empty: plain HTTP on the site network.
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class Relay {
