@@ -22,8 +22,6 @@ struct KeysArgs {
   int threshold = 2;
   std::string expires = "365d";
   bool new_root_keys = false;
-  bool keys_given = false;
-  bool threshold_given = false;
 };
 
 std::string keys_dir(const std::string& dir) { return dir + "/keys"; }
@@ -192,7 +190,8 @@ int keys_init(Session& session, const KeysArgs& a) {
   return kExitOk;
 }
 
-int keys_rotate(Session& session, KeysArgs a) {
+// keys_given/threshold_given: the flags were on the command line (else the current root's).
+int keys_rotate(Session& session, KeysArgs a, bool keys_given, bool threshold_given) {
   auto expires = expiry_of(a);
   if (!expires) return session.fail(expires.error());
   auto held = load_root_keys(a.dir);
@@ -216,8 +215,8 @@ int keys_rotate(Session& session, KeysArgs a) {
                                   std::to_string(role.threshold) + " to sign the next one",
                               "dir"});
   }
-  if (!a.keys_given) a.keys = static_cast<int>(role.keyids.size());
-  if (!a.threshold_given) a.threshold = std::min(role.threshold, a.keys);
+  if (!keys_given) a.keys = static_cast<int>(role.keyids.size());
+  if (!threshold_given) a.threshold = std::min(role.threshold, a.keys);
   if (auto counts = check_counts(a); !counts) return session.fail(counts.error());
   // A new online key every time: rotating is also how a server's stolen key is retired.
   auto pending = session.call("POST", "/api/v1/release/online-key");
@@ -232,7 +231,7 @@ int keys_rotate(Session& session, KeysArgs a) {
     root_keys = *made;
     retired = role.keyids;
   } else {
-    if (a.keys_given && a.keys != static_cast<int>(role.keyids.size())) {
+    if (keys_given && a.keys != static_cast<int>(role.keyids.size())) {
       return session.fail(Error{Errc::kInvalidArgument,
                                 "--keys changes the number of root keys: add --new-root-keys",
                                 "keys"});
@@ -325,17 +324,16 @@ void add_release_commands(CLI::App& app, GlobalOptions& options, int& exit_code)
   rotate->add_option("--dir", args->dir, "The root keys (a threshold of them)")->required();
   rotate->add_flag("--new-root-keys", args->new_root_keys,
                    "Replace the root keys too (the old ones sign the hand-over, then retire)");
-  rotate->add_option("--keys", args->keys, "With --new-root-keys: how many")
-      ->each([args](const std::string&) { args->keys_given = true; });
-  rotate->add_option("--threshold", args->threshold, "How many must sign a new root")
-      ->each([args](const std::string&) { args->threshold_given = true; });
+  auto* keys_flag = rotate->add_option("--keys", args->keys, "With --new-root-keys: how many");
+  auto* threshold_flag =
+      rotate->add_option("--threshold", args->threshold, "How many must sign a new root");
   rotate->add_option("--expires", args->expires, "Expiry of the new root")->capture_default_str();
   rotate->footer(
       "Example: outpost release keys rotate --dir /media/usb/outpost-root\n"
       "         outpost release keys rotate --dir /media/usb/outpost-root --new-root-keys");
-  rotate->callback([&options, &exit_code, args] {
+  rotate->callback([&options, &exit_code, args, keys_flag, threshold_flag] {
     Session session(options);
-    exit_code = keys_rotate(session, *args);
+    exit_code = keys_rotate(session, *args, keys_flag->count() > 0, threshold_flag->count() > 0);
   });
 }
 
