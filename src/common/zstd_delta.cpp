@@ -54,6 +54,19 @@ class Mapped {
   size_t size_ = 0;
 };
 
+// The output file, created (or truncated) 0600 and closed on every path out.
+struct OutputFile {
+  int fd = -1;
+  ~OutputFile() {
+    if (fd >= 0) ::close(fd);
+  }
+  Status create(const std::string& path, int access) {
+    fd = ::open(path.c_str(), access | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0) return make_error(Errc::kIo, "cannot create " + path + ": " + std::strerror(errno));
+    return ok();
+  }
+};
+
 struct CCtxFree {
   void operator()(ZSTD_CCtx* c) const { ZSTD_freeCCtx(c); }
 };
@@ -124,13 +137,9 @@ Result<MakeResult> make_delta(const std::string& base_path, const std::string& t
     OUTPOST_TRY(zstd_check(ZSTD_CCtx_refPrefix(c, base.data(), base.size()), "prefix"));
   }
 
-  int fd = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0)
-    return make_error(Errc::kIo, "cannot create " + out_path + ": " + std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
+  OutputFile file;
+  OUTPOST_TRY(file.create(out_path, O_WRONLY));
+  const int fd = file.fd;
 
   std::vector<char> buf(ZSTD_CStreamOutSize());
   ZSTD_inBuffer in{target.data(), target.size(), 0};
@@ -172,13 +181,9 @@ Result<ApplyResult> apply_delta(const std::string& base_path, const std::string&
     return make_error(Errc::kInvalidArgument, delta_path + " is not exactly one zstd frame");
   }
 
-  int fd = ::open(out_path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0)
-    return make_error(Errc::kIo, "cannot create " + out_path + ": " + std::strerror(errno));
-  struct Closer {
-    int fd;
-    ~Closer() { ::close(fd); }
-  } closer{fd};
+  OutputFile file;
+  OUTPOST_TRY(file.create(out_path, O_RDWR));
+  const int fd = file.fd;
   const size_t size = static_cast<size_t>(declared);
   ApplyResult result;
   result.output_bytes = static_cast<int64_t>(size);
