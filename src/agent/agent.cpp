@@ -829,6 +829,19 @@ bool Agent::materialize_secrets(Runtime& rt, const json& entry,
   const bool as_env = w.is_object() && w.contains("secret_env") && w["secret_env"] == true;
   const int64_t now = now_ms();
   SecretFiles files(secrets_base_ + "/" + rt.name);
+  // A secret no longer delivered (deleted on the server) loses its files at once.
+  std::set<std::string> present;
+  for (const auto& name : names) {
+    auto it = sealed_.find(name);
+    if (it != sealed_.end() && active_secret_version(it->second, now) != nullptr) {
+      present.insert(name);
+    }
+  }
+  if (present.empty()) {
+    files.remove_all();
+  } else {
+    files.remove_except(present);
+  }
   std::map<std::string, int64_t> versions;
   for (const auto& name : names) {
     auto it = sealed_.find(name);

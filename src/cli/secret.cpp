@@ -124,7 +124,8 @@ void add_secret_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
       "Writes need the operator role and a user not scoped to sites (secrets are fleet-wide).\n"
       "Examples:\n"
       "  outpost secret create camera --from-literal user=cam --from-file password=./pw.txt\n"
-      "  outpost secret update camera --from-file password=./new.txt --rotate-at +10m\n"
+      "  outpost secret update camera --from-literal user=cam --from-file password=./new.txt \\\n"
+      "      --rotate-at +10m\n"
       "  outpost secret show camera");
 
   auto args = std::make_shared<SecretArgs>();
@@ -164,9 +165,10 @@ void add_secret_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
       "spec.workload.on_secret_rotate: sighup.\n"
       "Examples:\n"
       "  outpost secret update camera --from-literal user=cam --from-file password=./new.txt\n"
-      "  outpost secret update camera --from-file password=./new.txt --rotate-at "
-      "2026-12-08T02:00:00Z\n"
-      "  outpost secret update camera --from-file password=./new.txt --rotate-at +10m");
+      "  outpost secret update camera --from-literal user=cam --from-file password=./new.txt \\\n"
+      "      --rotate-at 2026-12-08T02:00:00Z\n"
+      "  outpost secret update camera --from-literal user=cam --from-file password=./new.txt \\\n"
+      "      --rotate-at +10m");
   update->callback([&options, &exit_code, args] {
     Session session(options);
     auto data = data_of(*args);
@@ -246,7 +248,9 @@ void add_secret_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
 
   auto removed = std::make_shared<std::string>();
   auto* remove = secret->add_subcommand(
-      "delete", "Delete a secret: devices drop it on their next sync (deployments naming it wait)");
+      "delete",
+      "Delete a secret: devices drop it on their next sync; workloads naming it are stopped "
+      "and wait for it");
   remove->add_option("NAME", *removed, "Secret name")->required();
   remove->footer("Example: outpost secret delete camera");
   remove->callback([&options, &exit_code, removed] {

@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 
 #include <spdlog/spdlog.h>
 #include <boost/asio/post.hpp>
@@ -159,6 +160,10 @@ Status ControlPlane::start() {
   const std::string secrets_key_path = d.options.secrets_key_file.empty()
                                            ? d.options.data_dir + "/secrets.key"
                                            : d.options.secrets_key_file;
+  if (const auto parent = std::filesystem::path(secrets_key_path).parent_path();
+      !d.options.secrets_key_file.empty() && !parent.empty()) {
+    OUTPOST_TRY(make_dirs(parent.string(), 0700));
+  }
   auto secrets_key = crypto::load_or_create_secret_key_file(secrets_key_path);
   if (!secrets_key) return make_error(secrets_key.error().with_context("--secrets-key"));
   d.vault = std::make_unique<SecretVault>(*d.store, std::move(*secrets_key));

@@ -78,7 +78,8 @@ class SecretsE2E : public ::testing::Test {
     out_ = root_ + "/out";
     fs::create_directories(out_);
     server_ = std::make_unique<ServerProcess>(root_ + "/server");
-    server_->start();
+    // The master key kept apart from the data directory.
+    server_->start({"--secrets-key", root_ + "/keys/master.key"});
     ASSERT_TRUE(server_->running());
   }
   void TearDown() override {
@@ -166,10 +167,30 @@ TEST_F(SecretsE2E, WorkloadsReadSecretsRotationSwitchesOfflineOnTimeAndNoPlainte
   const std::string user_file = input_dir + "/user";
   std::ofstream(user_file) << "camera-user-" << tag;
 
+  // Writes are for unscoped operators: a viewer and a site-scoped operator are refused.
+  for (const auto& [user, args] : std::vector<std::pair<std::string, std::vector<std::string>>>{
+           {"vic", {"--role", "viewer"}}, {"sam", {"--role", "operator", "--sites", "plant-*"}}}) {
+    std::vector<std::string> create_user = {"user", "create", user};
+    create_user.insert(create_user.end(), args.begin(), args.end());
+    auto made = cli(create_user);
+    ASSERT_EQ(made.exit_code, 0) << made.err;
+    const std::string user_token = made.out.substr(0, made.out.find('\n'));
+    auto refused =
+        run_program({bin_dir() + "/outpost", "--server", server_->url(), "--token", user_token,
+                     "secret", "create", "camera", "--from-literal", "password=" + values[0]});
+    answers_ += refused.out + refused.err;
+    EXPECT_NE(refused.exit_code, 0) << user;
+    EXPECT_NE(refused.err.find(user == "vic" ? "operator" : "scoped"), std::string::npos)
+        << refused.err;
+  }
   auto created = cli({"secret", "create", "camera", "--from-literal", "password=" + values[0],
                       "--from-file", "user=" + user_file});
   ASSERT_EQ(created.exit_code, 0) << created.err;
   fs::remove_all(input_dir);
+  struct stat key_stat {};
+  ASSERT_EQ(::stat((root_ + "/keys/master.key").c_str(), &key_stat), 0);
+  EXPECT_EQ(key_stat.st_mode & 0777, 0600u);
+  EXPECT_FALSE(fs::exists(root_ + "/server/secrets.key")) << "--secrets-key was not used";
   const std::string bundle = push_bundle();
   apply("cam-hup", bundle, {{"on_secret_rotate", "sighup"}});
   apply("cam-env", bundle, {{"secret_env", true}});
@@ -241,7 +262,7 @@ TEST_F(SecretsE2E, WorkloadsReadSecretsRotationSwitchesOfflineOnTimeAndNoPlainte
   EXPECT_LE(switched.at, rotate_at + 2'000);
 
   // 4. Back online; device b is revoked; version 4 reaches a only.
-  server_->start();
+  server_->start({"--secrets-key", root_ + "/keys/master.key"});
   auto revoked = cli({"device", "revoke", b.device_id()});
   ASSERT_EQ(revoked.exit_code, 0) << revoked.err;
   auto v4 = cli({"secret", "update", "camera", "--from-literal", "password=" + values[3],
@@ -278,6 +299,23 @@ TEST_F(SecretsE2E, WorkloadsReadSecretsRotationSwitchesOfflineOnTimeAndNoPlainte
     shm.push_back(dir);
   }
   EXPECT_TRUE(fs::exists(shm[0] + "/camera/password")) << shm[0];
+  // Deleted on the server: the device drops the files and the workload waits for the secret.
+  auto deleted = cli({"secret", "delete", "camera"});
+  ASSERT_EQ(deleted.exit_code, 0) << deleted.err;
+  json last;
+  EXPECT_TRUE(a.wait_for(
+      [](const json& s) {
+        for (const auto& d : s.value("deployments", json::array())) {
+          if (d.value("name", "") == "cam-hup" &&
+              d.value("message", "").find("waiting for secret camera") != std::string::npos) {
+            return true;
+          }
+        }
+        return false;
+      },
+      30, &last))
+      << last.dump(2);
+  EXPECT_FALSE(fs::exists(shm[0] + "/camera")) << shm[0];
   a.stop();  // SIGTERM: a graceful stop wipes the plaintext (a killed agent's at its next start)
   b.stop();
   agents_.clear();
