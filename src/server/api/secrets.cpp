@@ -19,9 +19,10 @@ namespace {
 
 using json = nlohmann::json;
 
-json version_json(const store::SecretVersion& v, int64_t now_ms, int64_t active) {
+// active: the version in force; newer ones are staged, older ones superseded (kept until the
+// next version is added).
+json version_json(const store::SecretVersion& v, int64_t active) {
   const char* state = v.version == active ? "active" : v.version > active ? "staged" : "superseded";
-  (void)now_ms;
   return {{"version", v.version},         {"keys", v.keys},
           {"activate_at", v.activate_at}, {"created_at", v.created_at},
           {"created_by", v.created_by},   {"state", state}};
@@ -35,7 +36,7 @@ json secret_json(const store::Secret& s, int64_t now_ms) {
   json versions = json::array();
   const store::SecretVersion* staged = nullptr;
   for (const auto& v : s.versions) {
-    versions.push_back(version_json(v, now_ms, active));
+    versions.push_back(version_json(v, active));
     if (v.version > active && (staged == nullptr || v.activate_at < staged->activate_at)) {
       staged = &v;
     }
