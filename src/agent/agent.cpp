@@ -4,6 +4,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <csignal>
+#include <set>
+
 #include <chrono>
 #include <filesystem>
 
@@ -127,6 +130,8 @@ struct Agent::Runtime {
   int64_t retry_at = 0;  // a failed start is tried again then (0 = not waiting)
   int failures = 0;
   std::map<std::string, json> entries;  // entry.json of prepared revisions, read once
+  // Secret versions whose files the running process was given (name -> version).
+  std::map<std::string, int64_t> secret_versions;
   Runtime(const std::string& data_dir, const std::string& n) : name(n), dir(data_dir, n) {}
 
   // The entry of a prepared revision; cached, since the event loop asks twice a second.
@@ -198,6 +203,28 @@ Status Agent::start() {
   models_->set_observer([sink = telemetry_.get()](const serve::InferenceOutcome& outcome) {
     sink->sampler().observe(outcome);
   });
+
+  // Secrets: the key that opens them, and a clean private folder for the plaintext files (what
+  // a previous run left behind is removed; the workloads get fresh copies when they start).
+  if (auto key = load_device_key(options_.data_dir)) {
+    device_key_ = std::move(*key);
+  } else {
+    spdlog::error("secrets: cannot read the device key: {}", key.error().message);
+  }
+  bool on_tmpfs = false;
+  if (auto base = prepare_secrets_base(options_.secrets_dir, options_.data_dir, identity_.device_id,
+                                       &on_tmpfs)) {
+    SecretFiles(*base).remove_all();
+    auto again = prepare_secrets_base(options_.secrets_dir, options_.data_dir, identity_.device_id,
+                                      &on_tmpfs);
+    if (again) secrets_base_ = *again;
+    if (!on_tmpfs) {
+      spdlog::warn("secrets: no tmpfs for workloads' secret files; using {} (on disk)",
+                   secrets_base_);
+    }
+  } else {
+    spdlog::error("secrets: {}; workloads that need secrets will not start", base.error().message);
+  }
 
   // Local state first: a device without network still starts what it ran before.
   auto saved = load_desired(options_.data_dir, identity_);
@@ -297,8 +324,12 @@ void Agent::run(const std::atomic<bool>& stop) {
       // Something in motion (a start deadline, a retry, a download) is looked at twice a
       // second; a settled device sleeps until an event (sync, fetch, workload) or 5 s.
       // Woken in slices of 250 ms to see `stop` (set by a signal handler, which cannot notify).
-      const auto until =
-          std::chrono::steady_clock::now() + std::chrono::milliseconds(settled() ? 5'000 : 500);
+      // A staged secret version switches at its rotate time, not up to 5 s later.
+      int64_t wait_ms = settled() ? 5'000 : 500;
+      if (const int64_t next = next_secret_activation(sealed_, now_ms()); next > 0) {
+        wait_ms = std::clamp<int64_t>(next - now_ms() + 1, 0, wait_ms);
+      }
+      const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(wait_ms);
       while (inbox_.empty() && !stop && std::chrono::steady_clock::now() < until) {
         inbox_cv_.wait_for(
             lock, std::min<std::chrono::steady_clock::duration>(
@@ -308,6 +339,7 @@ void Agent::run(const std::atomic<bool>& stop) {
     }
     for (auto& fn : batch) fn();
     reconcile();
+    rotate_secrets();
     const int64_t now = now_ms();
     if (now - last_facts_at_ >= options_.facts_period_ms) {
       FactsSources sources;
@@ -324,6 +356,8 @@ void Agent::run(const std::atomic<bool>& stop) {
   fetcher_->stop();
   release_->stop();
   for (auto& [name, rt] : deployments_) stop_process(*rt);
+  // Plaintext does not outlive the workloads; the next start writes it again from the sealed copy.
+  if (!secrets_base_.empty()) SecretFiles(secrets_base_).remove_all();
   report_if_changed(false);
   outbox_->stop();
   telemetry_->stop();  // ends the interval now: what was counted is kept for the next start
@@ -342,6 +376,7 @@ bool Agent::settled() const {
 void Agent::apply_desired(const json& doc, int64_t generation) {
   // verify_desired checked the shape; entries are objects with a safe name and a revision.
   generation_ = generation;
+  sealed_ = sealed_secrets_of(doc);
   std::map<std::string, json> wanted;
   for (const auto& entry : doc["deployments"]) {
     if (entry.is_object() && entry.contains("name") && entry["name"].is_string()) {
@@ -397,6 +432,7 @@ void Agent::reconcile() {
       stop_process(rt);
       models_->remove(rt.name);
       remove_deployment_dir(options_.data_dir, rt.name);
+      if (!secrets_base_.empty()) SecretFiles(secrets_base_ + "/" + rt.name).remove_all();
       it = deployments_.erase(it);
       collect_garbage();
       continue;
@@ -568,6 +604,7 @@ void Agent::ensure_running(Runtime& rt, const std::string& key) {
     env["OUTPOST_MODEL_URL"] =
         "http://127.0.0.1:" + std::to_string(local_port()) + serve_route(*entry, rt.name);
   }
+  if (!materialize_secrets(rt, *entry, &env)) return;
   if (w.contains("env") && w["env"].is_object()) {
     for (const auto& [k, v] : w["env"].items()) {
       if (v.is_string()) env[k] = expand(v.get<std::string>(), env);
@@ -772,6 +809,144 @@ void Agent::stop_process(Runtime& rt) {
   rt.process_key.clear();
 }
 
+bool Agent::materialize_secrets(Runtime& rt, const json& entry,
+                                std::map<std::string, std::string>* env) {
+  std::set<std::string> names;
+  for (const auto& n : entry.value("secrets", json::array())) {
+    if (n.is_string()) names.insert(n.get<std::string>());
+  }
+  if (names.empty()) {
+    rt.secret_versions.clear();
+    if (!secrets_base_.empty()) SecretFiles(secrets_base_ + "/" + rt.name).remove_all();
+    return true;
+  }
+  if (secrets_base_.empty()) {
+    rt.phase = "failed";
+    rt.message = "no private folder for secret files (see the agent log)";
+    return false;
+  }
+  const json w = entry.value("workload", json::object());
+  const bool as_env = w.is_object() && w.contains("secret_env") && w["secret_env"] == true;
+  const int64_t now = now_ms();
+  SecretFiles files(secrets_base_ + "/" + rt.name);
+  // A secret no longer delivered (deleted on the server) loses its files at once.
+  std::set<std::string> present;
+  for (const auto& name : names) {
+    auto it = sealed_.find(name);
+    if (it != sealed_.end() && active_secret_version(it->second, now) != nullptr) {
+      present.insert(name);
+    }
+  }
+  if (present.empty()) {
+    files.remove_all();
+  } else {
+    files.remove_except(present);
+  }
+  std::map<std::string, int64_t> versions;
+  for (const auto& name : names) {
+    auto it = sealed_.find(name);
+    const SealedSecretVersion* v =
+        it == sealed_.end() ? nullptr : active_secret_version(it->second, now);
+    if (v == nullptr) {
+      rt.phase = "pending";
+      rt.message = "waiting for secret " + name + " (not delivered to this device yet)";
+      return false;
+    }
+    auto values = open_secret_version(name, *v, device_key_);
+    if (!values) {
+      rt.phase = "failed";
+      rt.message = values.error().message;
+      return false;
+    }
+    auto written = files.write(name, v->version, *values);
+    if (written && as_env && env != nullptr) {
+      for (const auto& [key, value] : *values) {
+        if (value.find('\0') == std::string::npos) (*env)[secret_env_name(name, key)] = value;
+      }
+    }
+    for (auto& [key, value] : *values) crypto::wipe(value);
+    if (!written) {
+      rt.phase = "failed";
+      rt.message = written.error().message;
+      return false;
+    }
+    versions[name] = v->version;
+  }
+  files.remove_except(names);
+  if (env != nullptr) (*env)["OUTPOST_SECRETS_DIR"] = files.dir();
+  rt.secret_versions = std::move(versions);
+  return true;
+}
+
+void Agent::rotate_secrets() {
+  const int64_t now = now_ms();
+  for (auto& [name, rtp] : deployments_) {
+    Runtime& rt = *rtp;
+    if (!rt.process || rt.process_key.empty()) continue;
+    auto entry = rt.entry_of(rt.process_key);
+    if (!entry) continue;
+    std::map<std::string, int64_t> wanted;
+    bool missing = false;
+    for (const auto& n : entry->value("secrets", json::array())) {
+      if (!n.is_string()) continue;
+      auto it = sealed_.find(n.get<std::string>());
+      const SealedSecretVersion* v =
+          it == sealed_.end() ? nullptr : active_secret_version(it->second, now);
+      if (v == nullptr) {
+        missing = true;
+      } else {
+        wanted[n.get<std::string>()] = v->version;
+      }
+    }
+    if (!missing && wanted == rt.secret_versions) continue;
+    std::string what;
+    for (const auto& [secret, version] : wanted) {
+      auto had = rt.secret_versions.find(secret);
+      if (had != rt.secret_versions.end() && had->second == version) continue;
+      what += (what.empty() ? "" : ", ") + secret + " version " + std::to_string(version);
+    }
+    if (missing) what += (what.empty() ? "" : ", ") + std::string("a secret was withdrawn");
+    const json w = entry->value("workload", json::object());
+    const bool sighup = w.is_object() && w.value("on_secret_rotate", "restart") == "sighup";
+    spdlog::info("deployment {}: secrets now {}; {}", rt.name, what,
+                 sighup && !missing ? "SIGHUP" : "restarting the workload");
+    record_event(rt.name, revision_of_key(rt.process_key), "secret-rotate", what);
+    if (sighup && !missing && materialize_secrets(rt, *entry, nullptr) &&
+        rt.process->signal(SIGHUP)) {
+      continue;
+    }
+    const std::string key = rt.process_key;
+    stop_process(rt);
+    ensure_running(rt, key);
+  }
+}
+
+json Agent::secrets_report() const {
+  std::set<std::string> names;
+  for (const auto& [name, rt] : deployments_) {
+    if (!rt->entry.is_object()) continue;
+    for (const auto& n : rt->entry.value("secrets", json::array())) {
+      if (n.is_string()) names.insert(n.get<std::string>());
+    }
+  }
+  const int64_t now = now_ms();
+  json out = json::array();
+  for (const auto& name : names) {
+    json item = {{"name", name}, {"version", 0}};
+    if (auto it = sealed_.find(name); it != sealed_.end()) {
+      if (const auto* active = active_secret_version(it->second, now)) {
+        item["version"] = active->version;
+      }
+      if (const auto* staged = staged_secret_version(it->second, now)) {
+        item["staged"] = staged->version;
+        item["staged_at"] = staged->activate_at;
+      }
+    }
+    out.push_back(std::move(item));
+  }
+  return out;
+}
+
 void Agent::collect_garbage() {
   // Keep what any deployment runs, keeps for rollback, or is about to run; drop the rest.
   std::vector<std::string> keep_digests;
@@ -836,6 +1011,9 @@ void Agent::report_if_changed(bool periodic) {
   std::vector<DeploymentReport> deployments;
   for (const auto& [name, rt] : deployments_) deployments.push_back(deployment_report(*rt));
   StatusReportDraft draft = draft_status_report(generation_, now_ms(), kAgentVersion, deployments);
+  json secrets = secrets_report();
+  draft.signature += secrets.dump();  // a switch is a change worth a report
+  draft.report["secrets"] = std::move(secrets);
   if (!report_due(draft.signature, last_report_, periodic, outbox_->pending() == 0)) return;
   json report = std::move(draft.report);
   std::string signature = std::move(draft.signature);
@@ -880,6 +1058,7 @@ void Agent::publish_snapshot() {
                {"last_sync_at", last_sync_ms_},
                {"status_queued", outbox_ ? outbox_->pending() : 0},
                {"agent_version", kAgentVersion},
+               {"secrets", secrets_report()},
                {"deployments", std::move(deployments)}};
   std::lock_guard lock(snapshot_mu_);
   snapshot_ = std::move(snap);

@@ -19,6 +19,7 @@
 #include "agent/fetch/fetcher.h"
 #include "agent/identity.h"
 #include "agent/release/release_trust.h"
+#include "agent/secrets/secret_files.h"
 #include "agent/serve/model_server.h"
 #include "agent/status/outbox.h"
 #include "agent/supervise/supervisor.h"
@@ -58,6 +59,9 @@ struct AgentOptions {
   // Where artifacts are downloaded from when not identity.server (a relay's own cache).
   std::string artifact_source;
   std::string artifact_source_ca_file;  // the CA to trust for an https:// artifact_source
+  // Where workloads' secret files go ("" = a private folder on tmpfs: $XDG_RUNTIME_DIR or
+  // /dev/shm, else DATA/secrets-run). See agent/secrets/secret_files.h.
+  std::string secrets_dir;
 };
 
 class Agent {
@@ -90,6 +94,16 @@ class Agent {
   void check_current(Runtime& rt);
   void fail_revision(Runtime& rt, const std::string& reason);
   void stop_process(Runtime& rt);
+  // Writes the deployment's secret files (active versions now) and adds OUTPOST_SECRETS_DIR (and
+  // OUTPOST_SECRET_* with workload.secret_env) to `env`. False when a secret is not here yet or
+  // does not open: rt.phase/message say which, and the workload is not started.
+  bool materialize_secrets(Runtime& rt, const nlohmann::json& entry,
+                           std::map<std::string, std::string>* env);
+  // Switches running workloads to the secret versions active now: rewrites the files, then
+  // restarts the process or sends it SIGHUP (workload.on_secret_rotate).
+  void rotate_secrets();
+  // Active (and staged) versions of the secrets the deployments name: names and versions only.
+  nlohmann::json secrets_report() const;
   // A workload event for the telemetry buffer (never sampled away).
   void record_event(const std::string& deployment, int64_t revision, const std::string& event,
                     const std::string& message);
@@ -130,6 +144,11 @@ class Agent {
   bool online_ = false;
   std::string link_error_;
   int64_t last_sync_ms_ = 0;
+  // Secrets: the sealed versions of the current desired state (they stay sealed in memory too),
+  // the key that opens them, and where plaintext files for workloads go.
+  SealedSecrets sealed_;
+  crypto::Ed25519KeyPair device_key_;
+  std::string secrets_base_;
 
   mutable std::mutex snapshot_mu_;
   nlohmann::json snapshot_;  // guarded by snapshot_mu_

@@ -51,6 +51,11 @@ Status save_identity(const std::string& dir, const Identity& id) {
 
 }  // namespace
 
+Result<crypto::Ed25519KeyPair> load_device_key(const std::string& data_dir) {
+  if (auto text = read_file(key_path(data_dir)); !text) return make_error(text.error());
+  return load_or_make_key(data_dir);
+}
+
 Result<Identity> load_identity(const std::string& data_dir) {
   auto text = read_file(identity_path(data_dir));
   if (!text) return make_error(text.error());

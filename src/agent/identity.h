@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "common/crypto.h"
 #include "common/error.h"
 #include "common/request_signature.h"
 
@@ -45,6 +46,10 @@ struct EnrollRequest {
 // enrolls with the server and persists the identity. A refused enrollment (bad, expired or
 // used-up token) comes back with the server's reason; nothing is persisted then but the key.
 [[nodiscard]] Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& request);
+
+// The device's Ed25519 key pair (DIR/device.key): opens the secrets sealed to it. kNotFound when
+// it was never made.
+[[nodiscard]] Result<crypto::Ed25519KeyPair> load_device_key(const std::string& data_dir);
 
 // Parses "k=v" labels; kInvalidArgument naming the bad one.
 [[nodiscard]] Result<std::map<std::string, std::string>> parse_labels(

@@ -101,6 +101,7 @@ int64_t now_ms();
 void add_login_command(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_token_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_user_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
+void add_secret_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_release_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code);
 void add_artifact_commands(CLI::App& app, GlobalOptions& options, int& exit_code);

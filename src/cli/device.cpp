@@ -186,6 +186,32 @@ void add_device_commands(CLI::App& app, GlobalOptions& options, int& exit_code) 
                   << "\n";
       }
     }
+    // Secret versions: what the server delivers, and what the device says is active (names and
+    // versions only; values never leave the device's workloads).
+    const auto& delivered = object_of(object_of(d, "desired"), "secrets");
+    if (!delivered.empty()) {
+      std::map<std::string, nlohmann::json> active;
+      for (const auto& s : list_of(object_of(d, "status"), "secrets")) {
+        if (s.is_object()) active[text_of(s, "name")] = s;
+      }
+      std::cout << "Secrets:\n";
+      for (const auto& [name, versions] : delivered.items()) {
+        std::cout << "  " << name << "  delivered";
+        for (const auto& v : versions) {
+          std::cout << " v" << int_of(v, "version");
+          if (int_of(v, "activate_at") > now_ms()) {
+            std::cout << " (from " << format_iso8601(int_of(v, "activate_at")) << ")";
+          }
+        }
+        if (auto it = active.find(name); it != active.end()) {
+          std::cout << "  | device: active v" << int_of(it->second, "version");
+          if (int_of(it->second, "staged") > 0) {
+            std::cout << ", staged v" << int_of(it->second, "staged");
+          }
+        }
+        std::cout << "\n";
+      }
+    }
     if (!d["status"].empty()) {
       std::cout << "Reported:    " << ago(d.value("status_at", static_cast<int64_t>(0)), now_ms())
                 << " (report " << d["status"].value("seq", 0) << ", agent "

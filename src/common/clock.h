@@ -4,6 +4,9 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <string_view>
+
+#include "common/error.h"
 
 namespace outpost {
 
@@ -33,5 +36,8 @@ class ManualClock final : public Clock {
 
 // "2026-11-23T09:12:21Z" (UTC, second precision).
 std::string format_iso8601(int64_t unix_ms);
+// RFC 3339: "2026-12-07T18:00:00Z", with optional fraction ("...:00.250Z") and a numeric offset
+// instead of Z ("+01:00"). kInvalidArgument quoting the text otherwise.
+[[nodiscard]] Result<int64_t> parse_rfc3339_ms(std::string_view text);
 
 }  // namespace outpost

@@ -117,4 +117,120 @@ Result<Ed25519KeyPair> load_or_create_key_file(const std::string& key_path,
   return pair;
 }
 
+Result<std::string> load_or_create_secret_key_file(const std::string& path) {
+  if (auto existing = read_file(path)) {
+    std::string_view text = *existing;
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r' || text.back() == ' ')) {
+      text.remove_suffix(1);
+    }
+    auto key = base64_decode(text);
+    if (!key || key->size() != kSecretKeyBytes) {
+      return make_error(Errc::kInvalidArgument,
+                        path + " is not a base64 32-byte key (the secrets master key)");
+    }
+    return *key;
+  } else if (existing.error().code != Errc::kNotFound) {
+    return make_error(existing.error());
+  }
+  init();
+  std::string key(kSecretKeyBytes, '\0');
+  crypto_aead_xchacha20poly1305_ietf_keygen(reinterpret_cast<unsigned char*>(key.data()));
+  OUTPOST_TRY(write_file_durably(path, base64_encode(key) + "\n", 0600));
+  return key;
+}
+
+std::string aead_encrypt(std::string_view plaintext, std::string_view key,
+                         std::string_view context) {
+  init();
+  assert(key.size() == crypto_aead_xchacha20poly1305_ietf_KEYBYTES);
+  constexpr size_t kNonce = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES;
+  std::string out(kNonce + plaintext.size() + crypto_aead_xchacha20poly1305_ietf_ABYTES, '\0');
+  auto* bytes = reinterpret_cast<unsigned char*>(out.data());
+  randombytes_buf(bytes, kNonce);
+  unsigned long long written = 0;
+  crypto_aead_xchacha20poly1305_ietf_encrypt(
+      bytes + kNonce, &written, reinterpret_cast<const unsigned char*>(plaintext.data()),
+      plaintext.size(), reinterpret_cast<const unsigned char*>(context.data()), context.size(),
+      nullptr, bytes, reinterpret_cast<const unsigned char*>(key.data()));
+  out.resize(kNonce + written);
+  return out;
+}
+
+Result<std::string> aead_decrypt(std::string_view sealed, std::string_view key,
+                                 std::string_view context) {
+  init();
+  constexpr size_t kNonce = crypto_aead_xchacha20poly1305_ietf_NPUBBYTES;
+  constexpr size_t kTag = crypto_aead_xchacha20poly1305_ietf_ABYTES;
+  if (key.size() != crypto_aead_xchacha20poly1305_ietf_KEYBYTES || sealed.size() < kNonce + kTag) {
+    return make_error(Errc::kPermissionDenied, "encrypted value is too short or the key is wrong");
+  }
+  std::string out(sealed.size() - kNonce - kTag, '\0');
+  unsigned long long written = 0;
+  const auto* bytes = reinterpret_cast<const unsigned char*>(sealed.data());
+  if (crypto_aead_xchacha20poly1305_ietf_decrypt(
+          reinterpret_cast<unsigned char*>(out.data()), &written, nullptr, bytes + kNonce,
+          sealed.size() - kNonce, reinterpret_cast<const unsigned char*>(context.data()),
+          context.size(), bytes, reinterpret_cast<const unsigned char*>(key.data())) != 0) {
+    return make_error(Errc::kPermissionDenied,
+                      "encrypted value does not open with this key (wrong key, or altered)");
+  }
+  out.resize(written);
+  return out;
+}
+
+Result<std::string> seal_to_ed25519(std::string_view plaintext,
+                                    std::string_view ed25519_public_key) {
+  init();
+  if (ed25519_public_key.size() != crypto_sign_PUBLICKEYBYTES) {
+    return make_error(Errc::kInvalidArgument, "device public key is not 32 bytes");
+  }
+  unsigned char x25519[crypto_box_PUBLICKEYBYTES];
+  if (crypto_sign_ed25519_pk_to_curve25519(
+          x25519, reinterpret_cast<const unsigned char*>(ed25519_public_key.data())) != 0) {
+    return make_error(Errc::kInvalidArgument, "device public key is not a valid Ed25519 key");
+  }
+  std::string out(plaintext.size() + crypto_box_SEALBYTES, '\0');
+  if (crypto_box_seal(reinterpret_cast<unsigned char*>(out.data()),
+                      reinterpret_cast<const unsigned char*>(plaintext.data()), plaintext.size(),
+                      x25519) != 0) {
+    return make_error(Errc::kInternal, "crypto_box_seal failed");
+  }
+  return out;
+}
+
+Result<std::string> open_sealed_with_ed25519(std::string_view sealed, const Ed25519KeyPair& pair) {
+  init();
+  if (pair.secret_key.size() != crypto_sign_SECRETKEYBYTES ||
+      pair.public_key.size() != crypto_sign_PUBLICKEYBYTES) {
+    return make_error(Errc::kInvalidArgument, "device key pair has the wrong size");
+  }
+  if (sealed.size() < crypto_box_SEALBYTES) {
+    return make_error(Errc::kPermissionDenied, "sealed value is too short");
+  }
+  unsigned char x_pk[crypto_box_PUBLICKEYBYTES];
+  unsigned char x_sk[crypto_box_SECRETKEYBYTES];
+  if (crypto_sign_ed25519_pk_to_curve25519(
+          x_pk, reinterpret_cast<const unsigned char*>(pair.public_key.data())) != 0 ||
+      crypto_sign_ed25519_sk_to_curve25519(
+          x_sk, reinterpret_cast<const unsigned char*>(pair.secret_key.data())) != 0) {
+    return make_error(Errc::kInvalidArgument, "device key pair is not a valid Ed25519 key");
+  }
+  std::string out(sealed.size() - crypto_box_SEALBYTES, '\0');
+  const int rc = crypto_box_seal_open(reinterpret_cast<unsigned char*>(out.data()),
+                                      reinterpret_cast<const unsigned char*>(sealed.data()),
+                                      sealed.size(), x_pk, x_sk);
+  sodium_memzero(x_sk, sizeof x_sk);
+  if (rc != 0) {
+    return make_error(Errc::kPermissionDenied,
+                      "sealed value does not open with this device's key (sealed to another "
+                      "device, or altered)");
+  }
+  return out;
+}
+
+void wipe(std::string& secret) {
+  if (!secret.empty()) sodium_memzero(secret.data(), secret.size());
+  secret.clear();
+}
+
 }  // namespace outpost::crypto

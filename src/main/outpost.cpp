@@ -49,6 +49,9 @@ int main(int argc, char** argv) {
                    "Data directory: database, blobs, admin.token, signing key")
       ->capture_default_str();
   server->add_option("--db", server_options.db_url, "Store URL (default sqlite:DATA/outpost.db)");
+  server->add_option("--secrets-key", server_options.secrets_key_file,
+                     "Master key that encrypts secrets at rest, made on first start (default "
+                     "DATA/secrets.key, mode 0600; keep it out of the database's backups)");
   server->add_option("--tls-cert", server_options.tls.cert_file,
                      "PEM certificate chain for HTTPS (default: a development CA and certificate "
                      "made under DATA/tls/)");
@@ -138,6 +141,7 @@ int main(int argc, char** argv) {
   outpost::cli::add_login_command(app, globals, exit_code);
   outpost::cli::add_token_commands(app, globals, exit_code);
   outpost::cli::add_user_commands(app, globals, exit_code);
+  outpost::cli::add_secret_commands(app, globals, exit_code);
   outpost::cli::add_release_commands(app, globals, exit_code);
   outpost::cli::add_device_commands(app, globals, exit_code);
   outpost::cli::add_artifact_commands(app, globals, exit_code);

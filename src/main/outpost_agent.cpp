@@ -159,6 +159,10 @@ int main(int argc, char** argv) {
                  "devices keep theirs and retry)")
       ->capture_default_str();
   std::string relay_tls_cert, relay_tls_key, relay_tls_ca;
+  std::string secrets_dir;
+  app.add_option("--secrets-dir", secrets_dir,
+                 "Where workloads' secret files go (default: a private folder on tmpfs, "
+                 "$XDG_RUNTIME_DIR or /dev/shm; DATA/secrets-run when there is none)");
   app.add_option("--relay-tls-cert", relay_tls_cert,
                  "Relay: serve the site's devices over HTTPS with this PEM certificate chain "
                  "(they trust its CA with --ca-file)");
@@ -190,6 +194,7 @@ int main(int argc, char** argv) {
   options.data_dir = data;
   options.listen = listen;
   options.cgroup_parent = cgroup;
+  options.secrets_dir = secrets_dir;
   options.fetch.max_parallel = parallel;
   options.serve_threads = serve_threads;
   options.inference_threads = inference_threads;

@@ -4,6 +4,7 @@
 
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 
 #include <spdlog/spdlog.h>
 #include <boost/asio/post.hpp>
@@ -20,6 +21,7 @@
 #include "server/operator_auth.h"
 #include "server/registry/blob_store.h"
 #include "server/rollouts/controller.h"
+#include "server/secrets/secret_vault.h"
 #include "server/sync/sync_hub.h"
 #include "store/store.h"
 
@@ -47,6 +49,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<http::HttpServer> http;
   std::unique_ptr<sync::SyncHub> hub;
   std::unique_ptr<DesiredStateUpdater> desired;
+  std::unique_ptr<SecretVault> vault;
   std::unique_ptr<rollouts::RolloutController> rollouts;
   std::unique_ptr<boost::asio::steady_timer> rollout_timer;
   std::unique_ptr<DeviceSessions> sessions;
@@ -92,6 +95,10 @@ struct ControlPlane::Impl {
     rollout_timer->async_wait([this](const boost::system::error_code& ec) {
       if (ec || stopped) return;
       (void)rollouts->tick();  // failures are logged by the controller
+      // A staged secret version that became active: documents drop the superseded one.
+      if (auto switched = desired->reconcile_if_secret_switched(clock.now_ms()); !switched) {
+        spdlog::error("secret rotation: {}", switched.error().message);
+      }
       schedule_rollout_tick();
     });
   }
@@ -149,6 +156,18 @@ Status ControlPlane::start() {
   d.http = std::make_unique<http::HttpServer>(http_options, d.router);
   d.hub = std::make_unique<sync::SyncHub>(d.http->io_context());
   d.desired = std::make_unique<DesiredStateUpdater>(*d.store, *d.hub, key->secret_key);
+  // The master key of secrets at rest (issue 18): DATA/secrets.key unless kept elsewhere.
+  const std::string secrets_key_path = d.options.secrets_key_file.empty()
+                                           ? d.options.data_dir + "/secrets.key"
+                                           : d.options.secrets_key_file;
+  if (const auto parent = std::filesystem::path(secrets_key_path).parent_path();
+      !d.options.secrets_key_file.empty() && !parent.empty()) {
+    OUTPOST_TRY(make_dirs(parent.string(), 0700));
+  }
+  auto secrets_key = crypto::load_or_create_secret_key_file(secrets_key_path);
+  if (!secrets_key) return make_error(secrets_key.error().with_context("--secrets-key"));
+  d.vault = std::make_unique<SecretVault>(*d.store, std::move(*secrets_key));
+  d.desired->set_secrets(d.vault.get(), &d.clock);
   d.sessions = std::make_unique<DeviceSessions>(*d.store);
   d.release = std::make_unique<registry::ReleaseSigner>(*d.store, d.clock, d.options.data_dir,
                                                         d.options.release);
@@ -167,6 +186,7 @@ Status ControlPlane::start() {
   d.ctx = std::make_unique<api::ApiContext>(api::ApiContext{
       *d.store, *d.blobs, *d.hub, *d.desired, *d.rollouts, *d.sessions, *d.auth, *d.release,
       d.clock, d.workers, crypto::base64_encode(key->public_key), d.options.long_poll_ms});
+  d.ctx->secrets = d.vault.get();
   d.ctx->ca_pem = d.tls.ca_pem;
   d.ctx->ca_pin = d.tls.ca_pin;
 
@@ -181,6 +201,7 @@ Status ControlPlane::start() {
   api::register_rollout_routes(d.router, *d.ctx);
   api::register_user_routes(d.router, *d.ctx);
   api::register_release_routes(d.router, *d.ctx);
+  api::register_secret_routes(d.router, *d.ctx);
   d.router.add("GET", "/healthz", [&d](http::Request&&, http::Responder respond) {
     respond(d.ready ? http::Response::json(200, R"({"status":"ok"})")
                     : http::Response::json(503, R"({"status":"starting"})"));

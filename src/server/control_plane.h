@@ -34,6 +34,9 @@ struct ControlPlaneOptions {
   int64_t header_timeout_ms = 10'000;
   // HTTPS by default (a development CA under DATA/tls/ unless a certificate is given).
   TlsOptions tls;
+  // The master key that encrypts secrets at rest (32 bytes, base64, 0600), made on first start;
+  // "" = DATA/secrets.key. Keep it apart from the database's backups.
+  std::string secrets_key_file;
   // Signed release metadata: how long targets and timestamp documents stay valid.
   registry::ReleaseOptions release;
 };

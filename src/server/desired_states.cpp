@@ -1,14 +1,18 @@
 #include "server/desired_states.h"
 
+#include <cassert>
 #include <map>
+#include <optional>
 #include <set>
 
 #include <spdlog/spdlog.h>
 #include <nlohmann/json.hpp>
 
 #include "common/crypto.h"
+#include "common/digest.h"
 #include "server/deployments/manifest.h"
 #include "server/scheduler/desired_state.h"
+#include "server/secrets/secret_vault.h"
 
 namespace outpost::server {
 
@@ -50,6 +54,19 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_all() {
   auto devices = store_.list_devices({});
   if (!devices) return make_error(devices.error());
   return reconcile(*devices);
+}
+
+Result<bool> DesiredStateUpdater::reconcile_if_secret_switched(int64_t now_ms) {
+  const int64_t next = next_secret_switch_ms_.load();
+  if (next == 0 || now_ms < next) return false;
+  // The pass sets it again when a device still needs a staged version.
+  int64_t expected = next;
+  next_secret_switch_ms_.compare_exchange_strong(expected, 0);
+  auto summary = reconcile_all();
+  if (!summary) return make_error(summary.error().with_context("after a secret rotation"));
+  spdlog::info("secret rotation at {}: {} device(s) rescheduled, {} changed", format_iso8601(next),
+               summary->devices, summary->changed);
+  return true;
 }
 
 Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_device(
@@ -123,6 +140,99 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     return *found;
   };
 
+  // Secrets: loaded once per pass when a device needs one; each version a device gets is opened
+  // once per pass (payloads below), then sealed per device. Plaintext stays in this frame.
+  const int64_t now = clock_ != nullptr ? clock_->now_ms() : 0;
+  std::optional<std::map<std::string, store::Secret>> secrets;
+  std::map<std::pair<std::string, int64_t>, std::string> payloads;
+  struct WipePayloads {
+    std::map<std::pair<std::string, int64_t>, std::string>& p;
+    ~WipePayloads() {
+      for (auto& [key, text] : p) crypto::wipe(text);
+    }
+  } wipe_payloads{payloads};
+  auto load_secrets = [&]() -> Status {
+    if (secrets) return ok();
+    auto all = store_.list_secrets();
+    if (!all) return make_error(all.error().with_context("loading secrets"));
+    secrets.emplace();
+    int64_t next = 0;
+    for (auto& secret : *all) {
+      const int64_t at = next_secret_switch(secret, now);
+      if (at != 0 && (next == 0 || at < next)) next = at;
+      std::string name = secret.name;
+      secrets->emplace(std::move(name), std::move(secret));
+    }
+    next_secret_switch_ms_ = next;
+    return ok();
+  };
+  // Adds "secrets" to a device's document when its deployments name any; returns the hash to
+  // store. The hash covers name, version and activate_at only: sealing is randomized, and the
+  // store keeps the old document (and its ciphertexts) while the hash holds still.
+  auto add_secrets = [&](const store::Device& device,
+                         scheduler::DesiredComputation& computed) -> Status {
+    std::set<std::string> names;
+    for (const auto& entry : computed.desired["deployments"]) {
+      for (const auto& name : entry.value("secrets", nlohmann::json::array())) {
+        if (name.is_string()) names.insert(name.get<std::string>());
+      }
+    }
+    // A revoked device gets nothing new: no section, so nothing is sealed for it.
+    if (names.empty() || vault_ == nullptr || device.revoked_at != 0) return ok();
+    OUTPOST_TRY(load_secrets());
+    nlohmann::json section = nlohmann::json::object();
+    for (const auto& name : names) {
+      auto it = secrets->find(name);
+      if (it == secrets->end()) continue;  // not created yet: the agent waits for it
+      nlohmann::json versions = nlohmann::json::array();
+      for (const auto* v : deliverable_versions(it->second, now)) {
+        versions.push_back({{"version", v->version}, {"activate_at", v->activate_at}});
+      }
+      section[name] = std::move(versions);
+    }
+    if (section.empty()) return ok();
+    computed.desired["secrets"] = section;
+    computed.desired_json =
+        computed.desired.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    computed.desired_hash = sha256_hex(computed.desired_json);
+    if (computed.desired_hash == device.desired_hash) {
+      computed.desired_json = device.desired_json;  // unchanged: the store keeps the old one
+      return ok();
+    }
+    auto device_key = crypto::base64_decode(device.public_key);
+    if (!device_key) {
+      return make_error(Errc::kInternal,
+                        "device " + device.id + ": stored public key is not base64");
+    }
+    for (auto& [name, versions] : computed.desired["secrets"].items()) {
+      for (auto& v : versions) {
+        const int64_t version = v["version"].get<int64_t>();
+        auto key = std::make_pair(name, version);
+        auto payload = payloads.find(key);
+        if (payload == payloads.end()) {
+          const store::SecretVersion* row = nullptr;
+          for (const auto& sv : secrets->at(name).versions) {
+            if (sv.version == version) row = &sv;
+          }
+          assert(row != nullptr);
+          auto opened = vault_->device_payload(*row);
+          if (!opened) return make_error(opened.error());
+          payload = payloads.emplace(key, std::move(*opened)).first;
+        }
+        auto sealed = crypto::seal_to_ed25519(payload->second, *device_key);
+        if (!sealed) {
+          return make_error(sealed.error().with_context("sealing secret " + name + " version " +
+                                                        std::to_string(version) + " to device " +
+                                                        device.id));
+        }
+        v["sealed"] = crypto::base64_encode(*sealed);
+      }
+    }
+    computed.desired_json =
+        computed.desired.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    return ok();
+  };
+
   Summary summary;
   std::vector<scheduler::DeploymentInput> inputs;
   // Written in groups: one transaction (one fsync) per kWriteGroup devices, so a rollout step
@@ -159,6 +269,7 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     }
     auto computed = scheduler::compute_desired_state(device, inputs, lookup);
     if (!computed) return make_error(computed.error().with_context("device " + device.id));
+    OUTPOST_TRY(add_secrets(device, *computed));
     const nlohmann::json scheduled =
         computed->schedule.value("deployments", nlohmann::json::object());
     for (const auto& [name, entry] : scheduled.items()) {

@@ -1,12 +1,15 @@
 // Keeps every device's desired state in step with the deployments: recomputes it with the
 // scheduler (each device on the revision a rollout gives it: its assignment, else the
-// deployment's stable revision), stores it (the generation grows only on a real change), signs it, and
-// publishes it to waiting long-polls.
+// deployment's stable revision), stores it (the generation grows only on a real change), signs it,
+// and publishes it to waiting long-polls. Secrets the device's deployments name are added at the
+// top level ("secrets"), each version sealed to the device's own key (see reconcile()).
 #pragma once
 
+#include <atomic>
 #include <mutex>
 #include <string>
 
+#include "common/clock.h"
 #include "common/error.h"
 #include "server/sync/sync_hub.h"
 #include "store/store.h"
@@ -14,9 +17,18 @@
 namespace outpost::server {
 
 // Thread-safe: reconciliations are serialized by mu_ so generations move in order.
+class SecretVault;
+
 class DesiredStateUpdater {
  public:
   DesiredStateUpdater(store::Store& store, sync::SyncHub& hub, std::string signing_secret_key);
+
+  // Where secrets come from, and the clock that says which versions are active. Without a vault
+  // (tests of other things) documents carry no secrets. Set before the first reconcile.
+  void set_secrets(const SecretVault* vault, const Clock* clock) {
+    vault_ = vault;
+    clock_ = clock;
+  }
 
   struct Summary {
     size_t devices = 0;
@@ -32,6 +44,10 @@ class DesiredStateUpdater {
     return reconcile(devices);
   }
 
+  // Reconciles every device when a staged secret version became active since the last pass
+  // (so documents stop carrying the superseded one). Cheap otherwise: call it periodically.
+  [[nodiscard]] Result<bool> reconcile_if_secret_switched(int64_t now_ms);
+
   // The signed document of the device's current generation (from memory, else the store).
   [[nodiscard]] Result<sync::SignedDesired> signed_desired(const std::string& device_id);
 
@@ -45,6 +61,11 @@ class DesiredStateUpdater {
   store::Store& store_;
   sync::SyncHub& hub_;
   std::string signing_secret_key_;
+  const SecretVault* vault_ = nullptr;
+  const Clock* clock_ = nullptr;
+  // The earliest activate_at of a staged secret version seen by the last pass that loaded the
+  // secrets (0 = none).
+  std::atomic<int64_t> next_secret_switch_ms_{0};
   std::mutex mu_;
 };
 

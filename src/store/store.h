@@ -318,6 +318,25 @@ struct TelemetryDeviceState {
   int64_t records = 0;
 };
 
+// One version of a secret (issue 18). The store never sees plaintext: `ciphertext` is sealed by
+// the server's secret vault (src/server/secrets/) and opaque here.
+struct SecretVersion {
+  std::string name;
+  int64_t version = 0;            // 1, 2, 3...
+  std::vector<std::string> keys;  // key names, sorted (metadata: shown by `secret show`)
+  std::string ciphertext;         // base64, opaque to the store
+  int64_t activate_at = 0;        // when devices switch to it (ms)
+  int64_t created_at = 0;
+  std::string created_by;
+};
+
+struct Secret {
+  std::string name;
+  int64_t created_at = 0;
+  int64_t updated_at = 0;
+  std::vector<SecretVersion> versions;  // ascending by version
+};
+
 // Outcome of apply_deployment.
 struct ApplyOutcome {
   Deployment deployment;
@@ -454,6 +473,18 @@ class Store {
   // Every assignment ("" = of every deployment), by deployment then device.
   [[nodiscard]] virtual Result<std::vector<RevisionAssignment>> list_revision_assignments(
       const std::string& deployment) = 0;
+
+  // Secrets. put_secret_version stores the next version of a secret in one transaction:
+  // version 1 creates the secret (kAlreadyExists naming it when it exists); version N > 1 needs
+  // the secret's newest version to be N-1 (kNotFound when the secret does not exist, kConflict
+  // when another version was added meanwhile: the caller sealed for a version number that is
+  // taken). It then deletes the versions superseded at now_ms: those older than the newest
+  // version whose activate_at <= now_ms (the new one counts).
+  [[nodiscard]] virtual Status put_secret_version(const SecretVersion& version, int64_t now_ms) = 0;
+  [[nodiscard]] virtual Result<std::optional<Secret>> get_secret(const std::string& name) = 0;
+  [[nodiscard]] virtual Result<std::vector<Secret>> list_secrets() = 0;  // by name, with versions
+  // Removes the secret and every version. kNotFound naming it when absent.
+  [[nodiscard]] virtual Status delete_secret(const std::string& name) = 0;
 
   // Sites: put creates or replaces.
   [[nodiscard]] virtual Status put_site(const Site& site) = 0;

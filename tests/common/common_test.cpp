@@ -7,6 +7,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include "common/clock.h"
 #include "common/crypto.h"
 #include "common/digest.h"
 #include "common/durable_file.h"
@@ -96,6 +97,75 @@ TEST(CryptoTest, SignaturesVerifyOnlyForTheirMessageAndKey) {
   EXPECT_TRUE(crypto::constant_time_equal("abc", "abc"));
   EXPECT_FALSE(crypto::constant_time_equal("abc", "abd"));
   EXPECT_FALSE(crypto::constant_time_equal("abc", "abcd"));
+}
+
+TEST(CryptoTest, SecretsEncryptedAtRestOpenOnlyWithTheirKeyAndContext) {
+  const std::string key(crypto::kSecretKeyBytes, 'k');
+  const std::string other(crypto::kSecretKeyBytes, 'o');
+  const std::string sealed = crypto::aead_encrypt("hunter2", key, "secret db v1");
+  EXPECT_EQ(sealed.find("hunter2"), std::string::npos);
+  EXPECT_NE(crypto::aead_encrypt("hunter2", key, "secret db v1"), sealed);  // random nonce
+  EXPECT_EQ(crypto::aead_decrypt(sealed, key, "secret db v1").value(), "hunter2");
+  EXPECT_FALSE(crypto::aead_decrypt(sealed, other, "secret db v1").has_value());
+  EXPECT_FALSE(crypto::aead_decrypt(sealed, key, "secret db v2").has_value());
+  std::string flipped = sealed;
+  flipped.back() ^= 1;
+  auto refused = crypto::aead_decrypt(flipped, key, "secret db v1");
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error().code, Errc::kPermissionDenied);
+  EXPECT_FALSE(crypto::aead_decrypt("short", key, "secret db v1").has_value());
+}
+
+TEST(CryptoTest, SealedBoxOpensOnlyWithTheDeviceKeyItWasSealedTo) {
+  auto device = crypto::ed25519_generate();
+  auto other = crypto::ed25519_generate();
+  auto sealed = crypto::seal_to_ed25519("camera password", device.public_key);
+  ASSERT_TRUE(sealed.has_value()) << sealed.error().message;
+  EXPECT_EQ(sealed->find("camera password"), std::string::npos);
+  auto again = crypto::seal_to_ed25519("camera password", device.public_key);
+  ASSERT_TRUE(again.has_value());
+  EXPECT_NE(*again, *sealed);  // randomized: the desired hash must not cover it
+  EXPECT_EQ(crypto::open_sealed_with_ed25519(*sealed, device).value(), "camera password");
+  auto wrong = crypto::open_sealed_with_ed25519(*sealed, other);
+  ASSERT_FALSE(wrong.has_value());
+  EXPECT_EQ(wrong.error().code, Errc::kPermissionDenied);
+  std::string altered = *sealed;
+  altered[40] ^= 1;
+  EXPECT_FALSE(crypto::open_sealed_with_ed25519(altered, device).has_value());
+  EXPECT_FALSE(crypto::seal_to_ed25519("x", "short").has_value());
+}
+
+TEST(CryptoTest, SecretKeyFileIsMadeOnceWithMode0600) {
+  const std::string dir =
+      std::filesystem::temp_directory_path() / ("outpost-key-" + crypto::random_hex(4));
+  std::filesystem::create_directories(dir);
+  auto made = crypto::load_or_create_secret_key_file(dir + "/secrets.key");
+  ASSERT_TRUE(made.has_value()) << made.error().message;
+  EXPECT_EQ(made->size(), crypto::kSecretKeyBytes);
+  EXPECT_EQ(
+      std::filesystem::status(dir + "/secrets.key").permissions() & std::filesystem::perms::all,
+      std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+  EXPECT_EQ(crypto::load_or_create_secret_key_file(dir + "/secrets.key").value(), *made);
+  ASSERT_TRUE(write_file_durably(dir + "/bad.key", "not a key").has_value());
+  auto bad = crypto::load_or_create_secret_key_file(dir + "/bad.key");
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_NE(bad.error().message.find("bad.key"), std::string::npos);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(ClockTest, Rfc3339TimesParseWithOffsetsAndFractions) {
+  EXPECT_EQ(parse_rfc3339_ms("1970-01-01T00:00:00Z").value(), 0);
+  EXPECT_EQ(parse_rfc3339_ms("2026-12-07T18:00:00Z").value(), 1796666400000);
+  EXPECT_EQ(parse_rfc3339_ms("2026-12-07T19:00:00+01:00").value(), 1796666400000);
+  EXPECT_EQ(parse_rfc3339_ms("2026-12-07T18:00:00.250Z").value(), 1796666400250);
+  EXPECT_EQ(format_iso8601(parse_rfc3339_ms("2024-02-29T23:59:59Z").value()),
+            "2024-02-29T23:59:59Z");
+  for (const char* bad : {"", "2026-12-07", "2026-12-07T18:00:00", "2026-13-07T18:00:00Z",
+                          "2026-12-07T18:00:00Zjunk", "+10m"}) {
+    auto parsed = parse_rfc3339_ms(bad);
+    EXPECT_FALSE(parsed.has_value()) << bad;
+  }
+  EXPECT_NE(parse_rfc3339_ms("tomorrow").error().message.find("\"tomorrow\""), std::string::npos);
 }
 
 TEST(JsonNestingTest, CountsBracketsOutsideStringsOnly) {

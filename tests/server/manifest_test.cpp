@@ -844,4 +844,68 @@ TEST(ExampleManifestTest, DefectDetectorExampleValidates) {
 }
 
 }  // namespace
+// Issue 18: how a workload gets its secrets, beyond the files under $OUTPOST_SECRETS_DIR.
+TEST(ManifestTest, SecretWorkloadFieldsValidateAndDefaultsKeepTheHash) {
+  json doc = design_doc();
+  const std::string base_hash = must_validate(doc).spec_hash();
+  json defaults = doc;
+  defaults["spec"]["workload"]["secret_env"] = false;
+  defaults["spec"]["workload"]["on_secret_rotate"] = "restart";
+  Manifest plain = must_validate(defaults);
+  EXPECT_EQ(plain.spec_hash(), base_hash);  // an upgrade does not make new revisions
+  ASSERT_TRUE(plain.workload.has_value());
+  EXPECT_FALSE(plain.workload->secret_env);
+  EXPECT_EQ(plain.workload->on_secret_rotate, Manifest::SecretRotate::kRestart);
+
+  json sighup = doc;
+  sighup["spec"]["workload"]["on_secret_rotate"] = "sighup";
+  Manifest m = must_validate(sighup);
+  EXPECT_EQ(m.workload->on_secret_rotate, Manifest::SecretRotate::kSighup);
+  EXPECT_EQ(m.normalized["spec"]["workload"]["on_secret_rotate"], "sighup");
+  EXPECT_NE(m.spec_hash(), base_hash);
+  EXPECT_EQ(must_validate(m.normalized).normalized, m.normalized);
+
+  json env = doc;
+  env["spec"]["workload"]["secret_env"] = true;
+  Manifest e = must_validate(env);
+  EXPECT_TRUE(e.workload->secret_env);
+  EXPECT_EQ(e.normalized["spec"]["workload"]["secret_env"], true);
+  EXPECT_NE(e.spec_hash(), base_hash);
+}
+
+TEST(ManifestTest, SecretWorkloadFieldsAreRefusedWithTheirPath) {
+  auto refused = [](json doc, const std::string& field, const std::string& words) {
+    auto m = validate_manifest(doc);
+    ASSERT_FALSE(m.has_value()) << field;
+    EXPECT_EQ(m.error().field, field);
+    EXPECT_NE(m.error().message.find(words), std::string::npos) << m.error().message;
+    EXPECT_EQ(m.error().message.rfind(field + ":", 0), 0u) << m.error().message;
+  };
+  json doc = design_doc();
+  json wrong_type = doc;
+  wrong_type["spec"]["workload"]["secret_env"] = "yes";
+  refused(wrong_type, "spec.workload.secret_env", "true or false");
+  json wrong_value = doc;
+  wrong_value["spec"]["workload"]["on_secret_rotate"] = "reload";
+  refused(wrong_value, "spec.workload.on_secret_rotate", "reload");
+  json env_and_sighup = doc;
+  env_and_sighup["spec"]["workload"]["secret_env"] = true;
+  env_and_sighup["spec"]["workload"]["on_secret_rotate"] = "sighup";
+  refused(env_and_sighup, "spec.workload.on_secret_rotate", "secret_env");
+  json no_secrets = doc;
+  no_secrets["spec"].erase("secrets");
+  json env_only = no_secrets;
+  env_only["spec"]["workload"]["secret_env"] = true;
+  refused(env_only, "spec.workload.secret_env", "spec.secrets");
+  json sighup_only = no_secrets;
+  sighup_only["spec"]["workload"]["on_secret_rotate"] = "sighup";
+  refused(sighup_only, "spec.workload.on_secret_rotate", "spec.secrets");
+
+  EXPECT_TRUE(check_secret_name("db.main_2", "name").has_value());
+  auto bad = check_secret_name("../etc", "name");
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error().field, "name");
+  EXPECT_NE(bad.error().message.find("\"../etc\""), std::string::npos) << bad.error().message;
+}
+
 }  // namespace outpost::deployments

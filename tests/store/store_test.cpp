@@ -836,6 +836,105 @@ TEST_P(StoreTest, ListDeploymentsIsSortedByName) {
   EXPECT_EQ((*listed)[2].name, "charlie");
 }
 
+// ---- Secrets ----
+
+SecretVersion secret_version(const std::string& name, int64_t version, int64_t activate_at,
+                             int64_t created_at) {
+  return SecretVersion{.name = name,
+                       .version = version,
+                       .keys = {"password", "user"},
+                       .ciphertext = "c-" + name + "-" + std::to_string(version),
+                       .activate_at = activate_at,
+                       .created_at = created_at,
+                       .created_by = "user:alice"};
+}
+
+TEST_P(StoreTest, SecretVersionsRoundTripAndSurviveAReopen) {
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 1, 1000, 1000), 1000));
+  ASSERT_OK(store_->put_secret_version(secret_version("camera", 1, 1500, 1500), 1500));
+  auto created_again = store_->put_secret_version(secret_version("db", 1, 1600, 1600), 1600);
+  ASSERT_FALSE(created_again.has_value());
+  EXPECT_EQ(created_again.error().code, Errc::kAlreadyExists);
+  // Version 2 staged for later: version 1 stays, it is the one active now.
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 2, 9000, 2000), 2000));
+  if (GetParam().persistent) reopen();
+  auto db = store_->get_secret("db");
+  ASSERT_OK(db);
+  ASSERT_TRUE(db->has_value());
+  EXPECT_EQ((*db)->created_at, 1000);
+  EXPECT_EQ((*db)->updated_at, 2000);
+  ASSERT_EQ((*db)->versions.size(), 2u);
+  const SecretVersion& v2 = (*db)->versions[1];
+  EXPECT_EQ(v2.version, 2);
+  EXPECT_EQ(v2.keys, (std::vector<std::string>{"password", "user"}));
+  EXPECT_EQ(v2.ciphertext, "c-db-2");
+  EXPECT_EQ(v2.activate_at, 9000);
+  EXPECT_EQ(v2.created_at, 2000);
+  EXPECT_EQ(v2.created_by, "user:alice");
+  EXPECT_EQ((*db)->versions[0].ciphertext, "c-db-1");
+  auto all = store_->list_secrets();
+  ASSERT_OK(all);
+  ASSERT_EQ(all->size(), 2u);
+  EXPECT_EQ((*all)[0].name, "camera");
+  EXPECT_EQ((*all)[0].versions.size(), 1u);
+  EXPECT_EQ((*all)[1].name, "db");
+  EXPECT_EQ((*all)[1].versions.size(), 2u);
+  auto missing = store_->get_secret("nope");
+  ASSERT_OK(missing);
+  EXPECT_FALSE(missing->has_value());
+}
+
+TEST_P(StoreTest, SecretVersionsMustFollowTheNewestAndOldOnesArePrunedOnceSuperseded) {
+  auto orphan = store_->put_secret_version(secret_version("db", 2, 0, 1000), 1000);
+  ASSERT_FALSE(orphan.has_value());
+  EXPECT_EQ(orphan.error().code, Errc::kNotFound);
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 1, 1000, 1000), 1000));
+  auto skipped = store_->put_secret_version(secret_version("db", 3, 2000, 2000), 2000);
+  ASSERT_FALSE(skipped.has_value());
+  EXPECT_EQ(skipped.error().code, Errc::kConflict);
+  EXPECT_NE(skipped.error().message.find("version 1"), std::string::npos)
+      << skipped.error().message;
+  // 2 is staged for 5000, 3 for 6000: at 3000 version 1 is still the active one.
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 2, 5000, 2000), 2000));
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 3, 6000, 3000), 3000));
+  auto db = store_->get_secret("db");
+  ASSERT_OK(db);
+  ASSERT_EQ((*db)->versions.size(), 3u);
+  // At 5500 version 2 is active: version 1 is superseded and goes.
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 4, 7000, 5500), 5500));
+  db = store_->get_secret("db");
+  ASSERT_OK(db);
+  std::vector<int64_t> kept;
+  for (const auto& v : (*db)->versions) kept.push_back(v.version);
+  EXPECT_EQ(kept, (std::vector<int64_t>{2, 3, 4}));
+  // A version active at once supersedes every older one.
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 5, 8000, 8000), 8000));
+  db = store_->get_secret("db");
+  ASSERT_OK(db);
+  ASSERT_EQ((*db)->versions.size(), 1u);
+  EXPECT_EQ((*db)->versions[0].version, 5);
+}
+
+TEST_P(StoreTest, DeleteSecretRemovesEveryVersionAndNamesAnUnknownOne) {
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 1, 1000, 1000), 1000));
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 2, 9000, 2000), 2000));
+  ASSERT_OK(store_->delete_secret("db"));
+  auto gone = store_->get_secret("db");
+  ASSERT_OK(gone);
+  EXPECT_FALSE(gone->has_value());
+  auto again = store_->delete_secret("db");
+  ASSERT_FALSE(again.has_value());
+  EXPECT_EQ(again.error().code, Errc::kNotFound);
+  EXPECT_NE(again.error().message.find("secret db"), std::string::npos);
+  // The name can be used again, from version 1.
+  ASSERT_OK(store_->put_secret_version(secret_version("db", 1, 3000, 3000), 3000));
+  auto list = store_->list_secrets();
+  ASSERT_OK(list);
+  ASSERT_EQ(list->size(), 1u);
+  ASSERT_EQ((*list)[0].versions.size(), 1u);
+  EXPECT_EQ((*list)[0].versions[0].ciphertext, "c-db-1");
+}
+
 // ---- Audit ----
 
 TEST_P(StoreTest, AuditEntriesFormAHashChain) {

@@ -1521,6 +1521,15 @@ WorkloadEvent Supervisor::snapshot() const {
   return impl_->published;
 }
 
+bool Supervisor::signal(int sig) {
+  // The supervisor publishes pid 0 right after it reaps the process; in that short window the
+  // pid could in principle be reused by another process of this user. Good enough for a reload
+  // hint; a pidfd would close it.
+  std::lock_guard lock(impl_->mu);
+  const pid_t pid = impl_->published.pid;
+  return pid > 0 && ::kill(pid, sig) == 0;
+}
+
 void Supervisor::kill_leftover(const std::string& log_dir) {
   const std::string path = log_dir + "/pid";
   auto text = read_file(path);

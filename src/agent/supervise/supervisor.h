@@ -119,6 +119,9 @@ class Supervisor {
   // After it, state is kStopped and on_event was called with it (once).
   void stop();
   WorkloadEvent snapshot() const;
+  // Sends `sig` to the running process (not its group), e.g. SIGHUP after its secret files were
+  // rewritten. False when no process runs (backoff, exited, stopped).
+  bool signal(int sig);
 
   // After an agent restart: if <log_dir>/pid names a workload process group that a previous
   // agent left behind (checked by the process start time recorded with the pid), SIGKILLs that

@@ -28,6 +28,7 @@
 namespace outpost::server {
 class DesiredStateUpdater;
 class OperatorAuth;
+class SecretVault;
 namespace registry {
 class BlobStore;
 class ReleaseSigner;
@@ -111,6 +112,8 @@ struct ApiContext {
   std::unique_ptr<ArtifactCounters> artifact_counters = std::make_unique<ArtifactCounters>();
   std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);
   std::unique_ptr<StatusWriter> status_writer = make_status_writer(store);
+  // Secrets at rest (issue 18); set by the control plane after construction.
+  SecretVault* secrets = nullptr;
 };
 
 // A device counts as online when it was seen this recently (a healthy agent long-polls about
@@ -220,5 +223,6 @@ void register_telemetry_routes(http::Router& router, ApiContext& ctx);
 void register_rollout_routes(http::Router& router, ApiContext& ctx);
 void register_user_routes(http::Router& router, ApiContext& ctx);
 void register_release_routes(http::Router& router, ApiContext& ctx);
+void register_secret_routes(http::Router& router, ApiContext& ctx);
 
 }  // namespace outpost::server::api

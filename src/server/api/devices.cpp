@@ -130,6 +130,16 @@ Result<http::Response> show_device(ApiContext& ctx, const http::Request& req,
       device_summary(d, ctx.clock.now_ms(), state == states->end() ? nullptr : &state->second);
   out["public_key"] = d.public_key;
   out["desired"] = parse_object_or_empty(d.desired_json);
+  // Sealed secret values are for the device alone; show which versions it gets, not the bytes.
+  if (auto secrets = out["desired"].find("secrets");
+      secrets != out["desired"].end() && secrets->is_object()) {
+    for (auto& [name, versions] : secrets->items()) {
+      if (!versions.is_array()) continue;
+      for (auto& v : versions) {
+        if (v.is_object()) v.erase("sealed");
+      }
+    }
+  }
   out["schedule"] = parse_object_or_empty(d.schedule_json);
   out["status"] = parse_object_or_empty(d.status_json);
   out["status_at"] = d.status_at;

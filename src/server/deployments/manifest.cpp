@@ -927,9 +927,9 @@ Status validate_health(const json& v, Manifest::Workload& w, json& out) {
 
 Status validate_workload(const json& v, Manifest& m, json& out) {
   const std::string path = "spec.workload";
-  OUTPOST_TRY(expect_map(
-      v, path,
-      {"bundle", "command", "env", "health", "restart", "port", "stop_grace", "resources"}));
+  OUTPOST_TRY(expect_map(v, path,
+                         {"bundle", "command", "env", "health", "restart", "port", "stop_grace",
+                          "resources", "secret_env", "on_secret_rotate"}));
   Manifest::Workload w;
   out = json::object();
   if (const json* bundle = find(v, "bundle")) {
@@ -1020,6 +1020,27 @@ Status validate_workload(const json& v, Manifest& m, json& out) {
       res_out["open_files"] = *n;
     }
     out["resources"] = std::move(res_out);
+  }
+  // Both normalized only when not the default, so manifests from before they existed keep
+  // their spec hash (no new revision on upgrade).
+  if (const json* env = find(v, "secret_env")) {
+    auto b = get_bool(*env, child(path, "secret_env"));
+    if (!b) return make_error(b.error());
+    w.secret_env = *b;
+    if (w.secret_env) out["secret_env"] = true;
+  }
+  if (const json* r = find(v, "on_secret_rotate")) {
+    auto value = get_enum(*r, child(path, "on_secret_rotate"), {"restart", "sighup"});
+    if (!value) return make_error(value.error());
+    if (*value == "sighup") {
+      if (w.secret_env) {
+        return field_error(child(path, "on_secret_rotate"),
+                           "sighup cannot change the environment of a running process; with "
+                           "secret_env: true use restart");
+      }
+      w.on_secret_rotate = Manifest::SecretRotate::kSighup;
+      out["on_secret_rotate"] = "sighup";
+    }
   }
   m.workload = std::move(w);
   return ok();
@@ -1253,6 +1274,16 @@ Status validate_spec(const json& v, Manifest& m, json& out) {
     m.secrets = std::move(*names);
   }
   out["secrets"] = m.secrets;
+  if (m.workload && m.secrets.empty()) {
+    if (m.workload->secret_env) {
+      return field_error("spec.workload.secret_env",
+                         "needs spec.secrets (which secrets to export)");
+    }
+    if (m.workload->on_secret_rotate != Manifest::SecretRotate::kRestart) {
+      return field_error("spec.workload.on_secret_rotate",
+                         "needs spec.secrets (there is no secret to rotate)");
+    }
+  }
   if (const json* s = find(v, "placement")) {
     OUTPOST_TRY(validate_placement(*s, m, section));
   } else {
@@ -1332,6 +1363,12 @@ Result<nlohmann::json> parse_document(std::string_view text) {
   } catch (const std::exception& e) {
     return make_error(Errc::kInvalidArgument, std::string("cannot read the document: ") + e.what());
   }
+}
+
+Status check_secret_name(std::string_view name, const std::string& field) {
+  if (is_object_name(name)) return ok();
+  return field_error(field, std::string("expected a secret name (") + kObjectNameRule + "), got " +
+                                quote_text(std::string(name)));
 }
 
 Result<Manifest> validate_manifest(const nlohmann::json& doc) {

@@ -61,6 +61,7 @@ struct Manifest {
     std::optional<int64_t> open_files;
   };
   enum class Restart { kAlways, kOnFailure, kNever };
+  enum class SecretRotate { kRestart, kSighup };
   struct Workload {
     std::optional<std::string> bundle;  // "sha256:<hex>" app bundle
     std::vector<std::string> command;   // never empty
@@ -72,6 +73,13 @@ struct Manifest {
     std::optional<int64_t> port;
     int64_t stop_grace_ms = 10'000;  // SIGTERM, then SIGKILL after this
     Resources resources;
+    // spec.secrets as environment variables too: OUTPOST_SECRET_<NAME>_<KEY> (upper case,
+    // other characters '_'), besides the files under $OUTPOST_SECRETS_DIR. Needs spec.secrets.
+    bool secret_env = false;
+    // What the agent does when a secret version switches: restart the process, or rewrite the
+    // files and send it SIGHUP (not with secret_env: the environment of a running process
+    // cannot change). Normalized only when not the default.
+    SecretRotate on_secret_rotate = SecretRotate::kRestart;
   };
   struct Placement {
     bool per_device = true;
@@ -147,6 +155,10 @@ struct Manifest {
 // What spec.selector.sites accepts: a site name or a shell glob (fnmatch) like plant-*, 1-128
 // printable characters without spaces.
 bool is_site_pattern(std::string_view text);
+
+// What spec.secrets and `outpost secret` accept as a secret name: lowercase letters, digits,
+// '-', '.' and '_', 1-63 characters, starting with a letter. kInvalidArgument on `field` saying so.
+[[nodiscard]] Status check_secret_name(std::string_view name, const std::string& field);
 
 // parse_document + validate_manifest.
 [[nodiscard]] Result<Manifest> parse_manifest(std::string_view text);

@@ -634,6 +634,10 @@ class SqliteStore final : public Store {
                                              int64_t limit) override;
   Result<std::vector<RevisionAssignment>> list_revision_assignments(
       const std::string& deployment) override;
+  Status put_secret_version(const SecretVersion& version, int64_t now_ms) override;
+  Result<std::optional<Secret>> get_secret(const std::string& name) override;
+  Result<std::vector<Secret>> list_secrets() override;
+  Status delete_secret(const std::string& name) override;
   Status put_site(const Site& site) override;
   Result<std::optional<Site>> get_site(const std::string& name) override;
   Result<std::vector<Site>> list_sites() override;
@@ -698,6 +702,8 @@ class SqliteStore final : public Store {
   }
 
   Error operator_token_clash(const OperatorToken& token);
+  // Secrets (by name, or every one for ""), with their versions; mu_ held.
+  Result<std::vector<Secret>> read_secrets(const std::string& name);
   Status load_variants(ModelVersion& version);
   Result<int64_t> write_desired_state(const std::string& id, const std::string& desired_json,
                                       const std::string& desired_hash,
@@ -1903,6 +1909,178 @@ Result<std::vector<RevisionAssignment>> SqliteStore::list_revision_assignments(
                         return RevisionAssignment{s.text(0), s.text(1), s.int64(2)};
                       });
                 });
+}
+
+// ---- Secrets ----
+
+Status SqliteStore::put_secret_version(const SecretVersion& v, int64_t now_ms) {
+  return locked(
+      "storing secret", v.name + " version " + std::to_string(v.version), [&]() -> Status {
+        if (v.version < 1) {
+          return make_error(Errc::kInvalidArgument, "secret " + v.name + ": versions start at 1");
+        }
+        auto txn = conn_.begin_write();
+        if (!txn) {
+          return make_error(std::move(txn).error());
+        }
+        std::optional<int64_t> newest;
+        {
+          auto stmt = conn_.prepare(
+              "SELECT (SELECT COALESCE(MAX(version), 0) FROM secret_versions WHERE name = ?1)"
+              " FROM secrets WHERE name = ?1");
+          if (!stmt) {
+            return make_error(std::move(stmt).error());
+          }
+          auto row = stmt->bind(v.name).step();
+          if (!row) {
+            return make_error(std::move(row).error());
+          }
+          if (*row) newest = stmt->int64(0);
+        }
+        if (v.version == 1) {
+          if (newest) {
+            return make_error(Errc::kAlreadyExists, "secret " + v.name + " already exists", "name");
+          }
+          auto stmt =
+              conn_.prepare("INSERT INTO secrets (name, created_at, updated_at) VALUES (?, ?, ?)");
+          if (!stmt) {
+            return make_error(std::move(stmt).error());
+          }
+          OUTPOST_TRY(stmt->bind(v.name, v.created_at, v.created_at).run());
+        } else {
+          if (!newest) {
+            return make_error(Errc::kNotFound, "secret " + v.name + " does not exist", "name");
+          }
+          if (*newest != v.version - 1) {
+            return make_error(Errc::kConflict, "secret " + v.name + " is at version " +
+                                                   std::to_string(*newest) + ", not " +
+                                                   std::to_string(v.version - 1) +
+                                                   " (changed meanwhile); try again");
+          }
+          auto stmt = conn_.prepare("UPDATE secrets SET updated_at = ? WHERE name = ?");
+          if (!stmt) {
+            return make_error(std::move(stmt).error());
+          }
+          OUTPOST_TRY(stmt->bind(v.created_at, v.name).run());
+        }
+        {
+          auto stmt = conn_.prepare(
+              "INSERT INTO secret_versions (name, version, keys_json, ciphertext, activate_at,"
+              " created_at, created_by) VALUES (?, ?, ?, ?, ?, ?, ?)");
+          if (!stmt) {
+            return make_error(std::move(stmt).error());
+          }
+          OUTPOST_TRY(stmt->bind(v.name, v.version, nlohmann::json(v.keys).dump(), v.ciphertext,
+                                 v.activate_at, v.created_at, v.created_by)
+                          .run());
+        }
+        {
+          // What no device needs any more: versions before the one active now.
+          auto stmt = conn_.prepare(
+              "DELETE FROM secret_versions WHERE name = ?1 AND version < (SELECT "
+              "COALESCE(MAX(version),"
+              " 0) FROM secret_versions WHERE name = ?1 AND activate_at <= ?2)");
+          if (!stmt) {
+            return make_error(std::move(stmt).error());
+          }
+          OUTPOST_TRY(stmt->bind(v.name, now_ms).run());
+        }
+        return txn->commit();
+      });
+}
+
+Result<std::vector<Secret>> SqliteStore::read_secrets(const std::string& name) {
+  auto txn = conn_.begin_read();
+  if (!txn) {
+    return make_error(std::move(txn).error());
+  }
+  std::vector<Secret> out;
+  {
+    auto stmt = conn_.prepare(
+        "SELECT name, created_at, updated_at FROM secrets WHERE ?1 = '' OR name = ?1"
+        " ORDER BY name");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    auto rows = read_all<Secret>(stmt->bind(name), [](const Statement& s) {
+      return Secret{.name = s.text(0), .created_at = s.int64(1), .updated_at = s.int64(2)};
+    });
+    if (!rows) {
+      return make_error(std::move(rows).error());
+    }
+    out = std::move(*rows);
+  }
+  auto stmt = conn_.prepare(
+      "SELECT name, version, keys_json, ciphertext, activate_at, created_at, created_by"
+      " FROM secret_versions WHERE ?1 = '' OR name = ?1 ORDER BY name, version");
+  if (!stmt) {
+    return make_error(std::move(stmt).error());
+  }
+  auto versions =
+      read_all<SecretVersion>(stmt->bind(name), [](const Statement& s) -> Result<SecretVersion> {
+        SecretVersion v{.name = s.text(0),
+                        .version = s.int64(1),
+                        .keys = {},
+                        .ciphertext = s.text(3),
+                        .activate_at = s.int64(4),
+                        .created_at = s.int64(5),
+                        .created_by = s.text(6)};
+        const auto keys = nlohmann::json::parse(s.text(2), nullptr, false);
+        if (!keys.is_array()) {
+          return make_error(Errc::kInternal, "secret " + v.name + " version " +
+                                                 std::to_string(v.version) +
+                                                 ": stored key names are not a JSON array");
+        }
+        for (const auto& k : keys) {
+          if (k.is_string()) v.keys.push_back(k.get<std::string>());
+        }
+        return v;
+      });
+  if (!versions) {
+    return make_error(std::move(versions).error());
+  }
+  size_t at = 0;
+  for (auto& v : *versions) {
+    while (at < out.size() && out[at].name < v.name) ++at;
+    if (at < out.size() && out[at].name == v.name) out[at].versions.push_back(std::move(v));
+  }
+  OUTPOST_TRY(txn->commit());
+  return out;
+}
+
+Result<std::optional<Secret>> SqliteStore::get_secret(const std::string& name) {
+  return locked("reading secret", name, [&]() -> Result<std::optional<Secret>> {
+    if (name.empty()) return std::optional<Secret>();
+    auto found = read_secrets(name);
+    if (!found) {
+      return make_error(std::move(found).error());
+    }
+    if (found->empty()) return std::optional<Secret>();
+    return std::optional<Secret>(std::move(found->front()));
+  });
+}
+
+Result<std::vector<Secret>> SqliteStore::list_secrets() {
+  return locked("listing secrets", "", [&] { return read_secrets(""); });
+}
+
+Status SqliteStore::delete_secret(const std::string& name) {
+  return locked("deleting secret", name, [&]() -> Status {
+    auto txn = conn_.begin_write();
+    if (!txn) {
+      return make_error(std::move(txn).error());
+    }
+    for (const char* sql :
+         {"DELETE FROM secret_versions WHERE name = ?", "DELETE FROM secrets WHERE name = ?"}) {
+      auto stmt = conn_.prepare(sql);
+      if (!stmt) {
+        return make_error(std::move(stmt).error());
+      }
+      OUTPOST_TRY(stmt->bind(name).run());
+    }
+    OUTPOST_TRY(expect_changed("secret " + name));
+    return txn->commit();
+  });
 }
 
 // ---- Sites ----
