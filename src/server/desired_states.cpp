@@ -123,6 +123,14 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     return *found;
   };
 
+  // Ready deltas, offered to devices that hold their bases.
+  scheduler::DeltaIndex deltas;
+  auto delta_rows = store_.list_artifact_deltas("");
+  if (!delta_rows) return make_error(delta_rows.error());
+  for (const auto& d : *delta_rows) {
+    if (d.state == "ready") deltas[d.target].push_back({d.base, d.delta, d.delta_size});
+  }
+
   Summary summary;
   std::vector<scheduler::DeploymentInput> inputs;
   // Written in groups: one transaction (one fsync) per kWriteGroup devices, so a rollout step
@@ -157,7 +165,7 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
       }
       inputs.push_back({&it->second, revision});
     }
-    auto computed = scheduler::compute_desired_state(device, inputs, lookup);
+    auto computed = scheduler::compute_desired_state(device, inputs, lookup, &deltas);
     if (!computed) return make_error(computed.error().with_context("device " + device.id));
     const nlohmann::json scheduled =
         computed->schedule.value("deployments", nlohmann::json::object());
