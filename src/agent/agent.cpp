@@ -377,6 +377,10 @@ void Agent::apply_desired(const json& doc, int64_t generation) {
   // verify_desired checked the shape; entries are objects with a safe name and a revision.
   generation_ = generation;
   sealed_ = sealed_secrets_of(doc);
+  delta_offers_.clear();
+  for (const auto& [target, offers] : offered_deltas(doc)) {
+    for (const auto& o : offers) delta_offers_[target].push_back(DeltaPlan{o.delta, o.base, -1});
+  }
   std::map<std::string, json> wanted;
   for (const auto& entry : doc["deployments"]) {
     if (entry.is_object() && entry.contains("name") && entry["name"].is_string()) {
@@ -454,6 +458,31 @@ Status Agent::save_pointers(Runtime& rt) {
   return saved;
 }
 
+std::optional<DeltaPlan> Agent::delta_plan_for(const std::string& digest, bool* pending) {
+  if (pending != nullptr) *pending = false;
+  auto it = delta_offers_.find(digest);
+  if (it == delta_offers_.end()) return std::nullopt;
+  for (const DeltaPlan& offer : it->second) {
+    if (!artifacts_.has(offer.base)) continue;
+    DeltaPlan plan = offer;
+    if (release_) {
+      // A delta is a blob like any other: signed release metadata must list it. A new delta
+      // may be newer than the targets this device holds: wait for the refresh rather than
+      // fetch the whole blob; a refused one is passed over for the next, or the whole blob.
+      const auto verdict = release_->check(offer.delta);
+      using Kind = ReleaseTrust::Verdict::Kind;
+      if (verdict.kind == Kind::kPending) {
+        if (pending != nullptr) *pending = true;
+        return std::nullopt;
+      }
+      if (verdict.kind != Kind::kTrusted && verdict.kind != Kind::kUnchecked) continue;
+      plan.delta_length = verdict.length;
+    }
+    return plan;
+  }
+  return std::nullopt;
+}
+
 void Agent::reconcile_one(Runtime& rt) {
   const std::string& key = rt.target;
   DeploymentPointers& p = rt.ptr;
@@ -496,6 +525,13 @@ void Agent::reconcile_one(Runtime& rt) {
         return;
       }
       signed_lengths[digest] = verdict.length;
+      bool delta_pending = false;
+      if (!artifacts_.has(digest)) (void)delta_plan_for(digest, &delta_pending);
+      if (delta_pending) {
+        rt.phase = "pending";
+        rt.message = "checking signed release metadata for the delta of " + digest;
+        return;
+      }
     }
   }
   bool missing = false;
@@ -512,7 +548,8 @@ void Agent::reconcile_one(Runtime& rt) {
     missing = true;
     if (!fetcher_) continue;  // start(): the fetcher comes up right after
     auto length = signed_lengths.find(digest);
-    fetcher_->want(digest, length == signed_lengths.end() ? -1 : length->second);
+    fetcher_->want(digest, length == signed_lengths.end() ? -1 : length->second,
+                   delta_plan_for(digest));
     auto prog = fetcher_->progress(digest);
     if (!prog) continue;
     fetched += prog->fetched_bytes;
@@ -525,7 +562,12 @@ void Agent::reconcile_one(Runtime& rt) {
     }
     if (prog->phase == Phase::kDownloading && prog->total_bytes > 0 && problem.empty()) {
       rt.message = format_size(prog->have_bytes) + " of " + format_size(prog->total_bytes) +
+                   (prog->via_delta.empty() ? "" : " (delta)") +
                    (prog->attempts > 1 ? " (resumed)" : "");
+    }
+    if (!prog->delta_error.empty() && problem.empty() && prog->via_delta.empty()) {
+      rt.message += (rt.message.empty() ? "" : "; ") +
+                    std::string("delta given up, fetching the whole blob: ") + prog->delta_error;
     }
   }
   rt.bytes_downloaded = std::max(rt.bytes_downloaded, fetched);
@@ -1010,7 +1052,10 @@ DeploymentReport Agent::deployment_report(const Runtime& rt) const {
 void Agent::report_if_changed(bool periodic) {
   std::vector<DeploymentReport> deployments;
   for (const auto& [name, rt] : deployments_) deployments.push_back(deployment_report(*rt));
-  StatusReportDraft draft = draft_status_report(generation_, now_ms(), kAgentVersion, deployments);
+  std::vector<std::string> held = artifacts_.list();
+  std::sort(held.begin(), held.end());
+  StatusReportDraft draft =
+      draft_status_report(generation_, now_ms(), kAgentVersion, deployments, held);
   json secrets = secrets_report();
   draft.signature += secrets.dump();  // a switch is a change worth a report
   draft.report["secrets"] = std::move(secrets);

@@ -89,6 +89,9 @@ class Agent {
   void apply_desired(const nlohmann::json& doc, int64_t generation);
   void reconcile();
   void reconcile_one(Runtime& rt);
+  // The delta offered for a blob whose base this device holds (and, with release metadata on,
+  // that the signed targets list), if any; *pending: the metadata is being refreshed for it.
+  std::optional<DeltaPlan> delta_plan_for(const std::string& digest, bool* pending = nullptr);
   void ensure_running(Runtime& rt, const std::string& key);
   bool ensure_serving(Runtime& rt, const std::string& key);
   void check_current(Runtime& rt);
@@ -135,6 +138,8 @@ class Agent {
 
   // Owned by the event loop thread.
   int64_t generation_ = 0;
+  // Delta offers of the current desired state: target digest -> deltas from bases.
+  std::map<std::string, std::vector<DeltaPlan>> delta_offers_;
   std::map<std::string, std::unique_ptr<Runtime>> deployments_;
   nlohmann::json facts_;
   nlohmann::json reported_facts_;  // stable facts the server has (persisted)

@@ -132,7 +132,8 @@ json deployment_report_json(const DeploymentReport& r) {
 
 StatusReportDraft draft_status_report(int64_t generation, int64_t at_ms,
                                       const std::string& agent_version,
-                                      const std::vector<DeploymentReport>& deployments) {
+                                      const std::vector<DeploymentReport>& deployments,
+                                      const std::vector<std::string>& held) {
   json list = json::array();
   json changes = json::array();
   for (const auto& r : deployments) {
@@ -142,11 +143,16 @@ StatusReportDraft draft_status_report(int64_t generation, int64_t at_ms,
                        r.phase == "downloading" ? std::string() : r.message});
   }
   StatusReportDraft out;
+  constexpr size_t kMaxHeld = 64;
+  json artifacts = json::array();
+  for (size_t i = 0; i < held.size() && i < kMaxHeld; ++i) artifacts.push_back(held[i]);
   out.signature = std::to_string(generation) + changes.dump();
+  if (!artifacts.empty()) out.signature += artifacts.dump();
   out.report = {{"generation", generation},
                 {"at", at_ms},
                 {"agent_version", agent_version},
                 {"deployments", std::move(list)}};
+  if (!artifacts.empty()) out.report["artifacts"] = std::move(artifacts);
   return out;
 }
 

@@ -94,9 +94,12 @@ struct StatusReportDraft {
   nlohmann::json report;
   std::string signature;
 };
+// `held`: digests of the verified blobs on the device (sorted; at most the first 64 are
+// sent), so the server can offer deltas from them; part of the signature.
 StatusReportDraft draft_status_report(int64_t generation, int64_t at_ms,
                                       const std::string& agent_version,
-                                      const std::vector<DeploymentReport>& deployments);
+                                      const std::vector<DeploymentReport>& deployments,
+                                      const std::vector<std::string>& held = {});
 // A report goes when it changed since the last one queued, or, periodically, when nothing is
 // queued (so the server hears from an idle device).
 bool report_due(const std::string& signature, const std::string& last_signature, bool periodic,

@@ -142,18 +142,27 @@ Result<MakeResult> make_delta(const std::string& base_path, const std::string& t
   const int fd = file.fd;
 
   std::vector<char> buf(ZSTD_CStreamOutSize());
-  ZSTD_inBuffer in{target.data(), target.size(), 0};
+  // Fed in slices so a server that is stopping need not wait for a large blob to finish.
+  constexpr size_t kSlice = 4u << 20;
+  size_t fed = 0;
   int64_t written = 0;
   while (true) {
+    if (options.cancel != nullptr && options.cancel->load()) {
+      return make_error(Errc::kUnavailable, "making the delta of " + target_path + ": stopped");
+    }
+    const size_t slice = std::min(kSlice, target.size() - fed);
+    ZSTD_inBuffer in{target.data() + fed, slice, 0};
+    const bool last = fed + slice == target.size();
     ZSTD_outBuffer out{buf.data(), buf.size(), 0};
-    const size_t left = ZSTD_compressStream2(c, &out, &in, ZSTD_e_end);
+    const size_t left = ZSTD_compressStream2(c, &out, &in, last ? ZSTD_e_end : ZSTD_e_continue);
+    fed += in.pos;
     if (ZSTD_isError(left)) {
       return make_error(Errc::kInternal,
                         "compressing " + target_path + ": " + ZSTD_getErrorName(left));
     }
     OUTPOST_TRY(write_all(fd, buf.data(), out.pos, out_path));
     written += static_cast<int64_t>(out.pos);
-    if (left == 0) break;
+    if (last && left == 0) break;
   }
   if (::fsync(fd) != 0) return make_error(Errc::kIo, "cannot fsync " + out_path);
   return MakeResult{written, static_cast<int64_t>(target.size())};

@@ -5,6 +5,7 @@
 // must still be checked against the target's SHA-256 by the caller.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -21,6 +22,8 @@ inline constexpr int64_t kMaxBlobBytes = 1LL << 31;
 struct MakeOptions {
   int level = 19;   // zstd level 1..22 (19+ gives the smallest deltas of model weights)
   int threads = 0;  // zstd worker threads (0: compress on the calling thread)
+  // Checked between slices of input; when it turns true make_delta stops with kUnavailable.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 struct MakeResult {

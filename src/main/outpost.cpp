@@ -109,6 +109,18 @@ int main(int argc, char** argv) {
                    "Signed timestamp metadata expires this long after signing (re-signed at "
                    "half): how stale metadata a device may be shown before it refuses (freeze)")
       ->capture_default_str();
+  server
+      ->add_option("--delta-bases", server_options.deltas.bases,
+                   "Delta updates: when a model version or app bundle is pushed, make zstd deltas "
+                   "from this many earlier versions of it; devices holding one download the "
+                   "delta instead of the whole blob (0 turns deltas off)")
+      ->check(CLI::Range(0, 16))
+      ->capture_default_str();
+  server
+      ->add_option("--delta-level", server_options.deltas.level,
+                   "zstd level for deltas (1-22): higher makes smaller deltas, more slowly")
+      ->check(CLI::Range(1, 22))
+      ->capture_default_str();
   server->callback([&] {
     spdlog::set_level(spdlog::level::from_str(log_level));
     for (auto [text, slot, flag] :

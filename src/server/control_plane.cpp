@@ -54,6 +54,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<boost::asio::steady_timer> rollout_timer;
   std::unique_ptr<DeviceSessions> sessions;
   std::unique_ptr<registry::ReleaseSigner> release;
+  std::unique_ptr<registry::DeltaMaker> deltas;
   // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
   std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
   std::unique_ptr<boost::asio::steady_timer> flush_timer;
@@ -189,6 +190,20 @@ Status ControlPlane::start() {
   d.ctx->secrets = d.vault.get();
   d.ctx->ca_pem = d.tls.ca_pem;
   d.ctx->ca_pin = d.tls.ca_pin;
+  // New deltas are listed in signed release metadata first, then offered to devices.
+  d.deltas = std::make_unique<registry::DeltaMaker>(
+      *d.store, *d.blobs, d.clock, d.options.deltas, [&d] {
+        if (auto signed_now = d.release->refresh(); !signed_now) {
+          spdlog::error("release metadata after new deltas: {}", signed_now.error().message);
+        }
+        if (auto summary = d.desired->reconcile_all(); !summary) {
+          spdlog::error("scheduling devices after new deltas: {}", summary.error().message);
+        } else {
+          spdlog::info("new deltas offered: {} device(s) got a new desired state",
+                       summary->changed);
+        }
+      });
+  d.ctx->deltas = d.deltas.get();
 
   api::register_enrollment_token_routes(d.router, *d.ctx);
   api::register_device_routes(d.router, *d.ctx);
@@ -255,6 +270,7 @@ Status ControlPlane::start() {
   if (!summary) return make_error(summary.error().with_context("scheduling devices at start"));
   OUTPOST_TRY(d.http->start());
   d.release->start();
+  d.deltas->start();
   d.flush_strand = std::make_unique<boost::asio::strand<boost::asio::thread_pool::executor_type>>(
       d.workers.get_executor());
   d.flush_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
@@ -278,6 +294,7 @@ void ControlPlane::stop() {
   }
   if (d.rollout_timer) boost::asio::post(*d.flush_strand, [&d] { d.rollout_timer->cancel(); });
   d.workers.join();
+  if (d.deltas) d.deltas->stop();
   if (d.release) d.release->stop();
   if (d.sessions) d.flush_last_seen();
   if (d.http) d.http->stop();

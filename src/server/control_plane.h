@@ -7,6 +7,7 @@
 #include <string>
 
 #include "common/error.h"
+#include "server/registry/delta_maker.h"
 #include "server/registry/release_signer.h"
 #include "server/tls_setup.h"
 
@@ -39,6 +40,8 @@ struct ControlPlaneOptions {
   std::string secrets_key_file;
   // Signed release metadata: how long targets and timestamp documents stay valid.
   registry::ReleaseOptions release;
+  // Delta updates: how many earlier versions of a model or bundle get a delta, at what level.
+  registry::DeltaOptions deltas;
 };
 
 class ControlPlane {

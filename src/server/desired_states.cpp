@@ -233,6 +233,14 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     return ok();
   };
 
+  // Ready deltas, offered to devices that hold their bases.
+  scheduler::DeltaIndex deltas;
+  auto delta_rows = store_.list_artifact_deltas("");
+  if (!delta_rows) return make_error(delta_rows.error());
+  for (const auto& d : *delta_rows) {
+    if (d.state == "ready") deltas[d.target].push_back({d.base, d.delta, d.delta_size});
+  }
+
   Summary summary;
   std::vector<scheduler::DeploymentInput> inputs;
   // Written in groups: one transaction (one fsync) per kWriteGroup devices, so a rollout step
@@ -267,7 +275,7 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
       }
       inputs.push_back({&it->second, revision});
     }
-    auto computed = scheduler::compute_desired_state(device, inputs, lookup);
+    auto computed = scheduler::compute_desired_state(device, inputs, lookup, &deltas);
     if (!computed) return make_error(computed.error().with_context("device " + device.id));
     OUTPOST_TRY(add_secrets(device, *computed));
     const nlohmann::json scheduled =

@@ -107,6 +107,18 @@ struct ReleaseDocument {
   int64_t created_at = 0;
 };
 
+// A delta between two blobs (artifact_deltas): applying `delta` to `base` gives `target`.
+struct ArtifactDelta {
+  std::string target;
+  std::string base;
+  std::string delta;  // digest of the delta artifact; "" unless state == "ready"
+  int64_t delta_size = 0;
+  int64_t target_size = 0;
+  std::string state;   // "ready" | "skipped"
+  std::string detail;  // why skipped, or how it was made ("zstd -19 patch-from")
+  int64_t created_at = 0;
+};
+
 struct ModelVariant {
   std::string selector_json = "{}";  // {"accelerator":"gpu","arch":"arm64"}
   std::string needs_json = "{}";     // {"min_memory_mb":512,"accelerator":"gpu"}
@@ -433,6 +445,11 @@ class Store {
   [[nodiscard]] virtual Result<bool> put_artifact(const Artifact& artifact) = 0;
   [[nodiscard]] virtual Result<std::optional<Artifact>> get_artifact(const std::string& digest) = 0;
   [[nodiscard]] virtual Result<std::vector<Artifact>> list_artifacts() = 0;
+  // Deltas: put inserts or replaces the (target, base) row; list gives those of one target
+  // ("" = all), ordered by target then base.
+  [[nodiscard]] virtual Status put_artifact_delta(const ArtifactDelta& delta) = 0;
+  [[nodiscard]] virtual Result<std::vector<ArtifactDelta>> list_artifact_deltas(
+      const std::string& target) = 0;
 
   // Models. put_model_version inserts the version with its variants; when the version
   // exists with the same content_hash it returns false (no-op); with a different one it

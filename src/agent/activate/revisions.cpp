@@ -89,6 +89,20 @@ std::vector<std::string> needed_artifacts(const json& entry) {
   return out;
 }
 
+std::map<std::string, std::vector<DeltaOfferRef>> offered_deltas(const json& doc) {
+  std::map<std::string, std::vector<DeltaOfferRef>> out;
+  if (!doc.is_object() || !doc.contains("deltas") || !doc["deltas"].is_object()) return out;
+  for (const auto& [target, offers] : doc["deltas"].items()) {
+    if (!is_digest_ref(target) || !offers.is_array()) continue;
+    for (const auto& o : offers) {
+      if (!o.is_object()) continue;
+      DeltaOfferRef ref{string_at(o, "delta"), string_at(o, "base")};
+      if (is_digest_ref(ref.delta) && is_digest_ref(ref.base)) out[target].push_back(ref);
+    }
+  }
+  return out;
+}
+
 DeploymentDir::DeploymentDir(const std::string& data_dir, const std::string& name)
     : dir_(data_dir + "/deployments/" + name) {}
 

@@ -33,6 +33,13 @@ std::string revision_key(const nlohmann::json& entry);
 // Artifacts an entry needs on the device: the model variant, the fallback model's variant
 // (serve.fallback.variant) and the workload bundle.
 std::vector<std::string> needed_artifacts(const nlohmann::json& entry);
+// Delta offers of a whole desired document (its top-level "deltas"), well-formed ones only:
+// target -> (delta, base) digests, in the server's order.
+struct DeltaOfferRef {
+  std::string delta;
+  std::string base;
+};
+std::map<std::string, std::vector<DeltaOfferRef>> offered_deltas(const nlohmann::json& doc);
 
 class DeploymentDir {
  public:

@@ -16,6 +16,7 @@
 #include "common/durable_file.h"
 #include "common/http_client.h"
 #include "common/units.h"
+#include "common/zstd_delta.h"
 
 namespace outpost::agent {
 namespace {
@@ -137,16 +138,29 @@ void Fetcher::stop() {
   threads_.clear();
 }
 
-void Fetcher::want(const std::string& digest, int64_t signed_length) {
+void Fetcher::want(const std::string& digest, int64_t signed_length,
+                   std::optional<DeltaPlan> plan) {
   {
     std::lock_guard lock(mu_);
+    // A plan is taken while the job has not started on the whole blob (a full download under
+    // way is not thrown away for it), and never again once it was given up.
+    auto take_plan = [&](const FetchProgress& job) {
+      if (!plan || given_up_.contains({digest, plan->delta})) return;
+      if (job.phase == FetchProgress::Phase::kDownloading && job.via_delta.empty()) return;
+      if (job.have_bytes > 0 && job.via_delta.empty()) return;
+      auto& state = plans_[digest];
+      if (state.plan.delta != plan->delta) state = PlanState{*plan, 0};
+      state.plan.delta_length = plan->delta_length;
+    };
     if (auto it = jobs_.find(digest); it != jobs_.end()) {
       it->second.signed_length = signed_length;
+      take_plan(it->second);
       return;
     }
     if (store_.has(digest)) return;
     FetchProgress job;
     job.signed_length = signed_length;
+    take_plan(job);
     jobs_[digest] = job;
     queue_.push_back(digest);
   }
@@ -164,6 +178,7 @@ void Fetcher::forget(const std::string& digest) {
     return;
   }
   jobs_.erase(it);
+  plans_.erase(digest);
   std::erase(queue_, digest);
 }
 
@@ -250,8 +265,10 @@ void Fetcher::worker() {
       auto it = jobs_.find(digest);
       if (forgotten_.erase(digest) > 0 && it != jobs_.end()) {
         jobs_.erase(it);
+        plans_.erase(digest);
         it = jobs_.end();
       }
+      if (result) plans_.erase(digest);
       if (it != jobs_.end()) {
         if (result) {
           it->second.phase = FetchProgress::Phase::kDone;
@@ -276,6 +293,77 @@ void Fetcher::worker() {
 
 Status Fetcher::fetch_once(const std::string& digest) {
   if (store_.has(digest)) return ok();
+  int64_t signed_length = -1;
+  std::optional<DeltaPlan> plan;
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = jobs_.find(digest); it != jobs_.end()) signed_length = it->second.signed_length;
+    if (auto it = plans_.find(digest); it != plans_.end()) plan = it->second.plan;
+  }
+  if (plan) {
+    set_progress(digest, [&](FetchProgress& p) { p.via_delta = plan->delta; });
+    Status by_delta = fetch_by_delta(digest, *plan, signed_length);
+    if (by_delta) return ok();
+    if (stopping_) return by_delta;
+    bool retry_delta = false;
+    {
+      std::lock_guard lock(mu_);
+      auto it = plans_.find(digest);
+      if (by_delta.error().code == Errc::kUnavailable && it != plans_.end() &&
+          ++it->second.unreachable < 3) {
+        retry_delta = true;  // the whole blob would not come through either: back off
+      } else {
+        given_up_.insert({digest, plan->delta});
+        plans_.erase(digest);
+      }
+    }
+    if (retry_delta) return by_delta;
+    spdlog::warn("delta {} for {} given up: {}; fetching the whole blob", plan->delta, digest,
+                 by_delta.error().message);
+    ::unlink(store_.partial_path(plan->delta).c_str());
+    set_progress(digest, [&](FetchProgress& p) {
+      p.via_delta.clear();
+      p.delta_error = by_delta.error().message;
+      p.phase = FetchProgress::Phase::kDownloading;
+      p.total_bytes = 0;
+      p.have_bytes = 0;
+    });
+  }
+  return download(digest, digest, signed_length, /*into_store=*/true);
+}
+
+Status Fetcher::fetch_by_delta(const std::string& digest, const DeltaPlan& plan,
+                               int64_t signed_length) {
+  OUTPOST_TRY(download(digest, plan.delta, plan.delta_length, /*into_store=*/false));
+  if (!store_.has(plan.base)) {
+    return make_error(Errc::kNotFound, "its base " + plan.base + " is no longer on this device");
+  }
+  const std::string delta_file = store_.partial_path(plan.delta);
+  const std::string out = store_.partial_path(digest) + ".applying";
+  set_progress(digest, [](FetchProgress& p) { p.phase = FetchProgress::Phase::kVerifying; });
+  auto applied = delta::apply_delta(store_.path(plan.base), delta_file, out,
+                                    signed_length >= 0 ? signed_length : delta::kMaxBlobBytes);
+  ::unlink(delta_file.c_str());  // used once, either way
+  if (!applied) {
+    ::unlink(out.c_str());
+    return make_error(applied.error().code == Errc::kUnavailable ? Errc::kIo : applied.error().code,
+                      applied.error().message);
+  }
+  if ("sha256:" + applied->sha256_hex != digest) {
+    ::unlink(out.c_str());
+    return make_error(Errc::kIo, "the delta against " + plan.base + " rebuilt sha256:" +
+                                     applied->sha256_hex + ", not " + digest +
+                                     " (is the base on this device damaged?)");
+  }
+  OUTPOST_TRY(rename_durably(out, store_.path(digest)));
+  spdlog::info("artifact {} rebuilt from delta {} ({}) against {}", digest, plan.delta,
+               format_size(file_size(store_.path(digest))), plan.base);
+  return ok();
+}
+
+Status Fetcher::download(const std::string& key, const std::string& blob, int64_t signed_length,
+                         bool into_store) {
+  const std::string& digest = blob;
   const std::string partial = store_.partial_path(digest);
   const std::string url = identity_.server + "/api/v1/artifacts/" + digest;
   CURL* curl = curl_easy_init();
@@ -322,17 +410,15 @@ Status Fetcher::fetch_once(const std::string& digest) {
                       "cannot reach " + identity_.server + ": " + curl_easy_strerror(rc));
   }
   if (status != 200) {
-    return make_error(status == 404 ? Errc::kNotFound : Errc::kUnavailable,
+    const Errc code = status == 404                   ? Errc::kNotFound
+                      : status == 401 || status == 403 ? Errc::kPermissionDenied
+                                                       : Errc::kUnavailable;
+    return make_error(code,
                       "artifact " + digest + ": server answered HTTP " + std::to_string(status));
   }
   curl_off_t length = -1;
   curl_easy_getinfo(curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &length);
   int64_t total = length >= 0 ? static_cast<int64_t>(length) : 0;
-  int64_t signed_length = -1;
-  {
-    std::lock_guard lock(mu_);
-    if (auto it = jobs_.find(digest); it != jobs_.end()) signed_length = it->second.signed_length;
-  }
   if (signed_length >= 0) {
     if (total > signed_length) {
       return make_error(Errc::kPermissionDenied, "endless data refused: the server offers " +
@@ -347,7 +433,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
     ::unlink(partial.c_str());
     have = 0;
   }
-  set_progress(digest, [&](FetchProgress& p) {
+  set_progress(key, [&](FetchProgress& p) {
     p.total_bytes = total;
     p.have_bytes = have;
   });
@@ -383,7 +469,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
     t.stopping = &stopping_;
     t.limit = signed_length >= 0 ? need : -1;
     t.on_bytes = [&](int64_t n) {
-      set_progress(digest, [n](FetchProgress& p) {
+      set_progress(key, [n](FetchProgress& p) {
         p.have_bytes += n;
         p.fetched_bytes += n;
       });
@@ -432,7 +518,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
   }
 
   // 3. Verify before the blob may be used; a mismatch deletes it so it is fetched afresh.
-  set_progress(digest, [](FetchProgress& p) { p.phase = FetchProgress::Phase::kVerifying; });
+  set_progress(key, [](FetchProgress& p) { p.phase = FetchProgress::Phase::kVerifying; });
   auto actual = sha256_file_hex(partial);
   if (!actual) return make_error(actual.error());
   if ("sha256:" + *actual != digest) {
@@ -441,7 +527,7 @@ Status Fetcher::fetch_once(const std::string& digest) {
                                      ": the downloaded bytes hash to sha256:" + *actual +
                                      "; deleted, will download again");
   }
-  OUTPOST_TRY(rename_durably(partial, store_.path(digest)));
+  if (into_store) OUTPOST_TRY(rename_durably(partial, store_.path(digest)));
   return ok();
 }
 

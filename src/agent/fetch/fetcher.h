@@ -59,6 +59,18 @@ struct FetchProgress {
   // The length signed release metadata gives the blob (-1: none): no byte past it is read, and
   // a server that offers more is refused ("endless data").
   int64_t signed_length = -1;
+  // Delta updates: the delta being fetched and applied instead of the whole blob ("" when the
+  // whole blob is fetched), and why the last delta was given up for the whole blob.
+  std::string via_delta;
+  std::string delta_error;
+};
+
+// A delta the desired state offers for a blob: fetch `delta` (`delta_length` signed bytes, -1
+// when release metadata is off) and apply it to `base`, which the device holds verified.
+struct DeltaPlan {
+  std::string delta;
+  std::string base;
+  int64_t delta_length = -1;
 };
 
 class Fetcher {
@@ -72,7 +84,12 @@ class Fetcher {
 
   // Asks for a blob; no-op when it is verified already or being fetched. Failed attempts are
   // retried with backoff until the blob arrives or forget() is called.
-  void want(const std::string& digest, int64_t signed_length = -1);
+  // With a plan, the blob is rebuilt from a delta against a base it holds; the result must
+  // hash to `digest`. Any failure other than an unreachable server (a corrupt delta, a base
+  // that does not rebuild it, a refusal), or three unreachable tries, gives the delta up for
+  // the whole blob in the same attempt; a delta given up is not tried again for that blob.
+  void want(const std::string& digest, int64_t signed_length = -1,
+            std::optional<DeltaPlan> plan = std::nullopt);
   void forget(const std::string& digest);  // no longer needed (the partial is kept)
   std::optional<FetchProgress> progress(const std::string& digest) const;
   // Digests being fetched or waiting (GC must keep their partials).
@@ -81,6 +98,12 @@ class Fetcher {
  private:
   void worker();
   Status fetch_once(const std::string& digest);
+  // Downloads `blob` (resuming) into its partial file and verifies its SHA-256; progress is
+  // booked on job `key`. into_store: rename it into the verified store (else it stays, whole
+  // and verified, at its partial path for the caller).
+  Status download(const std::string& key, const std::string& blob, int64_t signed_length,
+                  bool into_store);
+  Status fetch_by_delta(const std::string& digest, const DeltaPlan& plan, int64_t signed_length);
   void set_progress(const std::string& digest, const std::function<void(FetchProgress&)>& edit);
   void pace(int64_t bytes);  // sleeps as the shared rate cap needs
 
@@ -94,6 +117,12 @@ class Fetcher {
   std::map<std::string, FetchProgress> jobs_;
   int active_ = 0;
   std::set<std::string> forgotten_;  // in flight, but no longer wanted
+  struct PlanState {
+    DeltaPlan plan;
+    int unreachable = 0;  // tries that found the server unreachable
+  };
+  std::map<std::string, PlanState> plans_;  // by target digest
+  std::set<std::pair<std::string, std::string>> given_up_;  // (target, delta)
   std::mutex rate_mu_;
   int64_t rate_clock_us_ = 0;  // guarded by rate_mu_: when the bytes booked so far are due
   std::atomic<bool> stopping_{false};

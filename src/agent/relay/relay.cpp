@@ -166,11 +166,7 @@ Status Relay::start() {
       child.device_id = entry.device;
       auto verified = verify_desired(entry.body, entry.signature, entry.generation, child);
       ok = verified.has_value();
-      if (ok) {
-        for (const auto& d : verified->doc["deployments"]) {
-          for (auto& digest : needed_artifacts(d)) entry.digests.insert(digest);
-        }
-      }
+      if (ok) entry.index(verified->doc);
     }
     if (!ok) {
       spdlog::warn("relay: dropping cached desired state {}: it does not verify", path);
@@ -390,9 +386,7 @@ void Relay::get_desired(http::Request&& req, Respond respond) {
           entry.body = answer->body;
           entry.signature = signature;
           entry.via = via;
-          for (const auto& d : verified->doc["deployments"]) {
-            for (auto& digest : needed_artifacts(d)) entry.digests.insert(digest);
-          }
+          entry.index(verified->doc);
           respond(desired_response(generation, entry.body, entry.signature));
           // Persisting and pre-fetching do disk work: not on the client's thread.
           boost::asio::post(*workers_, [this, entry = std::move(entry)]() mutable {
@@ -449,6 +443,25 @@ void Relay::answer_offline(const http::Request&, const std::string& hash, int64_
   });
 }
 
+void Relay::CachedDesired::index(const json& doc) {
+  // A child offered a delta holds its base: the relay fetches the delta ahead, not the whole
+  // blob, so the site's uplink carries the delta once (the whole blob still comes on demand for
+  // a child whose delta fails).
+  const auto deltas = offered_deltas(doc);
+  for (const auto& d : doc["deployments"]) {
+    for (auto& digest : needed_artifacts(d)) {
+      digests.insert(digest);
+      auto offer = deltas.find(digest);
+      if (offer == deltas.end()) {
+        prefetch.insert(digest);
+        continue;
+      }
+      for (const auto& ref : offer->second) digests.insert(ref.delta);
+      prefetch.insert(offer->second.front().delta);
+    }
+  }
+}
+
 void Relay::store_desired(CachedDesired entry) {
   json doc = {{"device", entry.device}, {"generation", entry.generation},
               {"body", entry.body},     {"signature", entry.signature},
@@ -466,7 +479,7 @@ void Relay::store_desired(CachedDesired entry) {
     if (slot.generation > entry.generation) return;  // a slower answer of an older poll
     std::set<std::string> before = std::move(slot.digests);
     slot = std::move(entry);
-    for (const auto& d : slot.digests) {
+    for (const auto& d : slot.prefetch) {
       if (!cache_.has(d)) fetch.push_back(d);
     }
     for (const auto& d : before) {

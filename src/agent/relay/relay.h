@@ -87,7 +87,10 @@ class Relay {
     std::string body;
     std::string signature;
     std::vector<std::string> via;  // relays below this one on the child's path
-    std::set<std::string> digests;
+    std::set<std::string> digests;   // what the child may fetch through this relay
+    std::set<std::string> prefetch;  // fetched ahead for it: a delta where one is offered
+    // Reads digests and prefetch from a verified desired document.
+    void index(const nlohmann::json& doc);
   };
   struct HeldPoll;
   struct BlobWaiter;

@@ -31,6 +31,7 @@ class OperatorAuth;
 class SecretVault;
 namespace registry {
 class BlobStore;
+class DeltaMaker;
 class ReleaseSigner;
 }  // namespace registry
 namespace sync {
@@ -108,6 +109,8 @@ struct ApiContext {
   // fingerprint that enrollment tokens carry ("" when not known or plain HTTP).
   std::string ca_pem;
   std::string ca_pin;
+  // Makes deltas of pushed model versions and bundles (null: deltas off).
+  registry::DeltaMaker* deltas = nullptr;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
   std::unique_ptr<ArtifactCounters> artifact_counters = std::make_unique<ArtifactCounters>();
   std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);

@@ -7,6 +7,7 @@
 #include "common/json_fields.h"
 #include "common/onnx/onnx_model.h"
 #include "server/api/api.h"
+#include "server/registry/delta_maker.h"
 #include "server/registry/blob_store.h"
 #include "server/scheduler/variant.h"
 
@@ -38,9 +39,33 @@ nlohmann::json variant_json(const store::ModelVariant& v) {
           {"metadata", parse(v.metadata_json)}};
 }
 
-nlohmann::json version_json(const store::ModelVersion& v) {
+// Deltas to each variant's artifact, as the registry has them (state ready or skipped).
+Result<nlohmann::json> deltas_json(ApiContext& ctx, const std::string& target) {
+  auto rows = ctx.store.list_artifact_deltas(target);
+  if (!rows) return make_error(rows.error());
+  nlohmann::json out = nlohmann::json::array();
+  for (const auto& d : *rows) {
+    nlohmann::json row = {{"base", d.base}, {"state", d.state}, {"detail", d.detail}};
+    if (d.state == "ready") {
+      row["delta"] = d.delta;
+      row["size"] = d.delta_size;
+      row["target_size"] = d.target_size;
+    }
+    out.push_back(std::move(row));
+  }
+  return out;
+}
+
+nlohmann::json version_json(const store::ModelVersion& v, ApiContext* ctx = nullptr) {
   nlohmann::json variants = nlohmann::json::array();
-  for (const auto& variant : v.variants) variants.push_back(variant_json(variant));
+  for (const auto& variant : v.variants) {
+    nlohmann::json item = variant_json(variant);
+    if (ctx != nullptr) {
+      auto deltas = deltas_json(*ctx, variant.artifact_digest);
+      item["deltas"] = deltas ? *deltas : nlohmann::json::array();
+    }
+    variants.push_back(std::move(item));
+  }
   return {{"model", v.model},
           {"version", v.version},
           {"created_at", v.created_at},
@@ -152,9 +177,16 @@ Result<http::Response> push_version(ApiContext& ctx, const http::Request& req,
   if (!created) return make_error(created.error());
   if (*created) {
     audit(ctx, caller, "model.push", "model/" + name + "@" + *version, {{"variants", identity}});
+    // Deltas from the versions before it, made in the background.
+    if (ctx.deltas != nullptr) {
+      auto versions = ctx.store.list_model_versions(name);
+      if (!versions) return make_error(versions.error());
+      ctx.deltas->request_model_version(*versions, mv);
+    }
   }
   nlohmann::json out = version_json(mv);
   out["created"] = *created;
+  if (ctx.deltas != nullptr) out["deltas"] = ctx.deltas->status();
   return json_response(*created ? 201 : 200, out);
 }
 
@@ -180,7 +212,7 @@ Result<http::Response> show_model(ApiContext& ctx, const http::Request& req, con
   if (!versions) return make_error(versions.error());
   if (versions->empty()) return make_error(Errc::kNotFound, "model " + name + " does not exist");
   nlohmann::json list = nlohmann::json::array();
-  for (const auto& v : *versions) list.push_back(version_json(v));
+  for (const auto& v : *versions) list.push_back(version_json(v, &ctx));
   return json_response(200, {{"name", name}, {"versions", list}});
 }
 

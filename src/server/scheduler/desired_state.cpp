@@ -55,9 +55,65 @@ Result<Resolution> resolve(const std::string& model, const std::string& version,
 
 }  // namespace
 
+std::vector<std::string> held_artifacts(const store::Device& device) {
+  std::vector<std::string> out;
+  if (device.status_json.find("\"artifacts\"") == std::string::npos) return out;
+  json status = json::parse(device.status_json, nullptr, false);
+  if (!status.is_object()) return out;
+  auto it = status.find("artifacts");
+  if (it == status.end() || !it->is_array()) return out;
+  for (const auto& d : *it) {
+    if (d.is_string()) out.push_back(d.get<std::string>());
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+namespace {
+
+// Digests a desired entry makes the device fetch (as the agent's needed_artifacts reads them).
+void entry_digests(const json& entry, std::vector<std::string>& out) {
+  auto add = [&](const json& obj, const char* key) {
+    if (obj.is_object() && obj.contains(key) && obj[key].is_string()) {
+      out.push_back(obj[key].get<std::string>());
+    }
+  };
+  if (entry.contains("model")) add(entry["model"].value("variant", json()), "artifact");
+  if (entry.contains("serve") && entry["serve"].contains("fallback")) {
+    add(entry["serve"]["fallback"].value("variant", json()), "artifact");
+  }
+  if (entry.contains("workload")) add(entry["workload"], "bundle");
+}
+
+json delta_offers(const json& entries, const store::Device& device, const DeltaIndex& deltas) {
+  json offers = json::object();
+  if (deltas.empty()) return offers;
+  const std::vector<std::string> held = held_artifacts(device);
+  if (held.empty()) return offers;
+  auto holds = [&](const std::string& d) { return std::binary_search(held.begin(), held.end(), d); };
+  std::vector<std::string> needed;
+  for (const auto& entry : entries) entry_digests(entry, needed);
+  for (const auto& target : needed) {
+    if (holds(target) || offers.contains(target)) continue;
+    auto it = deltas.find(target);
+    if (it == deltas.end()) continue;
+    json list = json::array();
+    for (const auto& offer : it->second) {
+      if (holds(offer.base)) {
+        list.push_back({{"base", offer.base}, {"delta", offer.delta}, {"size", offer.size}});
+      }
+    }
+    if (!list.empty()) offers[target] = std::move(list);
+  }
+  return offers;
+}
+
+}  // namespace
+
 Result<DesiredComputation> compute_desired_state(const store::Device& device,
                                                  const std::vector<DeploymentInput>& deployments,
-                                                 const ModelLookup& lookup) {
+                                                 const ModelLookup& lookup,
+                                                 const DeltaIndex* deltas) {
   std::vector<const DeploymentInput*> ordered;
   for (const auto& input : deployments) {
     assert(input.manifest != nullptr);
@@ -116,7 +172,9 @@ Result<DesiredComputation> compute_desired_state(const store::Device& device,
   }
 
   DesiredComputation out;
+  json offers = deltas != nullptr ? delta_offers(entries, device, *deltas) : json::object();
   out.desired = {{"device", device.id}, {"deployments", std::move(entries)}};
+  if (!offers.empty()) out.desired["deltas"] = std::move(offers);
   out.desired_json = out.desired.dump(-1, ' ', false, json::error_handler_t::replace);
   out.desired_hash = sha256_hex(out.desired_json);
   out.schedule = {{"deployments", std::move(schedule)}};

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,6 +28,15 @@ struct DeploymentInput {
 using ModelLookup = std::function<Result<std::optional<store::ModelVersion>>(
     const std::string& model, const std::string& version)>;
 
+// A delta the registry holds: applying `delta` (`size` bytes) to `base` gives the target.
+struct DeltaOffer {
+  std::string base;
+  std::string delta;
+  int64_t size = 0;
+};
+// Ready deltas by target digest.
+using DeltaIndex = std::map<std::string, std::vector<DeltaOffer>>;
+
 struct DesiredComputation {
   // {"device":"d-12","deployments":[{"name":..,"revision":..,"model":{..,"variant":{..}},
   //   "serve":{..},"workload":{..},"config":{..},"secrets":[..],"placement":{..},
@@ -46,9 +56,17 @@ struct DesiredComputation {
 // reported "unschedulable" with the reason. Cordoned devices keep their deployments.
 // The hash changes exactly when something the device runs changes (revision, variant,
 // normalized spec sections); recomputing with the same inputs gives the same hash.
+// Delta offers: for each artifact the device's deployments need (model variants, fallback
+// variants, workload bundles) that it does not hold, the deltas from bases it does hold, as a
+// top-level {"deltas":{"<target>":[{"base","delta","size"}]}} (only when there is one; outside
+// the deployment entries, so an offer never changes what a device runs). What a device holds
+// is what its last status report listed under "artifacts".
 // Errors: a ModelLookup error, with context.
 [[nodiscard]] Result<DesiredComputation> compute_desired_state(
     const store::Device& device, const std::vector<DeploymentInput>& deployments,
-    const ModelLookup& lookup);
+    const ModelLookup& lookup, const DeltaIndex* deltas = nullptr);
+
+// The digests a device's last status report says it holds (its "artifacts" list).
+std::vector<std::string> held_artifacts(const store::Device& device);
 
 }  // namespace outpost::scheduler

@@ -614,6 +614,8 @@ class SqliteStore final : public Store {
   Result<bool> put_artifact(const Artifact& artifact) override;
   Result<std::optional<Artifact>> get_artifact(const std::string& digest) override;
   Result<std::vector<Artifact>> list_artifacts() override;
+  Status put_artifact_delta(const ArtifactDelta& delta) override;
+  Result<std::vector<ArtifactDelta>> list_artifact_deltas(const std::string& target) override;
   Result<bool> put_model_version(const ModelVersion& version) override;
   Result<std::optional<ModelVersion>> get_model_version(const std::string& model,
                                                         const std::string& version) override;
@@ -1461,6 +1463,47 @@ Result<std::vector<Artifact>> SqliteStore::list_artifacts() {
       return make_error(std::move(stmt).error());
     }
     return read_all<Artifact>(*stmt, read_artifact);
+  });
+}
+
+#define OUTPOST_DELTA_COLUMNS \
+  "target, base, delta, delta_size, target_size, state, detail, created_at"
+
+Status SqliteStore::put_artifact_delta(const ArtifactDelta& d) {
+  return locked("storing delta", d.target + " from " + d.base, [&]() -> Status {
+    auto stmt = conn_.prepare("INSERT OR REPLACE INTO artifact_deltas (" OUTPOST_DELTA_COLUMNS
+                              ") VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    return stmt
+        ->bind(d.target, d.base, d.delta, d.delta_size, d.target_size, d.state, d.detail,
+               d.created_at)
+        .run();
+  });
+}
+
+Result<std::vector<ArtifactDelta>> SqliteStore::list_artifact_deltas(const std::string& target) {
+  return locked("listing deltas", target, [&]() -> Result<std::vector<ArtifactDelta>> {
+    auto stmt = conn_.prepare("SELECT " OUTPOST_DELTA_COLUMNS
+                              " FROM artifact_deltas WHERE ? = '' OR target = ?"
+                              " ORDER BY target, base");
+    if (!stmt) {
+      return make_error(std::move(stmt).error());
+    }
+    stmt->bind(target, target);
+    return read_all<ArtifactDelta>(*stmt, [](const Statement& s) {
+      return ArtifactDelta{
+          .target = s.text(0),
+          .base = s.text(1),
+          .delta = s.text(2),
+          .delta_size = s.int64(3),
+          .target_size = s.int64(4),
+          .state = s.text(5),
+          .detail = s.text(6),
+          .created_at = s.int64(7),
+      };
+    });
   });
 }
 
