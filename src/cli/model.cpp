@@ -266,6 +266,19 @@ void add_model_commands(CLI::App& app, GlobalOptions& options, int& exit_code) {
         std::cout << "    variant " << dump(object_of(variant, "selector")) << " needs "
                   << dump(object_of(variant, "needs")) << "\n      artifact "
                   << text_of(variant, "artifact") << "  " << opset_text(md) << "\n";
+        // Deltas the server made to this artifact from earlier versions (issue 18).
+        for (const auto& d : list_of(variant, "deltas")) {
+          if (text_of(d, "state") == "ready") {
+            const int64_t size = d.value("size", int64_t{0});
+            const int64_t full = d.value("target_size", int64_t{0});
+            std::cout << "      delta from " << text_of(d, "base") << "  " << format_size(size);
+            if (full > 0) std::cout << " (" << (size * 100 + full / 2) / full << "% of full)";
+            std::cout << "\n";
+          } else {
+            std::cout << "      no delta from " << text_of(d, "base") << ": "
+                      << text_of(d, "detail") << "\n";
+          }
+        }
         for (const char* side : {"inputs", "outputs"}) {
           for (const auto& t : list_of(md, side)) {
             const auto shape = t.is_object() ? t.find("shape") : t.end();

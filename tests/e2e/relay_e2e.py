@@ -51,6 +51,15 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                the honest mirror lets the revision install; `release keys rotate --new-root-keys`
                is followed (root 1 -> 2) and installs go on.
 
+  delta        On loopback, not in "all" (its own ctest, delta_e2e): delta updates. A 3.2 MB
+               model; each next version changes 10% of every weight tensor (a block, as a
+               fine-tune of some layers would). Device D (direct), relay R and its child C hold
+               v1; `model show` lists the v1->v2 delta, v2 is applied and the server sends < 20%
+               of the full bytes per device (C's delta comes from R's cache). Then the v3 deltas
+               are corrupted in the server's blob store: each device gives the delta up, says
+               so, fetches the full blob and runs v3. A new device N (no base) gets the full
+               blob, no delta offered.
+
 The relay scenarios describe the relay's contract (--relay, --relay-listen, DATA/relay.addr,
 "via", "children", status.relay); --scenarios netns,tamper,proxy runs the others alone.
 
@@ -1315,6 +1324,154 @@ def scenario_relay_chain(w):
                 f"(targets version {trust['targets'].get('version')}) they forwarded; via={via}")
 
 
+DELTA_PY = r"""
+import sys, numpy as np, onnx
+from onnx import numpy_helper
+src, dst, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = onnx.load(src)
+rng = np.random.default_rng(seed)
+changed = total = 0
+for init in m.graph.initializer:
+    a = numpy_helper.to_array(init).copy()
+    flat = a.reshape(-1)
+    total += flat.size
+    n = flat.size // 10
+    if n == 0:
+        continue
+    start = int(rng.integers(0, flat.size - n + 1))
+    flat[start:start + n] += rng.normal(0, 0.01, n).astype(flat.dtype)
+    changed += n
+    init.CopyFrom(numpy_helper.from_array(a, init.name))
+onnx.save(m, dst)
+print(f"{changed} of {total} weights changed")
+"""
+
+
+def scenario_delta(w):
+    """Delta updates: < 20 % of the bytes per device, fallback on a bad delta, full for new."""
+    s = Server(w, "server-delta", "127.0.0.1")
+    s.cli(["release", "keys", "init", "--dir",
+           os.path.dirname(w.path("delta-root", "keys", "x"))])
+    site = "delta"
+    v1 = w.path("models", "dm-1.0.0.onnx")
+    s.cli(["model", "gen", "--out", v1, "--hidden", "100000", "--seed", "61"])
+    versions = [v1]
+    for n in (2, 3):
+        out = w.path("models", f"dm-{n}.0.0.onnx")
+        r = subprocess.run([sys.executable, "-c", DELTA_PY, versions[-1], out, str(n)],
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            raise Failure(f"perturbing the model with python3-onnx failed: {r.stderr[-800:]}")
+        versions.append(out)
+    digests = ["sha256:" + hashlib.sha256(open(p, "rb").read()).hexdigest() for p in versions]
+    sizes = [os.path.getsize(p) for p in versions]
+
+    def push(n):
+        s.cli(["model", "push", "dm", f"{n}.0.0", "--variant", versions[n - 1]])
+
+    def ready_deltas(n, want):
+        """Waits for `want` ready deltas to version n; returns them ({base: row})."""
+        def find():
+            doc = s.cli_json(["model", "show", "dm"])
+            for v in doc.get("versions", []):
+                if v.get("version") == f"{n}.0.0":
+                    rows = [d for var in v.get("variants", []) for d in var.get("deltas", [])]
+                    ready = {d["base"]: d for d in rows if d.get("state") == "ready"}
+                    if len(ready) >= want:
+                        return ready
+                    skipped = [d for d in rows if d.get("state") == "skipped"]
+                    if skipped:
+                        raise Failure(f"the server skipped a delta to {n}.0.0: {skipped}")
+            return None
+        return wait_until(f"`model show dm` lists {want} ready delta(s) to {n}.0.0", find, 120,
+                          0.5, [s.proc])
+
+    def logged(agent, needle):
+        return needle in open(agent.proc.log, errors="replace").read()
+
+    push(1)
+    s.deploy("dl", site, "dm", "1.0.0")
+    token = s.enroll_token(site, 4)
+    d, r, c = Agent(w, "delta-direct"), Agent(w, "delta-relay"), Agent(w, "delta-child")
+    agents = [d, r, c]
+    notes = []
+    with Stopping(agents):
+        d.start(s.url, token)
+        r.start(s.url, token, relay_listen="127.0.0.1:0")
+        c.start(r.relay_url, token)
+        for a in agents:
+            a.wait_running("dl", 1, timeout=90)
+
+        # v2: every device holds v1, so each is offered the delta.
+        push(2)
+        delta2 = ready_deltas(2, 1)[digests[0]]
+        before = s.metric("outpost_artifact_bytes_sent_total")
+        s.deploy("dl", site, "dm", "2.0.0")
+        for a in agents:
+            a.wait_running("dl", 2, timeout=90)
+        sent = s.metric("outpost_artifact_bytes_sent_total") - before
+        per_device = sent / len(agents) / sizes[1]
+        for a in agents:
+            if not logged(a, "rebuilt from delta " + delta2["delta"]):
+                raise Failure(f"{a.name} did not rebuild {digests[1]} from the delta")
+        if sent > 2 * delta2["size"]:
+            raise Failure(f"the server sent {sent} bytes for the v2 update, more than the delta "
+                          f"({delta2['size']} B) to D and to R: C's should come from R's cache")
+        if per_device >= 0.20:
+            raise Failure(f"the v2 update moved {sent} bytes for {len(agents)} devices, "
+                          f"{per_device:.1%} of the full {sizes[1]} bytes per device (>= 20%)")
+        notes.append(f"v1->v2: delta {delta2['size']} B of {sizes[1]} B; server sent "
+                     f"{sent} B for 3 devices = {per_device:.1%} of full per device")
+
+        # v3 with its deltas damaged on the server: each device falls back to the full blob.
+        push(3)
+        deltas3 = ready_deltas(3, 2)
+        for row in deltas3.values():
+            blob = os.path.join(s.data, "blobs", "sha256", row["delta"].split(":", 1)[1])
+            data = bytearray(open(blob, "rb").read())
+            for i in range(64, len(data), max(1, len(data) // 32)):
+                data[i] ^= 0x5A
+            with open(blob, "wb") as f:
+                f.write(bytes(data))
+        t3 = time.time()
+        s.deploy("dl", site, "dm", "3.0.0")
+        for a in agents:
+            a.wait_running("dl", 3, timeout=120)
+            if not logged(a, "given up"):
+                raise Failure(f"{a.name} runs v3 but never said it gave the bad delta up")
+            if logged(a, "rebuilt from delta " + deltas3[digests[1]]["delta"]):
+                raise Failure(f"{a.name} says it rebuilt v3 from a corrupted delta")
+        for a in agents:
+            a.infer("dl")
+        notes.append(f"corrupted v3 deltas: all 3 devices gave them up, fetched the full blob "
+                     f"and serve v3 {time.time() - t3:.1f} s after the apply")
+
+        # A new device holds no base: the full blob, no delta offered. It joins once the
+        # rollout is over (one that joins mid-rollout is given the older revision first).
+        wait_until("rollout of revision 3 completed",
+                   lambda: s.cli_json(["rollout", "status", "dl"]).get("state") == "completed"
+                   and s.cli_json(["rollout", "status", "dl"]).get("to_revision") == 3, 60, 0.5,
+                   [s.proc])
+        n = Agent(w, "delta-new")
+        agents.append(n)
+        before = s.metric("outpost_artifact_bytes_sent_total")
+        n.start(s.url, token)
+        n.wait_running("dl", 3, timeout=90)
+        sent = s.metric("outpost_artifact_bytes_sent_total") - before
+        offered = "deltas" in open(os.path.join(n.data, "desired.json")).read()
+        if sent < sizes[2] or logged(n, "rebuilt from delta") or offered:
+            raise Failure(f"the new device got {sent} bytes for a {sizes[2]} B model (log "
+                          f"mentions a delta: {logged(n, 'rebuilt from delta')}, its desired "
+                          f"state offers one: {offered})")
+        notes.append(f"new device: full blob ({sent} B)")
+    line = next((ln.strip() for ln in s.cli(["model", "show", "dm"]).stdout.splitlines()
+                 if "delta from " + digests[0] in ln), None)
+    if line is None:
+        raise Failure("`outpost model show dm` has no 'delta from <v1>' line")
+    notes.append(f"model show: {line}")
+    return "; ".join(notes)
+
+
 RELEASE = "/api/v1/device/release/"
 TS_PATH = RELEASE + "timestamp"
 TG_PATH = RELEASE + "targets"
@@ -1322,7 +1479,9 @@ TG_PATH = RELEASE + "targets"
 
 def scenario_release(w):
     """Signed release metadata against a lying mirror (TamperProxy between device and server)."""
-    s = Server(w, "server-release", "127.0.0.1", extra=["--release-timestamp-ttl", "4s"])
+    # --delta-bases 0: the attacks below are on whole blobs, which a delta would replace.
+    s = Server(w, "server-release", "127.0.0.1", extra=["--release-timestamp-ttl", "4s",
+                                                           "--delta-bases", "0"])
     keydir = os.path.dirname(w.path("release-root", "keys", "x"))
     s.cli(["release", "keys", "init", "--dir", keydir, "--keys", "3", "--threshold", "2"])
     proxy = TamperProxy("127.0.0.1", s.url, w.path("logs", "release-proxy.log"), "lying mirror")
@@ -1540,8 +1699,9 @@ SCENARIOS = [
     ("relay-evict", scenario_relay_evict, False),
     ("relay-tls", scenario_relay_tls, False),
     ("release", scenario_release, False),
+    ("delta", scenario_delta, False),
 ]
-GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] != "release"],
+GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] not in ("release", "delta")],
           "relay": [s[0] for s in SCENARIOS if s[0].startswith("relay")]}
 
 

@@ -273,12 +273,14 @@ void Fetcher::worker() {
         if (result) {
           it->second.phase = FetchProgress::Phase::kDone;
           it->second.last_error.clear();
+          it->second.last_code = Errc::kUnavailable;
         } else if (!stopping_) {
           // Backoff per blob: 2 s, 4 s, ... capped, with jitter.
           const int64_t delay = Backoff(options_.retry_initial_ms, options_.retry_max_ms)
                                     .delay_for(it->second.attempts - 1);
           it->second.phase = FetchProgress::Phase::kWaitingRetry;
           it->second.last_error = result.error().message;
+          it->second.last_code = result.error().code;
           it->second.retry_at_ms = steady_ms() + delay;
           spdlog::warn("fetch {}: {} (retry in {} ms)", digest, result.error().message, delay);
         } else {
@@ -351,8 +353,8 @@ Status Fetcher::fetch_by_delta(const std::string& digest, const DeltaPlan& plan,
   }
   if ("sha256:" + applied->sha256_hex != digest) {
     ::unlink(out.c_str());
-    return make_error(Errc::kIo, "the delta against " + plan.base + " rebuilt sha256:" +
-                                     applied->sha256_hex + ", not " + digest +
+    return make_error(Errc::kIo, "the delta against " + plan.base +
+                                     " rebuilt sha256:" + applied->sha256_hex + ", not " + digest +
                                      " (is the base on this device damaged?)");
   }
   OUTPOST_TRY(rename_durably(out, store_.path(digest)));
@@ -410,9 +412,13 @@ Status Fetcher::download(const std::string& key, const std::string& blob, int64_
                       "cannot reach " + identity_.server + ": " + curl_easy_strerror(rc));
   }
   if (status != 200) {
-    const Errc code = status == 404                   ? Errc::kNotFound
-                      : status == 401 || status == 403 ? Errc::kPermissionDenied
-                                                       : Errc::kUnavailable;
+    // Busy or unreachable upstream (503, 504, 429; a relay still fetching answers 503) may work
+    // on the next try; any other answer says the server has no good copy to give (a relay
+    // answers 502 when its upstream served bytes that failed verification).
+    const Errc code = status == 404                                     ? Errc::kNotFound
+                      : status == 401 || status == 403                  ? Errc::kPermissionDenied
+                      : status == 503 || status == 504 || status == 429 ? Errc::kUnavailable
+                                                                        : Errc::kIo;
     return make_error(code,
                       "artifact " + digest + ": server answered HTTP " + std::to_string(status));
   }

@@ -54,7 +54,10 @@ struct FetchProgress {
   int64_t have_bytes = 0;     // on disk now (resumed downloads start above 0)
   int64_t fetched_bytes = 0;  // transferred over the network for it, all attempts
   int attempts = 0;
-  std::string last_error;   // why the last attempt failed ("" when none)
+  std::string last_error;  // why the last attempt failed ("" when none)
+  // Its kind: kUnavailable when the server could not be reached or was busy (the same request
+  // may work later); anything else means the server answered and the answer was no good.
+  Errc last_code = Errc::kUnavailable;
   int64_t retry_at_ms = 0;  // steady-clock ms of the next attempt (kWaitingRetry)
   // The length signed release metadata gives the blob (-1: none): no byte past it is read, and
   // a server that offers more is refused ("endless data").
@@ -121,7 +124,7 @@ class Fetcher {
     DeltaPlan plan;
     int unreachable = 0;  // tries that found the server unreachable
   };
-  std::map<std::string, PlanState> plans_;  // by target digest
+  std::map<std::string, PlanState> plans_;                  // by target digest
   std::set<std::pair<std::string, std::string>> given_up_;  // (target, delta)
   std::mutex rate_mu_;
   int64_t rate_clock_us_ = 0;  // guarded by rate_mu_: when the bytes booked so far are due

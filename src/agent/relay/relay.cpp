@@ -106,6 +106,23 @@ http::Response error_response(Errc code, const std::string& message) {
   return http::Response::error(Error{code, message, ""});
 }
 
+// 502 for a blob the relay's own fetch was refused (the upstream served bytes that failed
+// verification, more than the signed length, ...), when its last attempt ended that way: a child
+// waiting for it would only be told "still fetching" after the wait. A child fetching a delta
+// gives it up for the whole blob at once; one fetching a whole blob retries later.
+std::optional<http::Response> refusal_for(const std::optional<FetchProgress>& progress,
+                                          const std::string& relay_id, const std::string& digest) {
+  if (!progress || progress->phase != FetchProgress::Phase::kWaitingRetry ||
+      progress->last_code == Errc::kUnavailable || progress->last_error.empty()) {
+    return std::nullopt;
+  }
+  http::Response resp =
+      error_response(Errc::kUnavailable, "relay " + relay_id + " could not get a good copy of " +
+                                             digest + " from upstream: " + progress->last_error);
+  resp.status = 502;
+  return resp;
+}
+
 }  // namespace
 
 struct Relay::HeldPoll {
@@ -705,6 +722,10 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
     return respond(serve_blob(req, digest));
   }
   ++cache_misses_;
+  if (auto refused = refusal_for(fetcher_->progress(digest), identity_.device_id, digest)) {
+    fetcher_->want(digest);  // its next attempt is already scheduled; this keeps it wanted
+    return respond(std::move(*refused));
+  }
   auto waiter = std::make_shared<BlobWaiter>();
   waiter->request.method = req.method;
   waiter->request.headers = req.headers;
@@ -736,11 +757,16 @@ void Relay::get_artifact(http::Request&& req, Respond respond) {
 void Relay::on_fetch_change() {
   evict();  // a fill may have taken the cache past its budget
   std::vector<std::pair<std::string, std::shared_ptr<BlobWaiter>>> ready;
+  std::vector<std::pair<http::Response, std::shared_ptr<BlobWaiter>>> refused;
   {
     std::lock_guard lock(mu_);
     for (auto it = waiting_.begin(); it != waiting_.end();) {
       if (cache_.has(it->first)) {
         for (auto& w : it->second) ready.emplace_back(it->first, w);
+        it = waiting_.erase(it);
+      } else if (auto no =
+                     refusal_for(fetcher_->progress(it->first), identity_.device_id, it->first)) {
+        for (auto& w : it->second) refused.emplace_back(*no, w);
         it = waiting_.erase(it);
       } else {
         // Drop waiters that already timed out.
@@ -755,6 +781,10 @@ void Relay::on_fetch_change() {
   for (auto& [digest, waiter] : ready) {
     if (waiter->done.exchange(true)) continue;
     waiter->respond(serve_blob(waiter->request, digest));
+  }
+  for (auto& [resp, waiter] : refused) {
+    if (waiter->done.exchange(true)) continue;
+    waiter->respond(std::move(resp));
   }
 }
 

@@ -4,8 +4,8 @@
 
 #include "server/api/api.h"
 #include "server/deployments/manifest.h"
-#include "server/registry/delta_maker.h"
 #include "server/desired_states.h"
+#include "server/registry/delta_maker.h"
 #include "server/rollouts/controller.h"
 
 namespace outpost::server::api {
@@ -80,18 +80,10 @@ Result<http::Response> apply(ApiContext& ctx, const http::Request& req, const Ca
   if (!outcome) return make_error(outcome.error());
   nlohmann::json out = deployment_json(outcome->deployment);
   out["changed"] = outcome->changed;
-  if (outcome->changed && ctx.deltas != nullptr && manifest->workload &&
-      manifest->workload->bundle) {
-    // Deltas to the new bundle from the bundles of the revisions before it, newest first.
-    std::vector<std::string> bases;
-    for (auto it = revisions->rbegin(); it != revisions->rend(); ++it) {
-      const nlohmann::json spec = parse_object_or_empty(it->manifest_json).value("spec", nlohmann::json::object());
-      if (spec.contains("workload") && spec["workload"].is_object()) {
-        const std::string bundle = spec["workload"].value("bundle", "");
-        if (!bundle.empty()) bases.push_back(bundle);
-      }
-    }
-    ctx.deltas->request(*manifest->workload->bundle, bases);
+  if (outcome->changed && ctx.deltas != nullptr) {
+    // Deltas to the new revision's bundle from those before it, made in the background.
+    auto all = ctx.store.list_deployment_revisions(manifest->name);
+    if (all) ctx.deltas->request_deployment(*all);
   }
   if (outcome->changed) {
     audit(ctx, caller, "deployment.apply", "deployment/" + manifest->name,

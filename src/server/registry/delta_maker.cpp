@@ -86,6 +86,59 @@ void DeltaMaker::request_model_version(const std::vector<store::ModelVersion>& v
   }
 }
 
+namespace {
+
+std::string bundle_of(const store::DeploymentRevision& revision) {
+  const nlohmann::json doc =
+      nlohmann::json::parse(revision.manifest_json, nullptr, /*allow_exceptions=*/false);
+  if (!doc.is_object()) return "";
+  const auto spec = doc.find("spec");
+  if (spec == doc.end() || !spec->is_object()) return "";
+  const auto workload = spec->find("workload");
+  if (workload == spec->end() || !workload->is_object()) return "";
+  const auto bundle = workload->find("bundle");
+  return bundle != workload->end() && bundle->is_string() ? bundle->get<std::string>() : "";
+}
+
+}  // namespace
+
+void DeltaMaker::request_deployment(const std::vector<store::DeploymentRevision>& revisions) {
+  if (revisions.empty()) return;
+  const std::string target = bundle_of(revisions.back());
+  if (target.empty()) return;
+  std::vector<std::string> bases;
+  for (auto it = std::next(revisions.rbegin()); it != revisions.rend(); ++it) {
+    std::string bundle = bundle_of(*it);
+    if (!bundle.empty()) bases.push_back(std::move(bundle));
+  }
+  request(target, bases);
+}
+
+void DeltaMaker::catch_up() {
+  auto models = store_.list_models();
+  if (!models) {
+    spdlog::error("deltas at start: {}", models.error().message);
+    return;
+  }
+  for (const auto& name : *models) {
+    auto versions = store_.list_model_versions(name);
+    if (!versions || versions->size() < 2) continue;
+    const auto newest =
+        std::max_element(versions->begin(), versions->end(),
+                         [](const auto& a, const auto& b) { return a.created_at < b.created_at; });
+    request_model_version(*versions, *newest);
+  }
+  auto deployments = store_.list_deployments();
+  if (!deployments) {
+    spdlog::error("deltas at start: {}", deployments.error().message);
+    return;
+  }
+  for (const auto& d : *deployments) {
+    auto revisions = store_.list_deployment_revisions(d.name);
+    if (revisions) request_deployment(*revisions);
+  }
+}
+
 nlohmann::json DeltaMaker::status() {
   std::lock_guard lock(mu_);
   return {{"enabled", options_.bases > 0},
@@ -105,6 +158,7 @@ bool DeltaMaker::idle() {
 }
 
 void DeltaMaker::worker() {
+  catch_up();
   while (true) {
     Job job;
     bool notify = false;
@@ -161,8 +215,8 @@ Status DeltaMaker::make_one(const Job& job, bool& stored) {
   }
   row.target_size = *target_size;
   if (*base_size > options_.max_blob_bytes || *target_size > options_.max_blob_bytes) {
-    OUTPOST_TRY(skip("larger than the " + format_size(options_.max_blob_bytes) +
-                     " a delta is made for"));
+    OUTPOST_TRY(
+        skip("larger than the " + format_size(options_.max_blob_bytes) + " a delta is made for"));
     return store_.put_artifact_delta(row);
   }
   const auto started = std::chrono::steady_clock::now();

@@ -27,9 +27,9 @@
 namespace outpost::server::registry {
 
 struct DeltaOptions {
-  int bases = 2;             // earlier versions per blob to make deltas from; 0 turns deltas off
-  int level = 19;            // zstd level
-  double max_ratio = 0.75;   // a delta above this share of its target is not kept
+  int bases = 2;            // earlier versions per blob to make deltas from; 0 turns deltas off
+  int level = 19;           // zstd level
+  double max_ratio = 0.75;  // a delta above this share of its target is not kept
   int64_t max_blob_bytes = 1LL << 30;  // base and target each at most this (zstd's window)
 };
 
@@ -56,6 +56,10 @@ class DeltaMaker {
   void request_model_version(const std::vector<store::ModelVersion>& versions,
                              const store::ModelVersion& added);
 
+  // For a deployment's newest revision (last in `revisions`, oldest first): deltas to its app
+  // bundle from the bundles of the revisions before it, newest first. No bundle: nothing.
+  void request_deployment(const std::vector<store::DeploymentRevision>& revisions);
+
   // {"queued":N,"making":"<target>"|null,"made":N,"skipped":N,"failed":N,"last_error":".."}
   nlohmann::json status();
   // True when nothing is queued or being made (tests and `model push --wait-deltas`).
@@ -67,6 +71,9 @@ class DeltaMaker {
     std::string base;
   };
   void worker();
+  // At start: queues what a stop may have left unmade, for each model's newest version and
+  // each deployment's newest revision (made or skipped pairs are not queued again).
+  void catch_up();
   // Makes and stores one delta; a skipped one is recorded with its reason.
   Status make_one(const Job& job, bool& stored);
 
