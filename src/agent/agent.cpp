@@ -242,6 +242,7 @@ Status Agent::start() {
   Identity fetch_identity = identity_;
   if (!options_.artifact_source.empty()) {
     fetch_identity.server = options_.artifact_source;
+    fetch_identity.servers = nullptr;  // the site cache alone, whatever the upstream list
     if (!options_.artifact_source_ca_file.empty()) {
       fetch_identity.ca_file = options_.artifact_source_ca_file;
     }
@@ -1096,6 +1097,8 @@ void Agent::publish_snapshot() {
   }
   json snap = {{"device_id", identity_.device_id},
                {"server", identity_.server},
+               {"server_in_use", identity_.url()},
+               {"server_failovers", identity_.servers ? identity_.servers->failovers() : 0},
                {"site", identity_.site},
                {"generation", generation_},
                {"online", online_},

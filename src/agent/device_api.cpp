@@ -6,14 +6,54 @@ namespace outpost::agent {
 
 using json = nlohmann::json;
 
-Result<HttpResponse> send(HttpClient& client, const ApiRequest& request,
-                          const std::atomic<bool>* cancel, bool count_bytes) {
+namespace {
+
+HttpRequestOptions options_for(const ApiRequest& request, const std::atomic<bool>* cancel,
+                               bool count_bytes) {
   HttpRequestOptions options;
   options.headers = request.headers;
   options.timeout_ms = request.timeout_ms;
   options.cancel = cancel;
   options.count_bytes = count_bytes;
-  return client.request(request.method, request.path, request.body, request.content_type, options);
+  return options;
+}
+
+}  // namespace
+
+Result<HttpResponse> send(HttpClient& client, const ApiRequest& request,
+                          const std::atomic<bool>* cancel, bool count_bytes) {
+  return client.request(request.method, request.path, request.body, request.content_type,
+                        options_for(request, cancel, count_bytes));
+}
+
+Result<HttpResponse> send(UpstreamClient& client, const ApiRequest& request,
+                          const std::atomic<bool>* cancel, bool count_bytes) {
+  return client.request(request.method, request.path, request.body, request.content_type,
+                        options_for(request, cancel, count_bytes));
+}
+
+UpstreamClient::UpstreamClient(Identity identity, bool with_credential)
+    : identity_(std::move(identity)), with_credential_(with_credential) {}
+
+Result<HttpResponse> UpstreamClient::request(const std::string& method, const std::string& path,
+                                             const std::string& body,
+                                             const std::string& content_type,
+                                             const HttpRequestOptions& options) {
+  const std::string url = identity_.url();
+  if (!client_ || url != url_) {
+    url_ = url;
+    client_ = std::make_unique<HttpClient>(url_, with_credential_ ? identity_.credential : "",
+                                           identity_.ca_file);
+    if (with_credential_) client_->set_signer(identity_.signer);
+  }
+  auto resp = client_->request(method, path, body, content_type, options);
+  const bool cancelled = options.cancel != nullptr && options.cancel->load();
+  if (!cancelled && !resp && resp.error().code == Errc::kUnavailable) {
+    identity_.failed(url_, resp.error().message);
+  } else if (resp && worth_failover(static_cast<int>(resp->status))) {
+    identity_.failed(url_, "HTTP " + std::to_string(resp->status));
+  }
+  return resp;
 }
 
 ApiRequest enroll_request(const EnrollRequest& request, const std::string& public_key_b64) {

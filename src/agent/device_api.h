@@ -36,6 +36,32 @@ struct ApiRequest {
                                         const std::atomic<bool>* cancel = nullptr,
                                         bool count_bytes = false);
 
+// The agent's blocking client to the server of identity.servers in use now. A request that
+// cannot reach it, or is answered 502/503/504, moves every client of the identity to the next
+// URL (for the next request: this one's failure is returned as it was, and the caller backs
+// off as it would with one server). Not thread-safe: one per thread, like HttpClient.
+class UpstreamClient {
+ public:
+  // with_credential false: no Bearer credential (release metadata is public).
+  explicit UpstreamClient(Identity identity, bool with_credential = true);
+  [[nodiscard]] Result<HttpResponse> request(const std::string& method, const std::string& path,
+                                             const std::string& body = {},
+                                             const std::string& content_type = "application/json",
+                                             const HttpRequestOptions& options = {});
+  // The URL the last request went to.
+  const std::string& url() const { return url_; }
+
+ private:
+  Identity identity_;
+  bool with_credential_;
+  std::string url_;
+  std::unique_ptr<HttpClient> client_;
+};
+
+[[nodiscard]] Result<HttpResponse> send(UpstreamClient& client, const ApiRequest& request,
+                                        const std::atomic<bool>* cancel = nullptr,
+                                        bool count_bytes = false);
+
 // --- Enrollment: POST /api/v1/device/enroll (no credential yet) ---
 ApiRequest enroll_request(const EnrollRequest& request, const std::string& public_key_b64);
 // The identity the server granted (201/200), or the refusal with the server's reason.

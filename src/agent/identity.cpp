@@ -79,10 +79,26 @@ Result<Identity> load_identity(const std::string& data_dir) {
   if (id.server.empty() || id.device_id.empty() || id.credential.empty()) {
     return bad("server, device_id and credential must not be empty");
   }
+  auto urls = ServerList::parse(id.server);
+  if (!urls) return bad(urls.error().message);
+  id.servers = std::make_shared<ServerList>(std::move(*urls));
   auto key = load_or_make_key(data_dir);
   if (!key) return make_error(key.error());
   id.signer = std::make_shared<reqsig::Signer>(id.device_id, key->secret_key);
   return id;
+}
+
+Status update_servers(const std::string& data_dir, Identity& identity, const std::string& servers) {
+  auto urls = ServerList::parse(servers);
+  if (!urls) return make_error(urls.error());
+  auto list = std::make_shared<ServerList>(std::move(*urls));
+  if (list->joined() == identity.server) return ok();
+  Identity updated = identity;
+  updated.server = list->joined();
+  OUTPOST_TRY(save_identity(data_dir, updated));
+  identity.server = updated.server;
+  identity.servers = std::move(list);
+  return ok();
 }
 
 namespace {
@@ -128,20 +144,37 @@ Result<Identity> enroll(const std::string& data_dir, const EnrollRequest& reques
   OUTPOST_TRY(make_dirs(data_dir, 0700));
   auto key = load_or_make_key(data_dir);
   if (!key) return make_error(key.error());
+  auto urls = ServerList::parse(request.server);
+  if (!urls) return make_error(urls.error());
   EnrollRequest pinned = request;
   if (!request.ca_pin.empty()) {
     if (!request.ca_file.empty()) {
       return make_error(Errc::kInvalidArgument, "give --ca-file or --ca-pin, not both", "ca-pin");
     }
-    auto ca = fetch_pinned_ca(data_dir, request);
+    Result<std::string> ca = make_error(Errc::kUnavailable, "no server to fetch the CA from");
+    for (const auto& url : *urls) {
+      EnrollRequest one = request;
+      one.server = url;
+      ca = fetch_pinned_ca(data_dir, one);
+      if (ca || ca.error().code != Errc::kUnavailable) break;
+    }
     if (!ca) return make_error(ca.error());
     pinned.ca_file = *ca;
   }
-  HttpClient client(pinned.server, "", pinned.ca_file);
-  auto id =
-      enroll_answer(send(client, enroll_request(pinned, crypto::base64_encode(key->public_key))),
-                    pinned, client.base_url());
+  // Each URL in turn until one answers: the others are replicas of the same control plane.
+  Result<Identity> id = make_error(Errc::kUnavailable, "no server to enroll with");
+  for (const auto& url : *urls) {
+    EnrollRequest one = pinned;
+    one.server = url;
+    HttpClient client(url, "", pinned.ca_file);
+    id = enroll_answer(send(client, enroll_request(one, crypto::base64_encode(key->public_key))),
+                       one, url);
+    if (id || id.error().code != Errc::kUnavailable) break;
+  }
   if (!id) return make_error(id.error());
+  auto list = std::make_shared<ServerList>(std::move(*urls));
+  id->server = list->joined();
+  id->servers = std::move(list);
   OUTPOST_TRY(save_identity(data_dir, *id));
   id->signer = std::make_shared<reqsig::Signer>(id->device_id, key->secret_key);
   return id;

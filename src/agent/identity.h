@@ -8,6 +8,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "agent/server_list.h"
 #include "common/crypto.h"
 #include "common/error.h"
 #include "common/request_signature.h"
@@ -15,7 +16,9 @@
 namespace outpost::agent {
 
 struct Identity {
-  std::string server;  // control plane URL, e.g. "http://10.0.0.5:7400"
+  // Control plane URL, e.g. "http://10.0.0.5:7400", or several ("URL1,URL2": replicas of one
+  // control plane), as identity.json keeps it.
+  std::string server;
   std::string device_id;
   std::string credential;         // "<device id>.<secret>", sent as a Bearer token
   std::string server_public_key;  // base64 Ed25519 key that signs desired states
@@ -25,6 +28,16 @@ struct Identity {
   // Signs every request with the device key (DIR/device.key); shared by the agent's clients
   // so they share the learnt offset to the server's clock.
   std::shared_ptr<reqsig::Signer> signer;
+  // `server` parsed, with the one in use now; shared by every copy of this identity, so all the
+  // agent's clients fail over together. Null in identities made by hand (tests): then `server`.
+  std::shared_ptr<ServerList> servers;
+
+  // The URL to send the next request to.
+  std::string url() const { return servers ? servers->current() : server; }
+  // A request to `used` failed in a way another server might not (see worth_failover).
+  void failed(const std::string& used, const std::string& why) const {
+    if (servers) servers->failed(used, why);
+  }
 };
 
 struct EnrollRequest {
@@ -41,6 +54,11 @@ struct EnrollRequest {
 
 // DIR/identity.json (0600) and DIR/device.key (0600). kNotFound when not enrolled yet.
 [[nodiscard]] Result<Identity> load_identity(const std::string& data_dir);
+
+// A later start with --server: replaces the URLs identity.json keeps (replicas added or
+// moved); the server's key stays pinned, so only the same control plane is trusted.
+[[nodiscard]] Status update_servers(const std::string& data_dir, Identity& identity,
+                                    const std::string& servers);
 
 // First start: makes (or reuses, after a crash between the two steps) the key pair in DIR,
 // enrolls with the server and persists the identity. A refused enrollment (bad, expired or

@@ -91,7 +91,11 @@ int main(int argc, char** argv) {
   int parallel = 2;
   int serve_threads = 2, inference_threads = 1;
   std::string onnxruntime;
-  app.add_option("--server", server, "Control plane URL (first start), e.g. http://10.0.0.5:7400");
+  app.add_option("--server", server,
+                 "Control plane URL, or several comma-separated (replicas of one control plane, "
+                 "or a site's relays): the agent uses the first that answers and moves to the "
+                 "next when one fails. Needed at the first start; given later, it replaces the "
+                 "kept list. E.g. https://cp1:7400,https://cp2:7400");
   app.add_option("--enroll-token", token,
                  "Enrollment token from 'outpost token create' (first start)");
   app.add_option("--data", data, "Data directory: identity, desired state, artifacts, logs");
@@ -315,8 +319,19 @@ int main(int argc, char** argv) {
     }
     spdlog::info("enrolled as {} at site {} with {}", identity->device_id, identity->site,
                  identity->server);
-  } else if (!token.empty()) {
-    spdlog::info("already enrolled as {}; --enroll-token ignored", identity->device_id);
+  } else {
+    if (!token.empty()) {
+      spdlog::info("already enrolled as {}; --enroll-token ignored", identity->device_id);
+    }
+    if (!server.empty()) {
+      const std::string before = identity->server;
+      if (auto updated = outpost::agent::update_servers(data, *identity, server); !updated) {
+        return fail(kExitUsage, "--server: " + updated.error().message);
+      }
+      if (identity->server != before) {
+        spdlog::info("server list changed from {} to {}", before, identity->server);
+      }
+    }
   }
 
   std::signal(SIGTERM, on_signal);

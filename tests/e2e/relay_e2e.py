@@ -60,6 +60,12 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                so, fetches the full blob and runs v3. A new device N (no base) gets the full
                blob, no delta offered.
 
+  failover     On loopback: an agent started with --server P1,P2 (two TCP forwarders to one
+               server) converges through P1; P1 is killed with its connections; a new revision
+               still reaches the device (now through P2), its local status names P2 and counts
+               the failover, its status reports and telemetry go on, and a later start with a
+               different --server list replaces the kept one.
+
 The relay scenarios describe the relay's contract (--relay, --relay-listen, DATA/relay.addr,
 "via", "children", status.relay); --scenarios netns,tamper,proxy runs the others alone.
 
@@ -643,7 +649,7 @@ class Agent:
                 "127.0.0.1:0", "--telemetry-interval", "1s", "--status-period", "2s"]
         argv += getattr(self, "extra_args", [])
         if server:
-            argv += ["--server", server, "--enroll-token", token]
+            argv += ["--server", server] + (["--enroll-token", token] if token else [])
         if relay_listen:
             argv += ["--relay", "--relay-listen", relay_listen]
         return argv
@@ -1472,6 +1478,127 @@ def scenario_delta(w):
     return "; ".join(notes)
 
 
+class TcpForwarder:
+    """A TCP port that forwards every connection to `upstream` ("host:port"); close() drops the
+    listener and every connection at once, as a replica that dies would."""
+
+    def __init__(self, upstream, name="forwarder"):
+        self.upstream = split_addr(upstream)
+        self.name = name
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.addr = "127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.url = "http://" + self.addr
+        self.socks = []
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=10)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                if self.closed:
+                    client.close()
+                    server.close()
+                    return
+                self.socks += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            socks, self.socks = self.socks, []
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def __str__(self):
+        return f"{self.name} on {self.addr}"
+
+
+def scenario_failover(w):
+    """--server P1,P2: the agent moves to P2 when P1 dies and keeps converging."""
+    s = w.loop_server()
+    p1 = TcpForwarder(s.addr, "replica 1")
+    p2 = TcpForwarder(s.addr, "replica 2")
+    w.closers += [p1, p2]
+    s.model("fo-m", "1.0.0", 71)
+    s.model("fo-m", "2.0.0", 72)
+    s.deploy("fo", "failover", "fo-m", "1.0.0")
+    a = Agent(w, "failover-agent")
+    with Stopping([a]):
+        a.start(f"{p1.url},{p2.url}", s.enroll_token("failover", 1))
+        a.wait_running("fo", 1)
+        st = a.status()
+        if st.get("server") != f"{p1.url},{p2.url}" or st.get("server_in_use") != p1.url:
+            raise Failure(f"before the failure the agent should use {p1.url} of both: "
+                          f"server={st.get('server')} in use={st.get('server_in_use')}")
+        seqs_before = len(s.status_seqs(a.id))
+        p1.close()
+        t = time.time()
+        s.deploy("fo", "failover", "fo-m", "2.0.0")
+        a.wait_running("fo", 2, timeout=60)
+        took = time.time() - t
+        st = a.status()
+        if st.get("server_in_use") != p2.url or st.get("server_failovers", 0) < 1:
+            raise Failure(f"after {p1} died the agent says it uses {st.get('server_in_use')} "
+                          f"with {st.get('server_failovers')} failover(s)")
+        a.infer("fo")
+        wait_until("status reports through replica 2 reach the server",
+                   lambda: len(s.status_seqs(a.id)) > seqs_before + 1, 30, 0.5, [a.proc])
+        wait_until("the inference is counted through replica 2",
+                   lambda: s.inference_count(a.id) >= 1, 30, 0.5, [a.proc])
+        seqs = s.status_seqs(a.id)
+        if seqs != sorted(set(seqs)):
+            raise Failure(f"status seqs repeat or go back across the failover: {seqs}")
+        a.stop()
+        a.start(p2.url, None)
+        doc = json.load(open(os.path.join(a.data, "identity.json")))
+        if doc.get("server") != p2.url:
+            raise Failure(f"a start with --server {p2.url} left identity.json at "
+                          f"{doc.get('server')}")
+        a.wait_running("fo", 2)
+    return (f"{p1} killed; revision 2 running {took:.1f} s after the apply through {p2}, "
+            f"{st.get('server_failovers')} failover(s); status seqs strictly increasing "
+            f"({len(seqs)}); --server {p2.url} on restart replaced the list")
+
+
 RELEASE = "/api/v1/device/release/"
 TS_PATH = RELEASE + "timestamp"
 TG_PATH = RELEASE + "targets"
@@ -1700,6 +1827,7 @@ SCENARIOS = [
     ("relay-tls", scenario_relay_tls, False),
     ("release", scenario_release, False),
     ("delta", scenario_delta, False),
+    ("failover", scenario_failover, False),
 ]
 GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] not in ("release", "delta")],
           "relay": [s[0] for s in SCENARIOS if s[0].startswith("relay")]}

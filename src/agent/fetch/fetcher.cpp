@@ -367,7 +367,8 @@ Status Fetcher::download(const std::string& key, const std::string& blob, int64_
                          bool into_store) {
   const std::string& digest = blob;
   const std::string partial = store_.partial_path(digest);
-  const std::string url = identity_.server + "/api/v1/artifacts/" + digest;
+  const std::string server = identity_.url();
+  const std::string url = server + "/api/v1/artifacts/" + digest;
   CURL* curl = curl_easy_init();
   if (curl == nullptr) return make_error(Errc::kInternal, "curl_easy_init failed");
   struct Cleanup {
@@ -408,8 +409,12 @@ Status Fetcher::download(const std::string& key, const std::string& blob, int64_
   long status = 0;
   curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &status);
   if (rc != CURLE_OK) {
-    return make_error(Errc::kUnavailable,
-                      "cannot reach " + identity_.server + ": " + curl_easy_strerror(rc));
+    const std::string why = std::string("cannot reach ") + server + ": " + curl_easy_strerror(rc);
+    if (!stopping_) identity_.failed(server, why);
+    return make_error(Errc::kUnavailable, why);
+  }
+  if (worth_failover(static_cast<int>(status))) {
+    identity_.failed(server, "HTTP " + std::to_string(status));
   }
   if (status != 200) {
     // Busy or unreachable upstream (503, 504, 429; a relay still fetching answers 503) may work

@@ -139,11 +139,9 @@ Relay::Relay(RelayOptions options, std::string data_dir, Identity identity)
     : options_(std::move(options)),
       dir_(data_dir + "/relay"),
       identity_(std::move(identity)),
-      upstream_(identity_.server),
       up_(std::make_unique<AsyncHttpClient>(identity_.ca_file)),
       cache_(dir_),
       backlog_(dir_ + "/backlog", options_.backlog_limit_bytes) {
-  while (!upstream_.empty() && upstream_.back() == '/') upstream_.pop_back();
   own_credential_hash_ = sha256_hex(identity_.credential);
   FetchOptions fetch = options_.fetch;
   // The budget is the relay's to keep (evict() after each fill and before each fetch): the
@@ -265,7 +263,7 @@ Status Relay::start() {
       "relay {} serving the device API on {}:{} for {} (upstream {}; {} cached desired "
       "states, {} stored uploads)",
       identity_.device_id, options_.listen.substr(0, options_.listen.rfind(':')), port(),
-      identity_.site, upstream_, desired_.size(), backlog.entries);
+      identity_.site, identity_.server, desired_.size(), backlog.entries);
   return {};
 }
 
@@ -296,6 +294,13 @@ void Relay::seen(const std::string& device) {
   children_[device] = wall_ms();
 }
 
+std::string Relay::upstream() const { return identity_.url(); }
+
+void Relay::upstream_failed(const std::string& used, const std::string& error) {
+  identity_.failed(used, error);  // the next request goes to the next URL, when there is one
+  set_upstream(false, error);
+}
+
 void Relay::set_upstream(bool up, const std::string& error) {
   std::vector<std::shared_ptr<HeldPoll>> release;
   {
@@ -314,10 +319,10 @@ void Relay::set_upstream(bool up, const std::string& error) {
     }
   }
   if (up) {
-    spdlog::info("relay {}: upstream {} is reachable again", identity_.device_id, upstream_);
+    spdlog::info("relay {}: upstream {} is reachable again", identity_.device_id, upstream());
   } else {
     spdlog::warn("relay {}: upstream {} is unreachable ({}); serving children from the cache",
-                 identity_.device_id, upstream_, error);
+                 identity_.device_id, upstream(), error);
   }
   for (auto& held : release) held->respond(not_modified());
   forward_cv_.notify_all();
@@ -353,7 +358,8 @@ void Relay::get_desired(http::Request&& req, Respond respond) {
 
   AsyncRequest forward;
   forward.method = "GET";
-  forward.url = upstream_ + req.target;
+  const std::string base = upstream();
+  forward.url = base + req.target;
   forward.headers = {{"Authorization", "Bearer " + credential},
                      {"X-Outpost-Via", outgoing_via(req)}};
   if (auto sig = req.header("x-outpost-signature"); !sig.empty()) {
@@ -365,15 +371,16 @@ void Relay::get_desired(http::Request&& req, Respond respond) {
   http::Request trimmed;
   trimmed.method = req.method;
   trimmed.target = req.target;
-  const uint64_t id = up_->submit(
-      std::move(forward), [this, hung_up, trimmed = std::move(trimmed), via = std::move(via), hash,
-                           device, known, wait_s, respond](Result<HttpResponse> answer) mutable {
+  const uint64_t id =
+      up_->submit(std::move(forward), [this, base, hung_up, trimmed = std::move(trimmed),
+                                       via = std::move(via), hash, device, known, wait_s,
+                                       respond](Result<HttpResponse> answer) mutable {
         if (*hung_up) return;  // the child went away; its socket is gone
         if (stopping_) {
           return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
         }
         if (!answer) {
-          set_upstream(false, answer.error().message);
+          upstream_failed(base, answer.error().message);
           return answer_offline(trimmed, hash, known, wait_s * 1000, respond);
         }
         const long status = answer->status;
@@ -574,7 +581,7 @@ void Relay::post_upload(http::Request&& req, Respond respond, bool telemetry) {
 }
 
 void Relay::forward_loop() {
-  HttpClient client(upstream_, "", identity_.ca_file);
+  UpstreamClient client(identity_, /*with_credential=*/false);
   Backoff link_backoff(1'000, 30'000);
   std::map<std::string, std::pair<int64_t, Backoff>> device_backoff;  // until (ms), backoff
   int64_t link_retry_at = 0;
@@ -831,17 +838,18 @@ void Relay::evict() {
 void Relay::enroll(http::Request&& req, Respond respond) {
   AsyncRequest forward;
   forward.method = "POST";
-  forward.url = upstream_ + "/api/v1/device/enroll";
+  const std::string base = upstream();
+  forward.url = base + "/api/v1/device/enroll";
   forward.body = std::move(req.body);
   forward.headers = {{"Content-Type", "application/json"}, {"X-Outpost-Via", outgoing_via(req)}};
   forward.timeout_ms = 30'000;
-  up_->submit(std::move(forward), [this,
+  up_->submit(std::move(forward), [this, base,
                                    respond = std::move(respond)](Result<HttpResponse> answer) {
     if (stopping_) {
       return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
     }
     if (!answer) {
-      set_upstream(false, answer.error().message);
+      upstream_failed(base, answer.error().message);
       return respond(error_response(
           Errc::kUnavailable,
           "relay " + identity_.device_id + " cannot reach the control plane (" +
@@ -863,10 +871,11 @@ void Relay::get_release(http::Request&& req, Respond respond) {
   }
   const std::string cached = dir_ + "/release-" + doc + ".json";
   AsyncRequest forward;
-  forward.url = upstream_ + req.target;
+  const std::string base = upstream();
+  forward.url = base + req.target;
   forward.headers = {{"X-Outpost-Via", outgoing_via(req)}};
   forward.timeout_ms = 30'000;
-  up_->submit(std::move(forward), [this, cached,
+  up_->submit(std::move(forward), [this, base, cached,
                                    respond = std::move(respond)](Result<HttpResponse> answer) {
     if (stopping_) {
       return respond(error_response(Errc::kUnavailable, "the relay is stopping; retry"));
@@ -882,7 +891,7 @@ void Relay::get_release(http::Request&& req, Respond respond) {
       }
       return respond(passthrough(*answer));
     }
-    if (!answer) set_upstream(false, answer.error().message);
+    if (!answer) upstream_failed(base, answer.error().message);
     boost::asio::post(*workers_, [this, cached, respond] {
       if (auto text = read_file(cached)) {
         return respond(http::Response::json(200, std::move(*text)));
@@ -909,7 +918,8 @@ json Relay::stats() const {
       ++present;
       if (children.size() < 100) children.push_back(id);
     }
-    out["upstream"] = {{"url", upstream_},
+    out["upstream"] = {{"url", upstream()},
+                       {"urls", identity_.server},
                        {"state", upstream_up_ ? "up" : "down"},
                        {"error", upstream_error_},
                        {"since", upstream_changed_at_}};

@@ -86,7 +86,7 @@ class Relay {
     int64_t generation = 0;
     std::string body;
     std::string signature;
-    std::vector<std::string> via;  // relays below this one on the child's path
+    std::vector<std::string> via;    // relays below this one on the child's path
     std::set<std::string> digests;   // what the child may fetch through this relay
     std::set<std::string> prefetch;  // fetched ahead for it: a delta where one is offered
     // Reads digests and prefetch from a verified desired document.
@@ -109,6 +109,10 @@ class Relay {
   void evict();
   void forward_loop();
   void set_upstream(bool up, const std::string& error);
+  // The upstream URL in use now (identity_.servers: the agent's --server list, shared with the
+  // relay's own device clients), and a request to `used` that failed: the next URL, and down.
+  std::string upstream() const;
+  void upstream_failed(const std::string& used, const std::string& error);
   std::string outgoing_via(const http::Request& req) const;
   void seen(const std::string& device);
   // The child's credential and device id (and it counts as seen), or nullopt once it was
@@ -120,7 +124,6 @@ class Relay {
   RelayOptions options_;
   std::string dir_;
   Identity identity_;
-  std::string upstream_;  // identity_.server without a trailing slash
   std::string own_credential_hash_;
   std::unique_ptr<AsyncHttpClient> up_;  // reset first in stop(): its callbacks use the rest
   ArtifactStore cache_;

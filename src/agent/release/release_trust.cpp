@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "agent/device_api.h"
 #include "common/digest.h"
 #include "common/durable_file.h"
 #include "common/http_client.h"
@@ -159,7 +160,7 @@ ReleaseTrust::Verdict ReleaseTrust::check(const std::string& digest) {
 }
 
 Result<std::optional<std::string>> ReleaseTrust::fetch(const std::string& path, size_t max_bytes) {
-  HttpClient client(identity_.server, "", identity_.ca_file);
+  UpstreamClient client(identity_, /*with_credential=*/false);
   HttpRequestOptions options;
   options.max_body_bytes = max_bytes;
   options.timeout_ms = 30'000;
@@ -217,7 +218,7 @@ Status ReleaseTrust::refresh_once() {
     if (!first) return make_error(first.error());
     OUTPOST_TRY(write_file_durably(dir_ + "/root.json", **text, 0600));
     spdlog::info("release metadata: trusting root version {} from {}", first->version,
-                 identity_.server);
+                 identity_.url());
     root = *first;
     std::lock_guard lock(mu_);
     root_ = root;

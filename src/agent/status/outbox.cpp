@@ -83,8 +83,7 @@ Result<int64_t> StatusOutbox::enqueue(json report) {
 }
 
 void StatusOutbox::run() {
-  HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
-  client.set_signer(identity_.signer);
+  UpstreamClient client(identity_);
   Backoff backoff(options_.retry_initial_ms, options_.retry_max_ms);
   while (true) {
     int64_t seq = 0;

@@ -155,8 +155,7 @@ bool DesiredSync::sleep_for(int64_t ms) {
 }
 
 void DesiredSync::run() {
-  HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
-  client.set_signer(identity_.signer);
+  UpstreamClient client(identity_);
   Backoff backoff(options_.backoff_initial_ms, options_.backoff_max_ms);
   while (!stopping_) {
     SyncAnswer answer =

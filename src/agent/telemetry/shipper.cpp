@@ -65,7 +65,7 @@ void Shipper::wait_for(int64_t ms, bool wakeable) {
   if (wakeable) woken_ = false;
 }
 
-Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
+Shipper::Outcome Shipper::ship_one(UpstreamClient& client, int64_t& body_bytes) {
   body_bytes = 0;
   auto pending = buffer_.read(options_.max_records, options_.max_batch_json);
   if (!pending) {
@@ -152,8 +152,7 @@ Shipper::Outcome Shipper::ship_one(HttpClient& client, int64_t& body_bytes) {
 }
 
 void Shipper::run() {
-  HttpClient client(identity_.server, identity_.credential, identity_.ca_file);
-  client.set_signer(identity_.signer);
+  UpstreamClient client(identity_);
   Backoff backoff(options_.retry_initial_ms, options_.retry_max_ms);
   auto next_send = ShipperClock::now();
   while (!stopping_) {

@@ -17,6 +17,7 @@
 #include <string>
 #include <thread>
 
+#include "agent/device_api.h"
 #include "agent/identity.h"
 #include "agent/telemetry/buffer.h"
 #include "common/telemetry_batch.h"
@@ -66,7 +67,7 @@ class Shipper {
   enum class Outcome { kDone, kSent, kRetry };
   void run();
   // Sends the oldest unacknowledged records; `body_bytes` = the compressed body's size.
-  Outcome ship_one(HttpClient& client, int64_t& body_bytes);
+  Outcome ship_one(UpstreamClient& client, int64_t& body_bytes);
   // Sleeps up to `ms`; stop() ends it, and so does wake() when `wakeable`.
   void wait_for(int64_t ms, bool wakeable);
 
