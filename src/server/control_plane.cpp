@@ -1,9 +1,15 @@
 #include "server/control_plane.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/resource.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include <spdlog/spdlog.h>
@@ -17,6 +23,7 @@
 #include "common/durable_file.h"
 #include "http/http_server.h"
 #include "server/api/api.h"
+#include "server/cluster/cluster.h"
 #include "server/desired_states.h"
 #include "server/operator_auth.h"
 #include "server/registry/blob_store.h"
@@ -32,6 +39,28 @@ namespace {
 // Loads DATA/server.key (the Ed25519 key that signs desired states), creating it on first start.
 Result<crypto::Ed25519KeyPair> load_or_create_signing_key(const std::string& data_dir) {
   return crypto::load_or_create_key_file(data_dir + "/server.key", data_dir + "/server.pub");
+}
+
+// An exclusive lock on DATA/.init.lock (flock), released when the returned holder is reset:
+// replicas starting together on one shared DATA directory make its keys once.
+struct FdCloser {
+  void operator()(int* fd) const {
+    ::close(*fd);  // releases the flock
+    delete fd;
+  }
+};
+using LockHolder = std::unique_ptr<int, FdCloser>;
+
+Result<LockHolder> lock_data_dir(const std::string& data_dir) {
+  const std::string path = data_dir + "/.init.lock";
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) return make_error(Errc::kIo, "cannot open " + path + ": " + std::strerror(errno));
+  if (::flock(fd, LOCK_EX) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return make_error(Errc::kIo, "cannot lock " + path + ": " + std::strerror(err));
+  }
+  return LockHolder(new int(fd));
 }
 
 }  // namespace
@@ -55,6 +84,7 @@ struct ControlPlane::Impl {
   std::unique_ptr<DeviceSessions> sessions;
   std::unique_ptr<registry::ReleaseSigner> release;
   std::unique_ptr<registry::DeltaMaker> deltas;
+  std::unique_ptr<cluster::Cluster> cluster;
   // Batches devices' last_seen; runs on a strand of the workers so stop() can cancel it.
   std::unique_ptr<boost::asio::strand<boost::asio::thread_pool::executor_type>> flush_strand;
   std::unique_ptr<boost::asio::steady_timer> flush_timer;
@@ -74,7 +104,7 @@ struct ControlPlane::Impl {
     telemetry_timer->expires_after(std::chrono::milliseconds(options.telemetry_maintenance_ms));
     telemetry_timer->async_wait([this](const boost::system::error_code& ec) {
       if (ec || stopped) return;
-      maintain_telemetry();
+      if (cluster->leader()) maintain_telemetry();
       schedule_telemetry_maintenance();
     });
   }
@@ -95,10 +125,13 @@ struct ControlPlane::Impl {
     rollout_timer->expires_after(std::chrono::milliseconds(options.rollout_tick_ms));
     rollout_timer->async_wait([this](const boost::system::error_code& ec) {
       if (ec || stopped) return;
-      (void)rollouts->tick();  // failures are logged by the controller
-      // A staged secret version that became active: documents drop the superseded one.
-      if (auto switched = desired->reconcile_if_secret_switched(clock.now_ms()); !switched) {
-        spdlog::error("secret rotation: {}", switched.error().message);
+      // Replicas: one leader advances rollouts and switches secrets; the others serve.
+      if (cluster->leader()) {
+        (void)rollouts->tick();  // failures are logged by the controller
+        // A staged secret version that became active: documents drop the superseded one.
+        if (auto switched = desired->reconcile_if_secret_switched(clock.now_ms()); !switched) {
+          spdlog::error("secret rotation: {}", switched.error().message);
+        }
       }
       schedule_rollout_tick();
     });
@@ -107,12 +140,77 @@ struct ControlPlane::Impl {
     auto written = sessions->flush();
     if (!written) spdlog::warn("{}", written.error().message);
   }
+  void wire_cluster();
   std::unique_ptr<api::ApiContext> ctx;
   std::string admin_token_path;
   TlsSetup tls;
   std::atomic<bool> ready{false};
   std::atomic<bool> stopped{false};
 };
+
+// News between replicas (server/cluster): what one replica wrote that the others hold in memory.
+void ControlPlane::Impl::wire_cluster() {
+  auto& d = *this;
+  d.desired->set_news([&d](const std::vector<std::string>& ids) {
+    // NOTIFY payloads stay under 8000 bytes: ids in groups.
+    std::string payload;
+    for (const auto& id : ids) {
+      if (!payload.empty() && payload.size() + id.size() > 7'000) {
+        (void)d.cluster->publish(cluster::kDesiredChannel, payload);
+        payload.clear();
+      }
+      payload += (payload.empty() ? "" : ",") + id;
+    }
+    if (!payload.empty()) (void)d.cluster->publish(cluster::kDesiredChannel, payload);
+  });
+  d.release->set_on_signed([&d] { (void)d.cluster->publish(cluster::kReleaseChannel, ""); });
+  d.deltas->set_on_follower_request(
+      [&d] { (void)d.cluster->publish(cluster::kDeltasChannel, ""); });
+  d.cluster->on_leader_change([&d](bool leader) {
+    if (leader) {
+      d.deltas->start();
+    } else {
+      d.deltas->stop();
+    }
+  });
+  d.cluster->on_news([&d](const std::string& channel, const std::string& payload) {
+    // Store reads: on a worker, not the cluster thread.
+    boost::asio::post(d.workers, [&d, channel, payload] {
+      if (d.stopped) return;
+      if (channel == cluster::kDesiredChannel || channel.empty()) {
+        std::vector<std::string> ids;
+        if (channel.empty()) {
+          ids = d.hub->parked_devices();  // back after a lost connection: re-read the parked
+        } else {
+          for (size_t start = 0; start < payload.size();) {
+            size_t end = payload.find(',', start);
+            if (end == std::string::npos) end = payload.size();
+            if (end > start) ids.push_back(payload.substr(start, end - start));
+            start = end + 1;
+          }
+        }
+        if (auto done = d.desired->refresh_from_store(ids); !done) {
+          spdlog::warn("cluster news: {}", done.error().message);
+        }
+      }
+      if (channel == cluster::kRevokedChannel) {
+        const auto colon = payload.rfind(':');
+        if (colon != std::string::npos) {
+          const std::string id = payload.substr(0, colon);
+          d.sessions->revoke(id, std::strtoll(payload.c_str() + colon + 1, nullptr, 10));
+          d.hub->release(id);
+        }
+      }
+      if (channel == cluster::kUsersChannel || channel.empty()) d.auth->forget_cached();
+      if (channel == cluster::kReleaseChannel || channel.empty()) {
+        if (auto done = d.release->reload(); !done) {
+          spdlog::warn("cluster news: release metadata: {}", done.error().message);
+        }
+      }
+      if (channel == cluster::kDeltasChannel && d.deltas->running()) d.deltas->catch_up_soon();
+    });
+  });
+}
 
 ControlPlane::ControlPlane(ControlPlaneOptions options)
     : impl_(std::make_unique<Impl>(std::move(options))) {}
@@ -132,6 +230,12 @@ Status ControlPlane::start() {
   auto store = store::open_store(db_url);
   if (!store) return make_error(store.error().with_context("opening the store " + db_url));
   d.store = std::move(*store);
+  auto cluster = cluster::open_cluster(db_url, cluster::ClusterOptions{});
+  if (!cluster) return make_error(cluster.error());
+  d.cluster = std::move(*cluster);
+  // Replicas share DATA (keys, blobs, the admin token): one at a time makes what is missing.
+  auto init_lock = lock_data_dir(d.options.data_dir);
+  if (!init_lock) return make_error(init_lock.error());
   d.blobs = std::make_unique<registry::BlobStore>(d.options.data_dir + "/blobs");
   OUTPOST_TRY(d.blobs->init());
   d.auth = std::make_unique<OperatorAuth>(*d.store);
@@ -191,8 +295,8 @@ Status ControlPlane::start() {
   d.ctx->ca_pem = d.tls.ca_pem;
   d.ctx->ca_pin = d.tls.ca_pin;
   // New deltas are listed in signed release metadata first, then offered to devices.
-  d.deltas = std::make_unique<registry::DeltaMaker>(
-      *d.store, *d.blobs, d.clock, d.options.deltas, [&d] {
+  d.deltas =
+      std::make_unique<registry::DeltaMaker>(*d.store, *d.blobs, d.clock, d.options.deltas, [&d] {
         if (auto signed_now = d.release->refresh(); !signed_now) {
           spdlog::error("release metadata after new deltas: {}", signed_now.error().message);
         }
@@ -204,6 +308,9 @@ Status ControlPlane::start() {
         }
       });
   d.ctx->deltas = d.deltas.get();
+  d.ctx->cluster = d.cluster.get();
+  d.wire_cluster();
+  init_lock->reset();
 
   api::register_enrollment_token_routes(d.router, *d.ctx);
   api::register_device_routes(d.router, *d.ctx);
@@ -270,7 +377,8 @@ Status ControlPlane::start() {
   if (!summary) return make_error(summary.error().with_context("scheduling devices at start"));
   OUTPOST_TRY(d.http->start());
   d.release->start();
-  d.deltas->start();
+  // Makes deltas once this replica leads (at once with SQLite: a single replica always does).
+  OUTPOST_TRY(d.cluster->start());
   d.flush_strand = std::make_unique<boost::asio::strand<boost::asio::thread_pool::executor_type>>(
       d.workers.get_executor());
   d.flush_timer = std::make_unique<boost::asio::steady_timer>(*d.flush_strand);
@@ -293,6 +401,7 @@ void ControlPlane::stop() {
     boost::asio::post(*d.flush_strand, [&d] { d.telemetry_timer->cancel(); });
   }
   if (d.rollout_timer) boost::asio::post(*d.flush_strand, [&d] { d.rollout_timer->cancel(); });
+  if (d.cluster) d.cluster->stop();  // a leader hands over now, not when its socket closes
   d.workers.join();
   if (d.deltas) d.deltas->stop();
   if (d.release) d.release->stop();

@@ -50,6 +50,16 @@ Result<sync::SignedDesired> DesiredStateUpdater::signed_desired(const std::strin
   return sign((*device)->generation, (*device)->desired_json);
 }
 
+Status DesiredStateUpdater::refresh_from_store(const std::vector<std::string>& device_ids) {
+  for (const auto& id : device_ids) {
+    auto device = store_.get_device(id);
+    if (!device) return make_error(device.error().with_context("refreshing device " + id));
+    if (!*device) continue;  // deleted meanwhile
+    hub_.publish(id, sign((*device)->generation, (*device)->desired_json));
+  }
+  return ok();
+}
+
 Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile_all() {
   auto devices = store_.list_devices({});
   if (!devices) return make_error(devices.error());
@@ -252,12 +262,15 @@ Result<DesiredStateUpdater::Summary> DesiredStateUpdater::reconcile(
     if (writes.empty()) return ok();
     auto generations = store_.update_desired_states(writes);
     if (!generations) return make_error(generations.error());
+    std::vector<std::string> changed;
     for (size_t i = 0; i < writes.size(); ++i) {
       if ((*generations)[i] != old_generations[i]) {
         ++summary.changed;
         hub_.publish(writes[i].device_id, sign((*generations)[i], writes[i].desired_json));
+        if (news_) changed.push_back(writes[i].device_id);
       }
     }
+    if (news_ && !changed.empty()) news_(changed);
     writes.clear();
     old_generations.clear();
     return ok();

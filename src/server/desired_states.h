@@ -6,8 +6,10 @@
 #pragma once
 
 #include <atomic>
+#include <functional>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "common/clock.h"
 #include "common/error.h"
@@ -48,6 +50,16 @@ class DesiredStateUpdater {
   // (so documents stop carrying the superseded one). Cheap otherwise: call it periodically.
   [[nodiscard]] Result<bool> reconcile_if_secret_switched(int64_t now_ms);
 
+  // Replicas (server/cluster): `news` is told the ids of devices whose desired state this
+  // updater changed, after each stored group, so other replicas wake their long-polls. Set
+  // before the first reconcile.
+  void set_news(std::function<void(const std::vector<std::string>&)> news) {
+    news_ = std::move(news);
+  }
+  // Another replica changed these devices: their documents are read from the store, signed and
+  // published to parked long-polls (an older or equal generation changes nothing).
+  [[nodiscard]] Status refresh_from_store(const std::vector<std::string>& device_ids);
+
   // The signed document of the device's current generation (from memory, else the store).
   [[nodiscard]] Result<sync::SignedDesired> signed_desired(const std::string& device_id);
 
@@ -61,6 +73,7 @@ class DesiredStateUpdater {
   store::Store& store_;
   sync::SyncHub& hub_;
   std::string signing_secret_key_;
+  std::function<void(const std::vector<std::string>&)> news_;
   const SecretVault* vault_ = nullptr;
   const Clock* clock_ = nullptr;
   // The earliest activate_at of a staged secret version seen by the last pass that loaded the

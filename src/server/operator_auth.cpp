@@ -175,4 +175,10 @@ Result<std::string> OperatorAuth::ensure_admin_token(const std::string& data_dir
   return path;
 }
 
+void OperatorAuth::forget_cached() {
+  std::lock_guard lock(mu_);
+  cache_.clear();
+  ++generation_;  // a lookup in flight does not put back what it read before
+}
+
 }  // namespace outpost::server

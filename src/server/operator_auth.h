@@ -52,6 +52,9 @@ class OperatorAuth {
   // kFailedPrecondition for "admin" (rotate DATA/admin.token instead).
   [[nodiscard]] Result<store::OperatorToken> revoke_user(const std::string& name, int64_t now_ms);
 
+  // Another replica revoked a user: every cached token is looked up again.
+  void forget_cached();
+
   // Ensures DATA/admin.token exists (mode 0600) and is registered as user "admin"; returns
   // its path.
   [[nodiscard]] Result<std::string> ensure_admin_token(const std::string& data_dir, int64_t now_ms);

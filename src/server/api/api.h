@@ -29,6 +29,9 @@ namespace outpost::server {
 class DesiredStateUpdater;
 class OperatorAuth;
 class SecretVault;
+namespace cluster {
+class Cluster;
+}  // namespace cluster
 namespace registry {
 class BlobStore;
 class DeltaMaker;
@@ -111,6 +114,8 @@ struct ApiContext {
   std::string ca_pin;
   // Makes deltas of pushed model versions and bundles (null: deltas off).
   registry::DeltaMaker* deltas = nullptr;
+  // Replicas: news of revocations for the others (null in tests of one server).
+  cluster::Cluster* cluster = nullptr;
   std::unique_ptr<TelemetryIngestCounters> telemetry = std::make_unique<TelemetryIngestCounters>();
   std::unique_ptr<ArtifactCounters> artifact_counters = std::make_unique<ArtifactCounters>();
   std::unique_ptr<TelemetryWriter> telemetry_queue = make_telemetry_writer(store, clock);

@@ -4,6 +4,7 @@
 #include <map>
 
 #include "server/api/api.h"
+#include "server/cluster/cluster.h"
 #include "server/desired_states.h"
 #include "server/sync/sync_hub.h"
 
@@ -213,7 +214,10 @@ Result<http::Response> revoke_device(ApiContext& ctx, const http::Request& req,
     audit(ctx, caller, "device.revoke", "device/" + id, {{"site", device->site}});
   }
   ctx.sessions.revoke(id, revoked_at);
-  ctx.hub.release(id);  // its held long-poll ends now, refused
+  ctx.hub.release(id);           // its held long-poll ends now, refused
+  if (ctx.cluster != nullptr) {  // and on the other replicas
+    (void)ctx.cluster->publish(cluster::kRevokedChannel, id + ":" + std::to_string(revoked_at));
+  }
   return json_response(200, {{"id", id}, {"revoked_at", revoked_at}});
 }
 

@@ -2,6 +2,7 @@
 // secret is shown once, at creation, and only its hash is stored. Revoking takes effect on
 // the user's next call.
 #include "server/api/api.h"
+#include "server/cluster/cluster.h"
 #include "server/operator_auth.h"
 
 namespace outpost::server::api {
@@ -43,6 +44,7 @@ Result<http::Response> revoke_user(ApiContext& ctx, const http::Request& req,
   const std::string& name = req.params.at("name");
   auto revoked = ctx.auth.revoke_user(name, ctx.clock.now_ms());
   if (!revoked) return make_error(revoked.error());
+  if (ctx.cluster != nullptr) (void)ctx.cluster->publish(cluster::kUsersChannel, name);
   audit(ctx, caller, "user.revoke", "user/" + name, {{"revoked_at", revoked->revoked_at}});
   return json_response(200, user_json(*revoked));
 }

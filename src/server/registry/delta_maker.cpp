@@ -26,6 +26,7 @@ DeltaMaker::~DeltaMaker() { stop(); }
 void DeltaMaker::start() {
   if (thread_.joinable() || options_.bases <= 0) return;
   stopping_ = false;
+  running_ = true;
   thread_ = std::thread([this] { worker(); });
 }
 
@@ -36,10 +37,25 @@ void DeltaMaker::stop() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
+  running_ = false;
+}
+
+bool DeltaMaker::running() const { return running_.load(); }
+
+void DeltaMaker::catch_up_soon() {
+  {
+    std::lock_guard lock(mu_);
+    catch_up_due_ = true;
+  }
+  cv_.notify_all();
 }
 
 void DeltaMaker::request(const std::string& target, const std::vector<std::string>& bases) {
   if (options_.bases <= 0) return;
+  if (!running() && poke_) {
+    poke_();  // a follower: the leader makes it
+    return;
+  }
   auto known = store_.list_artifact_deltas(target);
   if (!known) {
     spdlog::error("deltas for {}: {}", target, known.error().message);
@@ -164,8 +180,14 @@ void DeltaMaker::worker() {
     bool notify = false;
     {
       std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
+      cv_.wait(lock, [&] { return stopping_ || !queue_.empty() || catch_up_due_; });
       if (stopping_) return;
+      if (catch_up_due_) {
+        catch_up_due_ = false;
+        lock.unlock();
+        catch_up();
+        continue;
+      }
       job = queue_.front();
       queue_.pop_front();
       making_ = job.target;

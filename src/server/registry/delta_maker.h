@@ -44,6 +44,12 @@ class DeltaMaker {
   ~DeltaMaker();
   void start();
   void stop();
+  bool running() const;
+  // Replicas: only the leader makes deltas. A request on a follower is told here (the leader
+  // then catches up: catch_up_soon()). Set before the first request.
+  void set_on_follower_request(std::function<void()> poke) { poke_ = std::move(poke); }
+  // Queues a catch-up pass on the worker (another replica took a push).
+  void catch_up_soon();
 
   const DeltaOptions& options() const { return options_; }
 
@@ -70,6 +76,9 @@ class DeltaMaker {
     std::string target;
     std::string base;
   };
+  std::function<void()> poke_;
+  bool catch_up_due_ = false;
+  std::atomic<bool> running_{false};
   void worker();
   // At start: queues what a stop may have left unmade, for each model's newest version and
   // each deployment's newest revision (made or skipped pairs are not queued again).

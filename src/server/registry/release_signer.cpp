@@ -97,7 +97,11 @@ void ReleaseSigner::start() {
     while (!stopping_) {
       cv_.wait_for(lock, std::chrono::milliseconds(period));
       if (stopping_) break;
-      if (auto done = refresh_locked(); !done) {
+      // Another replica may have signed since: start from the newest stored documents.
+      if (auto latest = load_latest_locked(); !latest) {
+        spdlog::error("release metadata: {}", latest.error().message);
+      }
+      if (auto done = refresh_and_tell_locked(); !done) {
         spdlog::error("release metadata: {}", done.error().message);
       }
     }
@@ -115,7 +119,19 @@ void ReleaseSigner::stop() {
 
 Status ReleaseSigner::refresh() {
   std::lock_guard lock(mu_);
-  return refresh_locked();
+  return refresh_and_tell_locked();
+}
+
+Status ReleaseSigner::refresh_and_tell_locked() {
+  signed_new_ = false;
+  Status done = refresh_locked();
+  if (signed_new_ && on_signed_) on_signed_();  // both documents are stored by now
+  return done;
+}
+
+Status ReleaseSigner::reload() {
+  std::lock_guard lock(mu_);
+  return load_latest_locked();
 }
 
 Status ReleaseSigner::refresh_locked() {
@@ -147,7 +163,10 @@ Status ReleaseSigner::refresh_locked() {
       store::ReleaseDocument doc{std::string(role), version, sign(version), now};
       auto put = store_.put_release_document(doc);
       if (!put) return make_error(put.error());
-      if (*put) return version;
+      if (*put) {
+        signed_new_ = true;
+        return version;
+      }
     }
     return make_error(Errc::kConflict, "could not store a new " + std::string(role) +
                                            " version: every version tried was taken");
@@ -280,7 +299,7 @@ Result<release::Root> ReleaseSigner::accept_root(std::string_view text) {
   }
   root_ = *next;
   root_text_ = std::string(text);
-  if (auto signed_now = refresh_locked(); !signed_now) {
+  if (auto signed_now = refresh_and_tell_locked(); !signed_now) {
     spdlog::error("release metadata: {}", signed_now.error().message);
   }
   spdlog::info("release metadata: root version {} accepted", next->version);

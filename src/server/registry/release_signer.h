@@ -6,6 +6,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -42,6 +43,11 @@ class ReleaseSigner {
   // lifetime, or when root no longer gives its key the role; the timestamp likewise, and
   // whenever targets changed. No-op (ok) while no root is installed.
   [[nodiscard]] Status refresh();
+  // Replicas: re-reads the newest documents from the store (another replica signed them).
+  [[nodiscard]] Status reload();
+  // Called (under the signer's lock; keep it short) after a new targets or timestamp version
+  // was stored, so other replicas reload. Set before init().
+  void set_on_signed(std::function<void()> on_signed) { on_signed_ = std::move(on_signed); }
 
   // For `outpost release status` and `keys init`: root version and expiry, the online key
   // (and a pending one), the current targets and timestamp versions and expiries.
@@ -61,6 +67,7 @@ class ReleaseSigner {
 
  private:
   [[nodiscard]] Status refresh_locked();
+  [[nodiscard]] Status refresh_and_tell_locked();  // and on_signed_ when it stored a version
   [[nodiscard]] Status load_latest_locked();
 
   store::Store& store_;
@@ -78,6 +85,8 @@ class ReleaseSigner {
   std::string timestamp_text_;
   std::string signed_by_;  // key id that signed targets_/timestamp_
   std::string last_error_;
+  std::function<void()> on_signed_;
+  bool signed_new_ = false;
   bool stopping_ = false;
   std::condition_variable cv_;
   std::thread thread_;

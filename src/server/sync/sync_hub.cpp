@@ -149,6 +149,15 @@ void SyncHub::release(const std::string& device_id) {
   }
 }
 
+std::vector<std::string> SyncHub::parked_devices() const {
+  std::lock_guard lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& [id, slot] : slots_) {
+    if (!slot.waiters.empty()) out.push_back(id);
+  }
+  return out;
+}
+
 size_t SyncHub::waiting() const {
   std::lock_guard lock(mu_);
   return waiting_;

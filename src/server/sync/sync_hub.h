@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 
@@ -54,6 +55,8 @@ class SyncHub {
   void shutdown();
 
   size_t waiting() const;
+  // Devices with a parked request now (a replica back on the database re-reads these).
+  std::vector<std::string> parked_devices() const;
 
   // Answers given since start, by kind (for /metrics).
   struct Counts {
