@@ -31,6 +31,7 @@
 #include "test_support.h"
 
 #include "common/digest.h"
+#include "common/zstd_delta.h"
 #include "http/http_server.h"
 
 namespace outpost::agent {
@@ -87,6 +88,19 @@ class FakeArtifactServer {
     files_[digest] = path;
   }
   void ignore_range(bool ignore) { ignore_range_ = ignore; }
+  // Answers the next `times` requests for `digest` (HEAD or GET; -1: all of them) with
+  // `status` and no blob, as a busy relay (503) or one that refuses a bad copy (502) does.
+  void answer(const std::string& digest, int status, int times = -1) {
+    std::lock_guard lock(mu_);
+    faults_[digest] = {status, times};
+  }
+  std::vector<Seen> seen_for(const std::string& digest) const {
+    std::vector<Seen> out;
+    for (const auto& s : seen()) {
+      if (s.digest == digest) out.push_back(s);
+    }
+    return out;
+  }
 
   std::vector<Seen> seen() const {
     std::lock_guard lock(mu_);
@@ -107,6 +121,12 @@ class FakeArtifactServer {
       std::lock_guard lock(mu_);
       seen_.push_back(
           {req.method, req.params.at("digest"), req.header("range"), req.header("authorization")});
+      if (auto fault = faults_.find(req.params.at("digest"));
+          fault != faults_.end() && fault->second.times != 0) {
+        if (fault->second.times > 0) --fault->second.times;
+        return http::Response::json(fault->second.status,
+                                    R"({"error":{"code":"unavailable","message":"injected"}})");
+      }
       auto it = files_.find(req.params.at("digest"));
       if (it == files_.end()) {
         return http::Response::json(404, R"({"error":{"code":"not_found","message":"no"}})");
@@ -146,6 +166,11 @@ class FakeArtifactServer {
   mutable std::mutex mu_;
   std::map<std::string, std::string> files_;
   std::vector<Seen> seen_;
+  struct Fault {
+    int status = 0;
+    int times = 0;
+  };
+  std::map<std::string, Fault> faults_;
   std::atomic<bool> ignore_range_{false};
   http::Router router_;
   std::unique_ptr<http::HttpServer> server_;
@@ -551,6 +576,197 @@ TEST_F(FetcherTest, ForgetDuringTransferDropsTheJobWhenItEnds) {
   EXPECT_FALSE(fetcher->progress(digest).has_value());
   EXPECT_TRUE(fetcher->wanted().empty());
   EXPECT_TRUE(exists(store_->partial_path(digest)));  // forget keeps the partial
+}
+
+// ---------------------------------------------------------------------------------------
+// Fetcher: delta updates. The device holds the base; the server serves the target and the
+// delta that turns the base into it.
+
+class DeltaFetchTest : public FetcherTest {
+ protected:
+  void SetUp() override {
+    FetcherTest::SetUp();
+    options_.retry_initial_ms = 20;  // retries are part of what these tests look at
+    options_.retry_max_ms = 20;
+    base_ = random_bytes(256 << 10, 30);
+    target_ = base_;
+    for (size_t i = 0; i < target_.size(); i += 10 * 1024) {  // 10 % changed, in runs
+      for (size_t j = i; j < i + 1024 && j < target_.size(); ++j) target_[j] ^= 0x5a;
+    }
+    base_digest_ = digest_of(base_);
+    target_digest_ = digest_of(target_);
+    write_text(store_->path(base_digest_), base_);  // held, verified
+    delta_ = make_delta(base_, target_);
+    ASSERT_LT(delta_.size(), target_.size() / 4);
+    delta_digest_ = digest_of(delta_);
+    server_->put(target_digest_, target_);
+    server_->put(delta_digest_, delta_);
+  }
+
+  // The patch-from delta from `base` to `target`, as the registry makes it.
+  std::string make_delta(const std::string& base, const std::string& target) {
+    const std::string b = dir_.file("delta-base"), t = dir_.file("delta-target");
+    const std::string out = dir_.file("delta-out");
+    write_text(b, base);
+    write_text(t, target);
+    auto made = delta::make_delta(b, t, out, {.level = 3});
+    EXPECT_TRUE(made.has_value()) << made.error().message;
+    return read_text(out);
+  }
+
+  DeltaPlan plan() const { return DeltaPlan{delta_digest_, base_digest_, -1}; }
+
+  // Nothing of either download is left in partial/ once the target is stored.
+  void expect_partials_clean() const {
+    EXPECT_TRUE(std::filesystem::is_empty(dir_.path() + "/data/artifacts/partial"));
+  }
+
+  std::string base_, target_, delta_;
+  std::string base_digest_, target_digest_, delta_digest_;
+};
+
+TEST_F(DeltaFetchTest, ADeltaRebuildsTheBlobAndOnlyItsBytesAreFetched) {
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, plan());
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  ASSERT_TRUE(store_->has(target_digest_));
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+  EXPECT_EQ(p.fetched_bytes, static_cast<int64_t>(delta_.size()));
+  EXPECT_EQ(p.attempts, 1);
+  EXPECT_EQ(p.via_delta, delta_digest_);
+  EXPECT_EQ(p.delta_error, "");
+  EXPECT_TRUE(server_->seen_for(target_digest_).empty());  // the whole blob was never asked for
+  EXPECT_EQ(server_->seen_for(delta_digest_).size(), 2u);  // HEAD + GET
+  EXPECT_FALSE(store_->has(delta_digest_));                // the delta is used once, not kept
+  EXPECT_TRUE(store_->has(base_digest_));
+  expect_partials_clean();
+  expect_bearer_everywhere();
+}
+
+TEST_F(DeltaFetchTest, ACorruptedDeltaFallsBackToTheWholeBlob) {
+  std::string corrupt = delta_;
+  corrupt[corrupt.size() / 2] ^= 0x01;
+  server_->put(delta_digest_, corrupt);  // served under the good delta's digest
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, plan());
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+  EXPECT_EQ(p.attempts, 1);  // given up in the same attempt: no backoff for it
+  EXPECT_THAT(p.delta_error, HasSubstr("sha256 mismatch"));
+  EXPECT_EQ(p.via_delta, "");
+  EXPECT_EQ(p.fetched_bytes, static_cast<int64_t>(corrupt.size() + target_.size()));
+  EXPECT_EQ(server_->seen("GET").size(), 2u);
+  EXPECT_EQ(server_->seen_for(target_digest_).size(), 2u);
+  expect_partials_clean();
+
+  // A delta given up is not tried again for that blob.
+  store_->remove(target_digest_);
+  fetcher->forget(target_digest_);
+  fetcher->want(target_digest_, -1, plan());
+  p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  EXPECT_EQ(p.via_delta, "");
+  EXPECT_EQ(server_->seen_for(delta_digest_).size(), 2u);  // still only the first HEAD + GET
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+}
+
+TEST_F(DeltaFetchTest, ADeltaThatDoesNotRebuildTheBlobFallsBack) {
+  // A well-formed delta (its own digest checks) made from another version, nearly the target:
+  // it copies most of the target out of its base, so applied to the base the device holds
+  // (10 % different) it cannot give the target's digest. (A delta from something unrelated
+  // would carry the whole target and rebuild it from any base.)
+  std::string other = target_;
+  for (size_t i = 5 * 1024; i < other.size(); i += 20 * 1024) other[i] ^= 0x33;
+  const std::string wrong = make_delta(other, target_);
+  const std::string wrong_digest = digest_of(wrong);
+  server_->put(wrong_digest, wrong);
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, DeltaPlan{wrong_digest, base_digest_, -1});
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+  EXPECT_EQ(p.attempts, 1);
+  EXPECT_NE(p.delta_error, "");
+  EXPECT_EQ(server_->seen_for(target_digest_).size(), 2u);
+  EXPECT_TRUE(store_->has(base_digest_));  // the base is not blamed and removed
+  expect_partials_clean();
+}
+
+TEST_F(DeltaFetchTest, ABaseNoLongerHeldFallsBack) {
+  store_->remove(base_digest_);
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, plan());
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+  EXPECT_THAT(p.delta_error, HasSubstr("no longer on this device"));
+  EXPECT_EQ(p.attempts, 1);
+  expect_partials_clean();
+}
+
+TEST_F(DeltaFetchTest, AnAnswerThatIsNotBusyGivesTheDeltaUpAtOnce) {
+  // 502: a relay whose upstream served it a bad copy; 404, 401/403, 500: no good copy either.
+  for (int status : {502, 404, 403, 401, 500}) {
+    SCOPED_TRACE(status);
+    server_->answer(delta_digest_, status);
+    const size_t seen_before = server_->seen_for(delta_digest_).size();
+    auto fetcher = start_fetcher();
+    fetcher->want(target_digest_, -1, plan());
+    FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+    EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+    EXPECT_EQ(p.attempts, 1);
+    EXPECT_THAT(p.delta_error, HasSubstr("HTTP " + std::to_string(status)));
+    EXPECT_EQ(server_->seen_for(delta_digest_).size(), seen_before + 1);  // one HEAD, no retry
+    EXPECT_EQ(p.fetched_bytes, static_cast<int64_t>(target_.size()));
+    fetcher.reset();
+    store_->remove(target_digest_);
+  }
+}
+
+TEST_F(DeltaFetchTest, ABusyAnswerIsRetriedOnTheDelta) {
+  for (int status : {503, 504, 429}) {
+    SCOPED_TRACE(status);
+    server_->answer(delta_digest_, status, /*times=*/2);
+    const size_t seen_before = server_->seen_for(delta_digest_).size();
+    auto fetcher = start_fetcher();
+    fetcher->want(target_digest_, -1, plan());
+    FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+    EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+    EXPECT_EQ(p.attempts, 3);  // two busy answers, then the delta came through
+    EXPECT_EQ(p.via_delta, delta_digest_);
+    EXPECT_EQ(p.delta_error, "");
+    EXPECT_EQ(p.fetched_bytes, static_cast<int64_t>(delta_.size()));
+    EXPECT_EQ(server_->seen_for(delta_digest_).size(), seen_before + 4);  // 2 HEAD, HEAD + GET
+    EXPECT_TRUE(server_->seen_for(target_digest_).empty());
+    fetcher.reset();
+    store_->remove(target_digest_);
+  }
+}
+
+TEST_F(DeltaFetchTest, ThreeBusyTriesGiveTheDeltaUpForTheWholeBlob) {
+  server_->answer(delta_digest_, 503);
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, plan());
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kDone);
+  EXPECT_EQ(read_text(store_->path(target_digest_)), target_);
+  EXPECT_EQ(p.attempts, 3);  // the third busy answer gives it up in that same attempt
+  EXPECT_THAT(p.delta_error, HasSubstr("HTTP 503"));
+  EXPECT_EQ(p.via_delta, "");
+  EXPECT_EQ(server_->seen_for(delta_digest_).size(), 3u);
+  EXPECT_EQ(server_->seen_for(target_digest_).size(), 2u);
+  expect_partials_clean();
+}
+
+TEST_F(DeltaFetchTest, ABusyServerWhileWaitingShowsTheDeltaStillPlanned) {
+  // Between busy tries the job waits with the delta still its plan, and the error is kept.
+  options_.retry_initial_ms = 60'000;
+  options_.retry_max_ms = 60'000;
+  server_->answer(delta_digest_, 503);
+  auto fetcher = start_fetcher();
+  fetcher->want(target_digest_, -1, plan());
+  FetchProgress p = wait_for(*fetcher, target_digest_, Phase::kWaitingRetry);
+  EXPECT_EQ(p.via_delta, delta_digest_);
+  EXPECT_EQ(p.delta_error, "");
+  EXPECT_EQ(p.last_code, Errc::kUnavailable);
+  EXPECT_THAT(p.last_error, HasSubstr("HTTP 503"));
+  EXPECT_TRUE(server_->seen_for(target_digest_).empty());
 }
 
 }  // namespace

@@ -122,6 +122,77 @@ TEST(NeededArtifactsTest, ListsModelVariantAndBundle) {
   EXPECT_TRUE(needed_artifacts(json{{"name", "x"}, {"revision", 1}}).empty());
 }
 
+// offered_deltas: the desired document's top-level "deltas". Whatever is kept becomes a file
+// name under artifacts/partial/ and a download URL, so only well-formed digests pass.
+std::string digest(char c) { return "sha256:" + std::string(64, c); }
+
+json offer(const json& base, const json& delta) {
+  json o = {{"size", 100}};
+  if (!base.is_null()) o["base"] = base;
+  if (!delta.is_null()) o["delta"] = delta;
+  return o;
+}
+
+TEST(OfferedDeltasTest, ParsesEveryWellFormedOfferInTheServersOrder) {
+  const json doc = {
+      {"device", "d-1"},
+      {"deployments", json::array()},
+      {"deltas",
+       {{digest('a'), {offer(digest('1'), digest('2')), offer(digest('3'), digest('4'))}},
+        {digest('b'), {offer(digest('5'), digest('6'))}}}}};
+  auto offers = offered_deltas(doc);
+  ASSERT_EQ(offers.size(), 2u);
+  ASSERT_EQ(offers[digest('a')].size(), 2u);
+  EXPECT_EQ(offers[digest('a')][0].base, digest('1'));
+  EXPECT_EQ(offers[digest('a')][0].delta, digest('2'));
+  EXPECT_EQ(offers[digest('a')][1].base, digest('3'));
+  EXPECT_EQ(offers[digest('a')][1].delta, digest('4'));
+  ASSERT_EQ(offers[digest('b')].size(), 1u);
+  EXPECT_EQ(offers[digest('b')][0].base, digest('5'));
+  EXPECT_EQ(offers[digest('b')][0].delta, digest('6'));
+}
+
+TEST(OfferedDeltasTest, IgnoresMalformedOffersAndKeepsTheGoodOnes) {
+  const std::string traversal = "sha256:../../../etc/passwd" + std::string(45, 'a');
+  const std::string upper = "sha256:" + std::string(64, 'A');
+  json deltas = {
+      // One good offer among bad ones: only it is kept.
+      {digest('a'),
+       {offer(digest('1'), digest('2')), offer(nullptr, digest('3')),  // no base
+        offer(digest('4'), nullptr),                                   // no delta
+        offer(42, digest('5')),                                        // base not a string
+        offer(digest('6'), json::array({digest('7')})),                // delta not a string
+        offer("model.onnx", digest('8')),                              // not digests
+        offer(digest('9'), traversal),                                 //
+        offer(upper, digest('c')),                                     //
+        offer(digest('d'), "sha256:" + std::string(63, 'e')),
+        "sha256:" + std::string(64, 'f'),  // an offer that is not an object
+        nullptr}},
+      // Targets that are not digests, and offer lists that are not lists.
+      {"model.onnx", {offer(digest('1'), digest('2'))}},
+      {traversal, {offer(digest('1'), digest('2'))}},
+      {digest('b'), offer(digest('1'), digest('2'))},
+      {digest('c'), "sha256:" + std::string(64, '2')},
+      // Only malformed offers: the target is left out altogether.
+      {digest('d'), {offer(digest('1'), "x")}},
+  };
+  auto offers = offered_deltas(json{{"deltas", deltas}});
+  ASSERT_EQ(offers.size(), 1u);
+  ASSERT_TRUE(offers.contains(digest('a')));
+  ASSERT_EQ(offers[digest('a')].size(), 1u);
+  EXPECT_EQ(offers[digest('a')][0].base, digest('1'));
+  EXPECT_EQ(offers[digest('a')][0].delta, digest('2'));
+}
+
+TEST(OfferedDeltasTest, NoDeltasOrTheWrongShapeGiveNone) {
+  EXPECT_TRUE(offered_deltas(json{{"device", "d-1"}, {"deployments", json::array()}}).empty());
+  EXPECT_TRUE(offered_deltas(json{{"deltas", nullptr}}).empty());
+  EXPECT_TRUE(offered_deltas(json{{"deltas", json::array({digest('a')})}}).empty());
+  EXPECT_TRUE(offered_deltas(json{{"deltas", "sha256:" + std::string(64, 'a')}}).empty());
+  EXPECT_TRUE(offered_deltas(json::array({json{{"deltas", json::object()}}})).empty());
+  EXPECT_TRUE(offered_deltas(json()).empty());
+}
+
 TEST(RevisionKeyTest, MalformedEntriesDoNotThrow) {
   // Entries come from a signed desired state, but a server bug or version skew must not end
   // the agent with an exception (it would recur on every restart from desired.json).

@@ -542,5 +542,141 @@ TEST(DesiredStateTest, LookupFailureIsAnError) {
             "down");
 }
 
+// ---- delta offers
+
+std::string digest_of(char c) { return "sha256:" + std::string(64, c); }
+
+const std::string kOldA = digest_of('1');   // an earlier gpu variant of defect-net
+const std::string kOldA2 = digest_of('2');  // an even earlier one
+const std::string kOldB = digest_of('3');   // an earlier cpu variant
+const std::string kOldC = digest_of('4');   // an earlier defect-net-tiny
+const std::string kBundle = digest_of('5');
+const std::string kOldBundle = digest_of('6');
+
+// Ready deltas to everything the detector and the bundled monitor can need, and more.
+DeltaIndex delta_index() {
+  return {
+      {kDigestA, {{kOldA, digest_of('7'), 1000}, {kOldA2, digest_of('8'), 2000}}},
+      {kDigestB, {{kOldB, digest_of('9'), 500}}},
+      {kDigestC, {{kOldC, digest_of('d'), 300}}},
+      {kBundle, {{kOldBundle, digest_of('e'), 70}}},
+  };
+}
+
+store::Device holding(const json& artifacts) {
+  store::Device d = assembly_gpu();
+  d.status_json = json({{"generation", 3}, {"artifacts", artifacts}}).dump();
+  return d;
+}
+
+Manifest bundled_monitor() {
+  return manifest(kMonitor, [](json& d) { d["spec"]["workload"]["bundle"] = kBundle; });
+}
+
+json offer(const std::string& base, const std::string& delta, int64_t size) {
+  return {{"base", base}, {"delta", delta}, {"size", size}};
+}
+
+DesiredComputation compute_with(const store::Device& device, const std::vector<DeploymentInput>& in,
+                                const DeltaIndex& index) {
+  FakeModels models;
+  auto out = compute_desired_state(device, in, models.lookup(), &index);
+  EXPECT_TRUE(out.has_value()) << out.error().message;
+  return out ? *out : DesiredComputation{};
+}
+
+TEST(DeltaOffersTest, OffersDeltasFromTheBasesTheDeviceHoldsForWhatItNeeds) {
+  Manifest detector = manifest(kDetector);
+  Manifest monitor = bundled_monitor();
+  // It holds the old gpu variant, the old fallback, the old bundle, and an old cpu variant
+  // that this gpu device does not run (so the cpu variant's delta is no use to it).
+  const store::Device device = holding({kOldBundle, kOldA, kOldC, kOldB});
+  auto out = compute_with(device, {{&detector, 2}, {&monitor, 1}}, delta_index());
+  json want = json::object();
+  want[kDigestA] = json::array({offer(kOldA, digest_of('7'), 1000)});
+  want[kDigestC] = json::array({offer(kOldC, digest_of('d'), 300)});
+  want[kBundle] = json::array({offer(kOldBundle, digest_of('e'), 70)});
+  EXPECT_EQ(out.desired["deltas"], want) << out.desired["deltas"].dump();
+  // Offers sit beside the deployments and leave every entry as it was.
+  FakeModels models;
+  auto plain = must_compute(device, {{&detector, 2}, {&monitor, 1}}, models.lookup());
+  EXPECT_FALSE(plain.desired.contains("deltas"));
+  EXPECT_EQ(out.desired["deployments"], plain.desired["deployments"]);
+  EXPECT_EQ(out.desired_json, out.desired.dump());
+  EXPECT_EQ(out.desired_hash, sha256_hex(out.desired_json));
+}
+
+TEST(DeltaOffersTest, EveryHeldBaseIsOfferedInTheIndexOrder) {
+  Manifest detector = manifest(kDetector);
+  auto out = compute_with(holding({kOldA2, kOldA}), {{&detector, 2}}, delta_index());
+  const json& offers = out.desired["deltas"][kDigestA];
+  ASSERT_EQ(offers.size(), 2u) << out.desired.dump();
+  EXPECT_EQ(offers[0]["base"], kOldA);
+  EXPECT_EQ(offers[1]["base"], kOldA2);
+  EXPECT_EQ(offers[1]["delta"], digest_of('8'));
+  EXPECT_EQ(offers[1]["size"], 2000);
+  EXPECT_EQ(out.desired["deltas"].size(), 1u);  // it holds no base of the fallback
+}
+
+TEST(DeltaOffersTest, NoOfferForATargetTheDeviceHoldsAlready) {
+  Manifest detector = manifest(kDetector);
+  auto out = compute_with(holding({kOldA, kDigestA, kOldC}), {{&detector, 2}}, delta_index());
+  EXPECT_FALSE(out.desired["deltas"].contains(kDigestA)) << out.desired.dump();
+  EXPECT_TRUE(out.desired["deltas"].contains(kDigestC));
+}
+
+TEST(DeltaOffersTest, NoOffersForTargetsTheDesiredStateDoesNotReference) {
+  // Holds bases of everything in the index, but runs only the monitor (no bundle in it).
+  Manifest monitor = manifest(kMonitor);
+  auto out = compute_with(holding({kOldA, kOldA2, kOldB, kOldC, kOldBundle}), {{&monitor, 1}},
+                          delta_index());
+  EXPECT_FALSE(out.desired.contains("deltas")) << out.desired.dump();
+  // A deployment that cannot be scheduled there needs nothing either.
+  store::Device small = make_device("d-12", "plant-7", {{"line", "assembly"}}, cpu_facts(1024));
+  small.status_json = json({{"artifacts", {kOldA, kOldB}}}).dump();
+  Manifest detector = manifest(kDetector);
+  out = compute_with(small, {{&detector, 2}}, delta_index());
+  EXPECT_FALSE(out.desired.contains("deltas")) << out.desired.dump();
+}
+
+TEST(DeltaOffersTest, NoOffersWhenTheDeviceReportsNothingItHolds) {
+  Manifest detector = manifest(kDetector);
+  FakeModels models;
+  const std::string plain_hash =
+      must_compute(assembly_gpu(), {{&detector, 2}}, models.lookup()).desired_hash;
+  std::vector<std::string> statuses = {
+      "",                                     // never reported
+      "not json",                             //
+      R"({"generation":3})",                  // an agent from before deltas
+      R"({"artifacts":[]})",                  //
+      R"({"artifacts":")" + kOldA + R"("})",  // not a list
+      R"({"artifacts":[1,null,{"d":2}]})",    // no strings in it
+      R"(["artifacts"])",                     // not an object
+  };
+  for (const auto& status : statuses) {
+    SCOPED_TRACE(status);
+    store::Device device = assembly_gpu();
+    device.status_json = status;
+    auto out = compute_with(device, {{&detector, 2}}, delta_index());
+    EXPECT_FALSE(out.desired.contains("deltas")) << out.desired.dump();
+    EXPECT_EQ(out.desired_hash, plain_hash);
+  }
+  // And no index, or an empty one, offers nothing to a device that holds every base.
+  auto none = compute_with(holding({kOldA, kOldC}), {{&detector, 2}}, DeltaIndex{});
+  EXPECT_FALSE(none.desired.contains("deltas"));
+  auto no_index =
+      compute_desired_state(holding({kOldA, kOldC}), {{&detector, 2}}, models.lookup(), nullptr);
+  ASSERT_TRUE(no_index.has_value());
+  EXPECT_FALSE(no_index->desired.contains("deltas"));
+}
+
+TEST(DeltaOffersTest, HeldArtifactsAreTheStringsOfTheStatusListSorted) {
+  store::Device device = assembly_gpu();
+  device.status_json = json({{"artifacts", {kOldC, 7, kOldA, nullptr}}}).dump();
+  EXPECT_EQ(held_artifacts(device), (std::vector<std::string>{kOldA, kOldC}));
+  device.status_json = R"({"deployments":[]})";
+  EXPECT_TRUE(held_artifacts(device).empty());
+}
+
 }  // namespace
 }  // namespace outpost::scheduler

@@ -25,7 +25,11 @@ DeltaMaker::~DeltaMaker() { stop(); }
 
 void DeltaMaker::start() {
   if (thread_.joinable() || options_.bases <= 0) return;
-  stopping_ = false;
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = false;
+    catching_up_ = true;
+  }
   running_ = true;
   thread_ = std::thread([this] { worker(); });
 }
@@ -170,11 +174,15 @@ nlohmann::json DeltaMaker::status() {
 
 bool DeltaMaker::idle() {
   std::lock_guard lock(mu_);
-  return queue_.empty() && making_.empty();
+  return !catching_up_ && queue_.empty() && making_.empty();
 }
 
 void DeltaMaker::worker() {
   catch_up();
+  {
+    std::lock_guard lock(mu_);
+    catching_up_ = false;
+  }
   while (true) {
     Job job;
     bool notify = false;

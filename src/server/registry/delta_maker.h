@@ -68,7 +68,8 @@ class DeltaMaker {
 
   // {"queued":N,"making":"<target>"|null,"made":N,"skipped":N,"failed":N,"last_error":".."}
   nlohmann::json status();
-  // True when nothing is queued or being made (tests and `model push --wait-deltas`).
+  // True when nothing is queued or being made (tests and `model push --wait-deltas`), and the
+  // catch-up of a started worker has queued what it found.
   bool idle();
 
  private:
@@ -100,6 +101,7 @@ class DeltaMaker {
   uint64_t made_ = 0, skipped_ = 0, failed_ = 0;
   std::string last_error_;
   bool made_since_notify_ = false;
+  bool catching_up_ = false;  // from start() until catch_up() has queued its jobs
   std::atomic<bool> stopping_{false};
   std::thread thread_;
 };
