@@ -252,7 +252,6 @@ Result<Rows> Connection::exec(std::string_view sql, const Params& params) {
   if (status != PGRES_TUPLES_OK && status != PGRES_COMMAND_OK) {
     return make_error(failure(res.get()));
   }
-  ++statements_ok_;
   return Rows(res.release());
 }
 

@@ -176,14 +176,9 @@ class Connection {
   [[nodiscard]] Status exec_script(const std::string& sql);
 
   // Since the last begin_unit(): did a statement fail with a serialization failure or a
-  // deadlock (a retry of the whole transaction may succeed), or did the connection break?
-  void begin_unit() {
-    retryable_ = false;
-    statements_ok_ = 0;
-  }
+  // deadlock (a retry of the whole transaction may succeed)?
+  void begin_unit() { retryable_ = false; }
   bool retryable_failure() const { return retryable_; }
-  // Statements that succeeded since begin_unit() (0: nothing reached the server's data yet).
-  int statements_ok() const { return statements_ok_; }
   bool broken() const { return PQstatus(conn_.get()) != CONNECTION_OK; }
   bool idle() const { return PQtransactionStatus(conn_.get()) == PQTRANS_IDLE; }
   // The SQLSTATE and the constraint of the last failed statement ("" when none).
@@ -202,7 +197,6 @@ class Connection {
   std::string last_sqlstate_;
   std::string last_constraint_;
   bool retryable_ = false;
-  int statements_ok_ = 0;
 };
 
 enum class Isolation {
@@ -244,12 +238,15 @@ class Pool {
   // Runs `body(Connection&)` (returning Result<T> or Status) as one transaction at `isolation`
   // and commits it when it succeeds. A serialization failure or deadlock anywhere (commit
   // included) rolls back and runs the body again, after a short random pause, up to a bound;
-  // so does a connection found broken before the body's first statement reached the server.
-  // Every other error rolls back and is returned as is.
+  // so does a connection found broken on the first attempt (a server restart closed the pooled
+  // ones; nothing was committed, as the COMMIT is not retried). Every other error rolls back
+  // and is returned as is.
   template <typename Body>
   auto transact(Isolation isolation, const std::string& operation, Body&& body)
       -> decltype(body(std::declval<Connection&>()));
-  // The same for work that needs no transaction of its own (one statement: autocommit).
+  // The same for work that needs no transaction of its own: one statement (autocommit), or
+  // reads that need no common snapshot. A retry runs the whole body again, so a body that
+  // writes must be one statement.
   template <typename Body>
   auto autocommit(const std::string& operation, Body&& body)
       -> decltype(body(std::declval<Connection&>()));

@@ -419,8 +419,8 @@ class PostgresStore final : public Store {
 
 Status PostgresStore::migrate(std::span<const Migration> migrations) {
   const std::string& url = pool_.shown_url();
-  auto lease = pool_.acquire();
-  if (!lease) return make_error(lease.error().with_context("opening store " + url));
+  auto lease = pool_.acquire();  // its error names the URL
+  if (!lease) return make_error(std::move(lease).error());
   Connection& conn = **lease;
   conn.set_operation("migrating store " + url);
   // Servers starting together: the first migrates, the others wait here and then find
