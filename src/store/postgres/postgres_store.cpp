@@ -1017,6 +1017,7 @@ Result<std::vector<ArtifactDelta>> PostgresStore::list_artifact_deltas(const std
 Status PostgresStore::load_variants(Connection& conn, std::vector<ModelVersion>& versions) {
   if (versions.empty()) return ok();
   std::vector<std::string> names;
+  names.reserve(versions.size());
   for (const auto& v : versions) names.push_back(v.version);
   auto rows = conn.query(
       "SELECT version, selector_json, needs_json, artifact_digest, format, metadata_json"
