@@ -48,7 +48,10 @@ int main(int argc, char** argv) {
       ->add_option("--data", server_options.data_dir,
                    "Data directory: database, blobs, admin.token, signing key")
       ->capture_default_str();
-  server->add_option("--db", server_options.db_url, "Store URL (default sqlite:DATA/outpost.db)");
+  server->add_option("--db", server_options.db_url,
+                     "Store URL: sqlite:PATH (default sqlite:DATA/outpost.db) or "
+                     "postgres://USER:PASSWORD@HOST:PORT/DBNAME[?sslmode=require&pool_size=8] "
+                     "(PostgreSQL, for several server replicas sharing one database)");
   server->add_option("--secrets-key", server_options.secrets_key_file,
                      "Master key that encrypts secrets at rest, made on first start (default "
                      "DATA/secrets.key, mode 0600; keep it out of the database's backups)");

@@ -228,7 +228,11 @@ Status ControlPlane::start() {
   std::string db_url =
       d.options.db_url.empty() ? "sqlite:" + d.options.data_dir + "/outpost.db" : d.options.db_url;
   auto store = store::open_store(db_url);
-  if (!store) return make_error(store.error().with_context("opening the store " + db_url));
+  // The URL may hold a database password: the error names it redacted.
+  if (!store) {
+    return make_error(
+        store.error().with_context("opening the store " + store::redact_store_url(db_url)));
+  }
   d.store = std::move(*store);
   auto cluster = cluster::open_cluster(db_url, cluster::ClusterOptions{});
   if (!cluster) return make_error(cluster.error());

@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "common/digest.h"
+#include "store/postgres/postgres_store.h"
 #include "store/sqlite/sqlite_store.h"
 
 namespace outpost::store {
@@ -14,22 +15,37 @@ namespace {
 
 constexpr std::string_view kSqliteScheme = "sqlite:";
 
-// URLs may carry credentials (postgres://user:secret@host/db); errors must not echo them.
-std::string redact_url(std::string_view url) {
-  const auto scheme_end = url.find("://");
-  if (scheme_end == std::string_view::npos) {
-    return std::string(url);
-  }
-  const auto authority = scheme_end + 3;
-  const auto at = url.find('@', authority);
-  const auto path = url.find('/', authority);
-  if (at == std::string_view::npos || (path != std::string_view::npos && at > path)) {
-    return std::string(url);
-  }
-  return std::string(url.substr(0, authority)) + "***" + std::string(url.substr(at));
-}
+constexpr std::string_view kPostgresSchemes[] = {"postgres://", "postgresql://"};
 
 }  // namespace
+
+// URLs may carry credentials (postgres://user:secret@host/db?password=...); errors and logs
+// must not echo them.
+std::string redact_store_url(std::string_view url) {
+  std::string out(url);
+  const auto scheme_end = out.find("://");
+  if (scheme_end != std::string::npos) {
+    const auto authority = scheme_end + 3;
+    const auto end = out.find_first_of("/?", authority);
+    const auto at = out.rfind('@', end == std::string::npos ? std::string::npos : end);
+    if (at != std::string::npos && at >= authority) {
+      const auto colon = out.find(':', authority);
+      if (colon != std::string::npos && colon < at) {
+        out.replace(colon + 1, at - colon - 1, "***");
+      }
+    }
+  }
+  // A password in the query string: ...?sslmode=require&password=secret
+  for (size_t pos = out.find('?'); pos != std::string::npos; pos = out.find('&', pos + 1)) {
+    const std::string_view rest = std::string_view(out).substr(pos + 1);
+    if (rest.starts_with("password=")) {
+      const auto value = pos + 1 + std::string_view("password=").size();
+      const auto value_end = out.find('&', value);
+      out.replace(value, (value_end == std::string::npos ? out.size() : value_end) - value, "***");
+    }
+  }
+  return out;
+}
 
 std::string audit_entry_hash(const AuditEntry& entry) {
   // Each field is length-prefixed, so no text can move from one field into the next
@@ -137,17 +153,16 @@ Result<std::unique_ptr<Store>> open_store(const std::string& url) {
       }
       return sqlite::open_sqlite_store(std::string(path));
     }
-    if (view.starts_with("postgres://") || view.starts_with("postgresql://")) {
-      return make_error(Errc::kInvalidArgument,
-                        "store URL " + redact_url(view) + ": postgres:// is not supported yet",
-                        "url");
+    for (std::string_view scheme : kPostgresSchemes) {
+      if (view.starts_with(scheme)) return postgres::open_postgres_store(url);
     }
     return make_error(Errc::kInvalidArgument,
-                      "store URL " + redact_url(view) +
-                          " has an unsupported scheme; expected sqlite:/path/to/outpost.db",
+                      "store URL " + redact_store_url(view) +
+                          " has an unsupported scheme; expected sqlite:/path/to/outpost.db or "
+                          "postgres://user:password@host:port/dbname",
                       "url");
   } catch (const std::exception& e) {
-    return make_error(Errc::kInternal, "opening store " + redact_url(url) + ": " + e.what());
+    return make_error(Errc::kInternal, "opening store " + redact_store_url(url) + ": " + e.what());
   }
 }
 

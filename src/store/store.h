@@ -1,10 +1,13 @@
-// The control plane's persistent state behind one interface. Backends (SQLite now,
-// PostgreSQL later) share the schema, the migrations and one test suite.
+// The control plane's persistent state behind one interface. Backends (SQLite, the default, and
+// PostgreSQL, for several server replicas) share the schema, the migration numbers and one test
+// suite.
 //
 // Contract: every method is thread-safe and blocking (call it from a worker thread, never
-// from an I/O thread). Each mutating method is one transaction: it either applies fully or
-// not at all. Times are Unix milliseconds (UTC). JSON-valued fields hold serialized JSON
-// text; the store does not interpret them beyond what its queries need.
+// from an I/O thread). Stores in several processes may share one database (PostgreSQL; SQLite
+// on one machine): each method's transaction stays correct with them writing concurrently. Each
+// mutating method is one transaction: it either applies fully or not at all. Times are Unix
+// milliseconds (UTC). JSON-valued fields hold serialized JSON text; the store does not interpret
+// them beyond what its queries need.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/error.h"
@@ -561,8 +565,14 @@ class Store {
 // Hash of an audit entry as defined above; shared by backends and by verification.
 std::string audit_entry_hash(const AuditEntry& entry);
 
-// Opens a store from a URL: "sqlite:/path/to/outpost.db". Runs pending migrations.
+// Opens a store from a URL: "sqlite:/path/to/outpost.db", or
+// "postgres://user:password@host:port/dbname?sslmode=require" (also postgresql://; libpq's URI
+// syntax, plus pool_size=N for the connection pool). Runs pending migrations.
 [[nodiscard]] Result<std::unique_ptr<Store>> open_store(const std::string& url);
+
+// The URL with its password (user:PASSWORD@, or a password= query parameter) replaced by ***,
+// for logs and error messages.
+std::string redact_store_url(std::string_view url);
 
 // In-memory backend for tests: an SQLite database in memory with the same migrations.
 [[nodiscard]] Result<std::unique_ptr<Store>> open_memory_store();

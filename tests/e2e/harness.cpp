@@ -7,16 +7,19 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <regex>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include <gtest/gtest.h>
 
 #include "common/crypto.h"
+#include "pg_cluster.h"
 
 extern char** environ;
 
@@ -111,6 +114,26 @@ ServerProcess::~ServerProcess() {
   if (pid_ > 0) stop(true);
 }
 
+namespace {
+
+// OUTPOST_TEST_DB=postgres: a fresh database of the test cluster for one server. Exits 77
+// (skipped) where there is no PostgreSQL to run on.
+std::string postgres_database_for_server() {
+  std::string why;
+  testing_support::PgCluster* cluster = testing_support::test_cluster(&why);
+  if (cluster == nullptr) {
+    std::fprintf(stderr, "OUTPOST_TEST_DB=postgres but PostgreSQL is unavailable: %s\n",
+                 why.c_str());
+    std::fflush(stderr);
+    std::_Exit(77);
+  }
+  auto url = cluster->create_database();
+  EXPECT_TRUE(url.has_value()) << (url ? "" : url.error().message);
+  return url ? *url : std::string();
+}
+
+}  // namespace
+
 void ServerProcess::start(const std::vector<std::string>& extra_args) {
   // A restart takes the same port again: agents keep the URL they enrolled with.
   std::vector<std::string> argv = {bin_dir() + "/outpost",
@@ -120,6 +143,14 @@ void ServerProcess::start(const std::vector<std::string>& extra_args) {
                                    "--data",
                                    data_dir_};
   if (!tls_) argv.push_back("--insecure-http");
+  const char* db = std::getenv("OUTPOST_TEST_DB");
+  if (db_url_.empty() && db != nullptr && std::string_view(db) == "postgres") {
+    db_url_ = postgres_database_for_server();
+  }
+  if (!db_url_.empty()) {
+    argv.push_back("--db");
+    argv.push_back(db_url_);
+  }
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, {}, "", log_path_, log_path_ + ".err");
   ASSERT_GT(pid_, 0) << "cannot start the server";

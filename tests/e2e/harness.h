@@ -48,7 +48,10 @@ class ServerProcess {
 
   // Starts `outpost server --listen 127.0.0.1:0 --data DIR` and waits for /healthz (listen
   // port 0 picks a free port; we read the real one from the server's output). A restart
-  // listens on the same port again, so agents find it where they left it.
+  // listens on the same port again, so agents find it where they left it. With
+  // OUTPOST_TEST_DB=postgres the store is a fresh database of the PostgreSQL test cluster
+  // (tests/support/pg_cluster.h; --db postgres://...), the same one again on a restart; where
+  // PostgreSQL is not installed the test program exits 77 (CTest: skipped).
   void start(const std::vector<std::string>& extra_args = {});
   // SIGTERM and wait (graceful), or SIGKILL when hard.
   void stop(bool hard = false);
@@ -59,6 +62,8 @@ class ServerProcess {
   }
   uint16_t port() const { return port_; }
   const std::string& data_dir() const { return data_dir_; }
+  // The --db URL the server was given ("" for the default, sqlite:DATA/outpost.db).
+  const std::string& db_url() const { return db_url_; }
   std::string admin_token() const;
   std::string log() const;
 
@@ -68,6 +73,7 @@ class ServerProcess {
  private:
   std::string data_dir_;
   std::string log_path_;
+  std::string db_url_;
   pid_t pid_ = -1;
   uint16_t port_ = 0;
   bool tls_ = false;

@@ -1,14 +1,20 @@
 // Store behaviour, written once and run against every backend (value-parameterized: add a
-// backend by adding one entry to kBackends), plus SQLite-specific checks at the end.
+// backend by adding one entry to kBackends), plus backend-specific checks at the end. The
+// postgres backend runs on the private cluster of tests/support/pg_cluster.h, a fresh database
+// per test; where PostgreSQL is not installed its cases skip, saying so.
 #include "store/store.h"
 
+#include <libpq-fe.h>
 #include <sqlite3.h>
 #include <stdlib.h>
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <ostream>
 #include <set>
 #include <string>
@@ -18,6 +24,8 @@
 #include <gtest/gtest.h>
 
 #include "common/digest.h"
+#include "pg_cluster.h"
+#include "store/postgres/postgres_store.h"
 #include "store/sqlite/sqlite_store.h"
 
 namespace outpost {
@@ -74,20 +82,94 @@ struct Backend {
   // with the same dir reaches the same data when `persistent`.
   std::function<Result<std::unique_ptr<Store>>(const std::string& dir)> open;
   bool persistent = false;
+  // Why the backend cannot run here ("" when it can): its cases skip with this.
+  std::function<std::string()> unavailable = [] { return std::string(); };
+  // Runs a query returning one integer on the database of `dir`, behind the store's back (-1
+  // on failure); for checks of what the tables hold.
+  std::function<int64_t(const std::string& dir, const std::string& sql)> scalar;
 };
 
 void PrintTo(const Backend& backend, std::ostream* os) { *os << backend.name; }
 
+int64_t sqlite_scalar(const std::string& dir, const std::string& sql) {
+  sqlite3* db = nullptr;
+  int64_t n = -1;
+  if (sqlite3_open_v2((dir + "/outpost.db").c_str(), &db, SQLITE_OPEN_READONLY, nullptr) ==
+      SQLITE_OK) {
+    sqlite3_stmt* stmt = nullptr;
+    if (sqlite3_prepare_v2(db, sql.c_str(), -1, &stmt, nullptr) == SQLITE_OK &&
+        sqlite3_step(stmt) == SQLITE_ROW) {
+      n = sqlite3_column_int64(stmt, 0);
+    }
+    sqlite3_finalize(stmt);
+  }
+  sqlite3_close(db);
+  return n;
+}
+
+// The database URL of each test directory, so that opening the same dir again (reopen, a
+// second store) reaches the same database.
+Result<std::string> postgres_url_for(const std::string& dir) {
+  static std::mutex mu;
+  static std::map<std::string, std::string> urls;
+  std::lock_guard lock(mu);
+  if (auto it = urls.find(dir); it != urls.end()) return it->second;
+  std::string why;
+  testing_support::PgCluster* cluster = testing_support::test_cluster(&why);
+  if (cluster == nullptr) return make_error(Errc::kUnavailable, why);
+  auto url = cluster->create_database();
+  if (!url) return url;
+  urls.emplace(dir, *url);
+  return url;
+}
+
+int64_t postgres_scalar(const std::string& dir, const std::string& sql) {
+  auto url = postgres_url_for(dir);
+  if (!url) return -1;
+  std::unique_ptr<PGconn, decltype(&PQfinish)> conn(PQconnectdb(url->c_str()), &PQfinish);
+  if (PQstatus(conn.get()) != CONNECTION_OK) return -1;
+  std::unique_ptr<PGresult, decltype(&PQclear)> res(PQexec(conn.get(), sql.c_str()), &PQclear);
+  if (PQresultStatus(res.get()) != PGRES_TUPLES_OK || PQntuples(res.get()) != 1) return -1;
+  return std::strtoll(PQgetvalue(res.get(), 0, 0), nullptr, 10);
+}
+
 const Backend kBackends[] = {
     {"sqlite_file",
-     [](const std::string& dir) { return open_store("sqlite:" + dir + "/outpost.db"); }, true},
-    {"sqlite_memory", [](const std::string&) { return open_memory_store(); }, false},
+     [](const std::string& dir) { return open_store("sqlite:" + dir + "/outpost.db"); }, true,
+     [] { return std::string(); }, sqlite_scalar},
+    {"sqlite_memory", [](const std::string&) { return open_memory_store(); }, false,
+     [] { return std::string(); }, nullptr},
+    {"postgres",
+     [](const std::string& dir) -> Result<std::unique_ptr<Store>> {
+       auto url = postgres_url_for(dir);
+       if (!url) return make_error(std::move(url).error());
+       return open_store(*url);
+     },
+     true,
+     [] {
+       std::string why;
+       return testing_support::test_cluster(&why) == nullptr ? why : std::string();
+     },
+     postgres_scalar},
 };
+
+// A telemetry batch of one health record.
+telemetry::Batch batch_of_one_health(int64_t seq) {
+  telemetry::HealthRecord h;
+  h.cpu_percent = 10;
+  telemetry::Batch batch;
+  batch.first_seq = batch.last_seq = seq;
+  batch.records.push_back(telemetry::Record{seq, 1'700'000'000'000 + seq, h});
+  return batch;
+}
 
 class StoreTest : public testing::TestWithParam<Backend> {
  protected:
   void SetUp() override {
     ASSERT_FALSE(dir_.path().empty()) << "cannot create a temp dir under " << testing::TempDir();
+    if (const std::string why = GetParam().unavailable(); !why.empty()) {
+      GTEST_SKIP() << GetParam().name << " backend unavailable: " << why;
+    }
     auto opened = GetParam().open(dir_.path());
     ASSERT_OK(opened);
     store_ = std::move(*opened);
@@ -1044,6 +1126,227 @@ TEST_P(StoreTest, TwoStoresOnTheSameDataShareOneChain) {
   expect_valid_chain(*entries);
 }
 
+// ---- Several stores on one database (server replicas) ----
+
+// A second store stands for another server process sharing the database: what one writes, the
+// other reads at once (no cache in between), whichever wrote it.
+TEST_P(StoreTest, TwoStoresSeeEachOthersWritesAtOnce) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  auto second_or = GetParam().open(dir_.path());
+  ASSERT_OK(second_or);
+  Store& a = *store_;
+  Store& b = **second_or;
+
+  add_device(device("cam-01"));
+  ASSERT_OK(a.apply_deployment("det", R"({"v":1})", "s1", "alice", 10));
+  ASSERT_OK(a.put_site({"plant-a", "Europe/Berlin", "eu", 11}));
+  auto seen = b.get_device("cam-01");
+  ASSERT_OK(seen);
+  ASSERT_TRUE(seen->has_value());
+  auto dep = b.get_deployment("det");
+  ASSERT_OK(dep);
+  ASSERT_TRUE(dep->has_value());
+  EXPECT_EQ((*dep)->revision, 1);
+  auto site = b.get_site("plant-a");
+  ASSERT_OK(site);
+  ASSERT_TRUE(site->has_value());
+  EXPECT_EQ((*site)->timezone, "Europe/Berlin");
+
+  // B changes what A read before; A's next read has it.
+  ASSERT_OK(b.update_desired_state("cam-01", R"({"v":1})", "h1", "{}"));
+  ASSERT_OK(b.set_device_cordoned("cam-01", true));
+  ASSERT_OK(b.record_device_status("cam-01", 1, R"({"ok":true})", 20, 10));
+  ASSERT_OK(b.apply_deployment("det", R"({"v":2})", "s2", "bob", 30));
+  auto after = a.get_device("cam-01");
+  ASSERT_OK(after);
+  ASSERT_TRUE(after->has_value());
+  EXPECT_EQ((*after)->generation, 1);
+  EXPECT_TRUE((*after)->cordoned);
+  EXPECT_EQ((*after)->status_json, R"({"ok":true})");
+  dep = a.get_deployment("det");
+  ASSERT_OK(dep);
+  EXPECT_EQ((*dep)->revision, 2);
+  // A's apply of B's spec is no change; its own next one continues B's numbering.
+  auto same = a.apply_deployment("det", R"({"v":2})", "s2", "alice", 40);
+  ASSERT_OK(same);
+  EXPECT_FALSE(same->changed);
+  auto third = a.apply_deployment("det", R"({"v":3})", "s3", "alice", 50);
+  ASSERT_OK(third);
+  EXPECT_EQ(third->deployment.revision, 3);
+  // Telemetry stored through A is counted by B, and the other way round.
+  ASSERT_OK(a.ingest_telemetry("cam-01", "plant-a", batch_of_one_health(1), 60));
+  ASSERT_OK(b.ingest_telemetry("cam-01", "plant-a", batch_of_one_health(2), 61));
+  for (Store* store : {&a, &b}) {
+    auto devices = store->list_telemetry_devices();
+    ASSERT_OK(devices);
+    ASSERT_EQ(devices->size(), 1u);
+    EXPECT_EQ((*devices)[0].acked_seq, 2);
+    EXPECT_EQ((*devices)[0].batches, 2);
+  }
+}
+
+// Concurrent writers through two stores (two servers): every status report is logged once and
+// the newest wins, overlapping desired-state groups in opposite orders neither deadlock nor
+// lose a generation, last_seen only grows, and the audit chain stays one line.
+TEST_P(StoreTest, ConcurrentWritersOnTwoStoresLoseNothing) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  auto second_or = GetParam().open(dir_.path());
+  ASSERT_OK(second_or);
+  Store* stores[] = {store_.get(), second_or->get()};
+  constexpr int kDevices = 6;
+  constexpr int kRounds = 25;
+  std::vector<std::string> ids;
+  for (int d = 0; d < kDevices; ++d) {
+    ids.push_back("cam-" + std::to_string(d));
+    add_device(device(ids.back()));
+  }
+  std::atomic<int> failures{0};
+  auto check = [&](const auto& result) {
+    if (!result) {
+      ADD_FAILURE() << result.error().describe();
+      ++failures;
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      Store& store = *stores[t % 2];
+      for (int round = 0; round < kRounds; ++round) {
+        // Status: thread t sends seqs round*4 + t + 1, each device in one group, plus a resend.
+        const int64_t seq = round * 4 + t + 1;
+        std::vector<DeviceStatusWrite> writes;
+        for (const auto& id : ids) {
+          writes.push_back({id, seq, R"({"seq":)" + std::to_string(seq) + "}", 1000 + seq});
+        }
+        writes.push_back(writes.front());  // a duplicate inside the group
+        auto outcomes = store.record_device_statuses(writes, 1000);
+        check(outcomes);
+        // Desired states: half the threads in id order, the others in reverse.
+        std::vector<DesiredStateWrite> desired;
+        for (const auto& id : ids) {
+          const std::string doc = "t" + std::to_string(t) + "r" + std::to_string(round);
+          desired.push_back({id, doc, "h-" + doc, "{}"});
+        }
+        if (t % 2 == 1) std::reverse(desired.begin(), desired.end());
+        check(store.update_desired_states(desired));
+        std::vector<std::pair<std::string, int64_t>> seen;
+        for (const auto& id : ids) seen.emplace_back(id, 10'000 + seq);
+        check(store.touch_devices(seen));
+        check(store.append_audit("t" + std::to_string(t), "test.write", "r", "{}", round));
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+
+  const int64_t last_seq = kRounds * 4;
+  for (const auto& id : ids) {
+    auto log = store_->list_device_status_log(id, 10'000);
+    ASSERT_OK(log);
+    ASSERT_EQ(log->size(), static_cast<size_t>(last_seq)) << id;
+    for (int64_t i = 0; i < last_seq; ++i) EXPECT_EQ((*log)[i].seq, i + 1) << id;
+    auto dev = second_or->get()->get_device(id);
+    ASSERT_OK(dev);
+    ASSERT_TRUE(dev->has_value());
+    EXPECT_EQ((*dev)->status_json, R"({"seq":)" + std::to_string(last_seq) + "}") << id;
+    // Every write changed the hash: one generation each, none lost.
+    EXPECT_EQ((*dev)->generation, 4 * kRounds) << id;
+    EXPECT_EQ((*dev)->last_seen, 10'000 + last_seq) << id;
+  }
+  auto audit = store_->list_audit(0, 10'000);
+  ASSERT_OK(audit);
+  ASSERT_EQ(audit->size(), 4u * kRounds);
+  expect_valid_chain(*audit);
+}
+
+// One enrollment token with a few uses, spent concurrently through two stores: exactly that
+// many devices get in.
+TEST_P(StoreTest, EnrollmentsThroughTwoStoresSpendEachUseOnce) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  auto second_or = GetParam().open(dir_.path());
+  ASSERT_OK(second_or);
+  Store* stores[] = {store_.get(), second_or->get()};
+  ASSERT_OK(store_->put_enrollment_token(enrollment_token("t5", 5)));
+  std::atomic<int> enrolled{0};
+  std::atomic<int> used_up{0};
+  std::atomic<int> other{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 4; ++i) {
+        auto r = stores[t % 2]->enroll_device(
+            sha_of("t5"), 2000, device("cam-" + std::to_string(t) + "-" + std::to_string(i)));
+        if (r) {
+          ++enrolled;
+        } else if (r.error().code == Errc::kFailedPrecondition) {
+          ++used_up;
+        } else {
+          ADD_FAILURE() << r.error().describe();
+          ++other;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(enrolled.load(), 5);
+  EXPECT_EQ(used_up.load(), 11);
+  EXPECT_EQ(other.load(), 0);
+  auto devices = store_->list_devices({});
+  ASSERT_OK(devices);
+  EXPECT_EQ(devices->size(), 5u);
+  auto token = store_->find_enrollment_token_by_hash(sha_of("t5"));
+  ASSERT_OK(token);
+  ASSERT_TRUE(token->has_value());
+  EXPECT_EQ((*token)->uses_left, 0);
+}
+
+// Two servers applying at once: the same spec makes one revision; different specs one each,
+// numbered without gaps or duplicates.
+TEST_P(StoreTest, ConcurrentAppliesThroughTwoStoresNumberRevisionsOnce) {
+  if (!GetParam().persistent) {
+    GTEST_SKIP() << "backend is not persistent";
+  }
+  auto second_or = GetParam().open(dir_.path());
+  ASSERT_OK(second_or);
+  Store* stores[] = {store_.get(), second_or->get()};
+  auto race = [&](const std::function<std::string(int)>& spec_of) {
+    std::atomic<int> changed{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        const std::string spec = spec_of(t);
+        auto r = stores[t % 2]->apply_deployment("det", "{\"spec\":\"" + spec + "\"}", spec,
+                                                 "t" + std::to_string(t), 100 + t);
+        if (!r) {
+          ADD_FAILURE() << r.error().describe();
+          return;
+        }
+        if (r->changed) ++changed;
+      });
+    }
+    for (auto& thread : threads) thread.join();
+    return changed.load();
+  };
+  EXPECT_EQ(race([](int) { return std::string("same"); }), 1);
+  EXPECT_EQ(race([](int t) { return "spec-" + std::to_string(t); }), 4);
+  auto revisions = store_->list_deployment_revisions("det");
+  ASSERT_OK(revisions);
+  ASSERT_EQ(revisions->size(), 5u);
+  for (size_t i = 0; i < revisions->size(); ++i) {
+    EXPECT_EQ((*revisions)[i].revision, static_cast<int64_t>(i) + 1);
+  }
+  auto dep = store_->get_deployment("det");
+  ASSERT_OK(dep);
+  EXPECT_EQ((*dep)->revision, 5);
+  EXPECT_EQ((*dep)->stable_revision, 1);
+}
+
 // ---- Telemetry ----
 
 constexpr int64_t kT0 = 1'700'000'000'000 - 1'700'000'000'000 % 3'600'000;  // an hour start
@@ -1644,24 +1947,13 @@ TEST_P(StoreTest, TelemetryCachesAfterARolledBackTransactionMatchAFreshStore) {
   EXPECT_EQ(served->series[1].total.sum, 11);
   EXPECT_EQ(served->series[2].total.sum, 50);
   auto series_rows = [&]() {
-    sqlite3* db = nullptr;
-    int64_t n = -1;
-    if (sqlite3_open_v2((dir_.path() + "/outpost.db").c_str(), &db, SQLITE_OPEN_READONLY,
-                        nullptr) == SQLITE_OK) {
-      sqlite3_stmt* stmt = nullptr;
-      if (sqlite3_prepare_v2(
-              db,
-              "SELECT (SELECT COUNT(*) - 6 FROM telemetry_series WHERE version = '9.9.9'),"
-              " (SELECT COUNT(*) FROM telemetry_points p WHERE NOT EXISTS"
-              " (SELECT 1 FROM telemetry_series s WHERE s.id = p.series_id))",
-              -1, &stmt, nullptr) == SQLITE_OK &&
-          sqlite3_step(stmt) == SQLITE_ROW) {
-        n = sqlite3_column_int64(stmt, 0) * 1000 + sqlite3_column_int64(stmt, 1);
-      }
-      sqlite3_finalize(stmt);
-    }
-    sqlite3_close(db);
-    return n;
+    const int64_t failed_series = GetParam().scalar(
+        dir_.path(), "SELECT COUNT(*) - 6 FROM telemetry_series WHERE version = '9.9.9'");
+    const int64_t stranded =
+        GetParam().scalar(dir_.path(),
+                          "SELECT COUNT(*) FROM telemetry_points p WHERE NOT EXISTS"
+                          " (SELECT 1 FROM telemetry_series s WHERE s.id = p.series_id)");
+    return failed_series < 0 || stranded < 0 ? -1 : failed_series * 1000 + stranded;
   };
   EXPECT_EQ(series_rows(), 0) << "series of failed batches, or points without a series (x1000 = "
                                  "failed series, units = stranded points)";
@@ -1783,21 +2075,42 @@ TEST_P(StoreTest, TelemetryQueryRefusesUnknownMetricsAndGroupings) {
 // ---- Opening by URL ----
 
 TEST(OpenStoreTest, RejectsUnsupportedSchemesNamingTheUrl) {
-  auto postgres = open_store("postgres://outpost:s3cret@db.local/outpost");
-  ASSERT_FALSE(postgres);
-  EXPECT_EQ(postgres.error().code, Errc::kInvalidArgument);
-  EXPECT_NE(postgres.error().message.find("postgres://"), std::string::npos);
-  EXPECT_NE(postgres.error().message.find("db.local/outpost"), std::string::npos);
-  EXPECT_NE(postgres.error().message.find("not supported yet"), std::string::npos);
-  EXPECT_EQ(postgres.error().message.find("s3cret"), std::string::npos)
-      << "credentials leaked: " << postgres.error().message;
-
   for (const char* url : {"mysql://db/outpost", "/var/lib/outpost.db", "sqlite:", ""}) {
     auto opened = open_store(url);
     ASSERT_FALSE(opened) << url;
     EXPECT_EQ(opened.error().code, Errc::kInvalidArgument) << url;
     EXPECT_NE(opened.error().message.find(url), std::string::npos) << opened.error().message;
   }
+}
+
+TEST(OpenStoreTest, PostgresErrorsNameTheUrlWithoutItsPassword) {
+  // Port 1 of the loopback: nothing listens, the connection is refused at once.
+  for (const char* url :
+       {"postgres://outpost:s3cret@127.0.0.1:1/outpost",
+        "postgresql://outpost@127.0.0.1:1/outpost?password=s3cret&sslmode=disable"}) {
+    auto opened = open_store(url);
+    ASSERT_FALSE(opened) << url;
+    EXPECT_EQ(opened.error().code, Errc::kUnavailable) << opened.error().message;
+    EXPECT_NE(opened.error().message.find("127.0.0.1:1/outpost"), std::string::npos)
+        << opened.error().message;
+    EXPECT_EQ(opened.error().message.find("s3cret"), std::string::npos)
+        << "credentials leaked: " << opened.error().message;
+  }
+  auto bad_pool = open_store("postgres://outpost:s3cret@127.0.0.1:1/outpost?pool_size=0");
+  ASSERT_FALSE(bad_pool);
+  EXPECT_EQ(bad_pool.error().code, Errc::kInvalidArgument);
+  EXPECT_NE(bad_pool.error().message.find("pool_size"), std::string::npos);
+  EXPECT_EQ(bad_pool.error().message.find("s3cret"), std::string::npos);
+}
+
+TEST(OpenStoreTest, RedactsPasswordsAndKeepsTheRest) {
+  EXPECT_EQ(redact_store_url("postgres://outpost:s3cret@db.local:5432/outpost"),
+            "postgres://outpost:***@db.local:5432/outpost");
+  EXPECT_EQ(redact_store_url("postgres://outpost@db.local/outpost"),
+            "postgres://outpost@db.local/outpost");
+  EXPECT_EQ(redact_store_url("postgresql://db.local/o?sslmode=require&password=s3cret&x=1"),
+            "postgresql://db.local/o?sslmode=require&password=***&x=1");
+  EXPECT_EQ(redact_store_url("sqlite:/var/lib/outpost.db"), "sqlite:/var/lib/outpost.db");
 }
 
 TEST(OpenStoreTest, CreatesTheFileInWalMode) {
@@ -1934,6 +2247,125 @@ TEST(SqliteMigrationsTest, RefusesMisnumberedMigrations) {
   ASSERT_FALSE(opened);
   EXPECT_NE(opened.error().message.find("0003_c.sql"), std::string::npos);
 }
+
+// ---- PostgreSQL migration runner and pool ----
+
+TEST(PostgresMigrationsTest, HaveTheSqliteNumbersAndNames) {
+  const auto sqlite_migrations = sqlite::embedded_migrations();
+  const auto pg_migrations = postgres::embedded_migrations();
+  ASSERT_EQ(pg_migrations.size(), sqlite_migrations.size());
+  for (size_t i = 0; i < pg_migrations.size(); ++i) {
+    EXPECT_EQ(pg_migrations[i].version, sqlite_migrations[i].version);
+    EXPECT_EQ(pg_migrations[i].name, sqlite_migrations[i].name);
+  }
+}
+
+// A fresh database on the test cluster, or the reason there is none.
+Result<std::string> fresh_postgres_database() {
+  std::string why;
+  testing_support::PgCluster* cluster = testing_support::test_cluster(&why);
+  if (cluster == nullptr) return make_error(Errc::kUnavailable, why);
+  return cluster->create_database();
+}
+
+#define OUTPOST_FRESH_POSTGRES(url)                                         \
+  auto url##_or = fresh_postgres_database();                                \
+  if (!url##_or && url##_or.error().code == Errc::kUnavailable) {           \
+    GTEST_SKIP() << "PostgreSQL unavailable: " << url##_or.error().message; \
+  }                                                                         \
+  ASSERT_OK(url##_or);                                                      \
+  const std::string url = *url##_or
+
+TEST(PostgresMigrationsTest, ServersStartingTogetherMigrateOnce) {
+  OUTPOST_FRESH_POSTGRES(url);
+  constexpr int kServers = 4;
+  std::vector<Result<std::unique_ptr<Store>>> opened;
+  for (int i = 0; i < kServers; ++i) opened.emplace_back(nullptr);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kServers; ++i) {
+    threads.emplace_back([&, i] { opened[i] = open_store(url); });
+  }
+  for (auto& thread : threads) thread.join();
+  for (auto& store : opened) {
+    ASSERT_OK(store);
+    auto version = (*store)->schema_version();
+    ASSERT_OK(version);
+    EXPECT_EQ(*version, postgres::embedded_migrations().back().version);
+  }
+  auto rows = [&](const std::string& sql) {
+    std::unique_ptr<PGconn, decltype(&PQfinish)> conn(PQconnectdb(url.c_str()), &PQfinish);
+    std::unique_ptr<PGresult, decltype(&PQclear)> res(PQexec(conn.get(), sql.c_str()), &PQclear);
+    return PQresultStatus(res.get()) == PGRES_TUPLES_OK ? std::atoll(PQgetvalue(res.get(), 0, 0))
+                                                        : -1;
+  };
+  EXPECT_EQ(rows("SELECT COUNT(*) FROM schema_migrations"),
+            static_cast<int64_t>(postgres::embedded_migrations().size()));
+}
+
+TEST(PostgresMigrationsTest, FailedMigrationLeavesNoTraceAndANewerSchemaIsRefused) {
+  OUTPOST_FRESH_POSTGRES(url);
+  const Migration first{1, "0001_a.sql", "CREATE TABLE a (x BIGINT);"};
+  const Migration broken{2, "0002_b.sql",
+                         "CREATE TABLE b (x BIGINT); INSERT INTO missing VALUES (1);"};
+  const Migration fixed{2, "0002_b.sql", "CREATE TABLE b (x BIGINT); INSERT INTO b VALUES (1);"};
+
+  const Migration with_broken[] = {first, broken};
+  auto failed = postgres::open_postgres_store(url, with_broken);
+  ASSERT_FALSE(failed);
+  EXPECT_NE(failed.error().message.find("0002_b.sql"), std::string::npos) << failed.error().message;
+
+  const Migration only_first[] = {first};
+  auto reopened = postgres::open_postgres_store(url, only_first);
+  ASSERT_OK(reopened);
+  auto version = (*reopened)->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, 1);
+  reopened->reset();
+
+  // Table b was rolled back with the failed migration, or creating it again would fail.
+  const Migration with_fixed[] = {first, fixed};
+  auto upgraded = postgres::open_postgres_store(url, with_fixed);
+  ASSERT_OK(upgraded);
+  version = (*upgraded)->schema_version();
+  ASSERT_OK(version);
+  EXPECT_EQ(*version, 2);
+  upgraded->reset();
+  ASSERT_OK(postgres::open_postgres_store(url, with_fixed));  // each migration runs once
+
+  auto older = postgres::open_postgres_store(url, only_first);
+  ASSERT_FALSE(older);
+  EXPECT_EQ(older.error().code, Errc::kFailedPrecondition);
+  EXPECT_NE(older.error().message.find("schema version 2"), std::string::npos)
+      << older.error().message;
+}
+
+// More callers than connections: they wait their turn instead of failing.
+TEST(PostgresPoolTest, ASmallPoolServesManyThreads) {
+  OUTPOST_FRESH_POSTGRES(url);
+  auto opened = open_store(url + "?pool_size=2");
+  ASSERT_OK(opened);
+  Store& store = **opened;
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < 20; ++i) {
+        auto r = store.append_audit("t" + std::to_string(t), "test.pool", "x", "{}", i);
+        if (!r) {
+          ADD_FAILURE() << r.error().describe();
+          ++failures;
+        }
+      }
+    });
+  }
+  for (auto& thread : threads) thread.join();
+  EXPECT_EQ(failures.load(), 0);
+  auto audit = store.list_audit(0, 1000);
+  ASSERT_OK(audit);
+  EXPECT_EQ(audit->size(), 160u);
+}
+
+#undef OUTPOST_FRESH_POSTGRES
 
 }  // namespace
 }  // namespace outpost::store

@@ -13,9 +13,6 @@
 
 #include <algorithm>
 #include <cassert>
-#include <chrono>
-#include <cstdio>
-#include <ctime>
 #include <exception>
 #include <functional>
 #include <map>
@@ -26,6 +23,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "store/internal/json_columns.h"
 #include "store/sqlite/sqlite_errors.h"
 #include "store/sqlite/sqlite_telemetry.h"
 
@@ -81,68 +79,11 @@ struct StmtFinalizer {
 };
 using StmtPtr = std::unique_ptr<sqlite3_stmt, StmtFinalizer>;
 
-// "2024-05-01T12:00:00Z" (with ".123" when the milliseconds are not zero).
-std::string iso_time(int64_t ms) {
-  int64_t secs = ms / 1000;
-  int64_t millis = ms % 1000;
-  if (millis < 0) {
-    secs -= 1;
-    millis += 1000;
-  }
-  const std::time_t t = static_cast<std::time_t>(secs);
-  std::tm tm{};
-  char buf[64];
-  if (gmtime_r(&t, &tm) == nullptr ||
-      std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &tm) == 0) {
-    return std::to_string(ms) + " ms";
-  }
-  std::string out(buf);
-  if (millis != 0) {
-    char frac[8];
-    std::snprintf(frac, sizeof frac, ".%03d", static_cast<int>(millis));
-    out += frac;
-  }
-  return out + "Z";
-}
-
-int64_t wall_clock_ms() {
-  return std::chrono::duration_cast<std::chrono::milliseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
-Result<std::string> labels_to_json(const Labels& labels) {
-  try {
-    return nlohmann::json(labels).dump();
-  } catch (const nlohmann::json::exception& e) {
-    return make_error(Errc::kInvalidArgument,
-                      std::string("labels must be valid UTF-8 strings: ") + e.what(), "labels");
-  }
-}
-
-Result<Labels> labels_from_json(const std::string& text, const std::string& owner) {
-  const auto json = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (!json.is_object()) {
-    return make_error(Errc::kInternal,
-                      owner + ": stored labels are not a JSON object of strings: " + text);
-  }
-  Labels labels;
-  for (const auto& [key, value] : json.items()) {
-    if (!value.is_string()) {
-      return make_error(Errc::kInternal,
-                        owner + ": stored label " + key + " is not a string: " + value.dump());
-    }
-    labels.emplace(key, value.get<std::string>());
-  }
-  return labels;
-}
-
-bool labels_match(const Labels& have, const Labels& want) {
-  return std::all_of(want.begin(), want.end(), [&](const auto& entry) {
-    const auto it = have.find(entry.first);
-    return it != have.end() && it->second == entry.second;
-  });
-}
+using internal::iso_time;
+using internal::labels_from_json;
+using internal::labels_match;
+using internal::labels_to_json;
+using internal::wall_clock_ms;
 
 class Connection;
 
@@ -390,12 +331,7 @@ Result<int64_t> query_int64(Connection& conn, std::string_view sql) {
 #define OUTPOST_AUDIT_COLUMNS "seq, time, actor, action, target, details_json, prev_hash, hash"
 
 Result<std::string> sites_to_json(const std::vector<std::string>& sites) {
-  try {
-    return nlohmann::json(sites).dump();
-  } catch (const nlohmann::json::exception& e) {
-    return make_error(Errc::kInvalidArgument,
-                      std::string("sites must be valid UTF-8 strings: ") + e.what(), "sites");
-  }
+  return internal::strings_to_json(sites, "sites");
 }
 
 Result<OperatorToken> read_operator_token(const Statement& s) {
