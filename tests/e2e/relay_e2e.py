@@ -66,6 +66,16 @@ upstream is down". Scenarios run in order, each printing PASS or FAIL with its r
                the failover, its status reports and telemetry go on, and a later start with a
                different --server list replaces the kept one.
 
+  replicas     On loopback, not in "all" (its own ctest, replicas_e2e; needs PostgreSQL's
+               initdb): a private PostgreSQL cluster, two `outpost server --db postgres://...`
+               replicas on one shared DATA directory, three agents spread over them (--server
+               A,B or B,A) and the CLI on both. A staged rollout (waves [1, 100%], bake 4 s) is
+               applied through the follower; once the first wave updated a device the leader is
+               killed with SIGKILL; the other replica leads within 5 s, the rollout completes
+               with no wave step taken twice, every device runs the new revision, status seqs
+               stay strictly increasing and the inferences made before and after are each
+               counted once.
+
 The relay scenarios describe the relay's contract (--relay, --relay-listen, DATA/relay.addr,
 "via", "children", status.relay); --scenarios netns,tamper,proxy runs the others alone.
 
@@ -77,6 +87,7 @@ Exit: 0 passed, 1 a scenario failed, 77 network namespaces cannot be made (not r
 import argparse
 import base64
 import collections
+import glob
 import hashlib
 import http.client
 import http.server
@@ -1599,6 +1610,138 @@ def scenario_failover(w):
             f"({len(seqs)}); --server {p2.url} on restart replaced the list")
 
 
+class PgCluster:
+    """A private PostgreSQL cluster (initdb in our temp dir, a free loopback port)."""
+
+    def __init__(self, w):
+        bindirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        if not bindirs or not os.path.exists(os.path.join(bindirs[-1], "initdb")):
+            raise Blocked("PostgreSQL's initdb is not installed (scripts/install-deps adds it)")
+        self.bin = bindirs[-1]
+        # Its own temp dir: the scenario's is 0700 and root's, which the postgres user cannot
+        # enter.
+        self.dir = tempfile.mkdtemp(prefix="outpost-e2e-pg-")
+        self.port = free_port()
+        self.user = []
+        if os.geteuid() == 0:  # initdb refuses root: the cluster runs as the postgres user
+            shutil.chown(self.dir, "postgres")
+            self.user = ["runuser", "-u", "postgres", "--"]
+        sh(*self.user, os.path.join(self.bin, "initdb"), "-D", self.dir + "/db", "-A", "trust",
+           "-U", "outpost", timeout=120)
+        sh(*self.user, os.path.join(self.bin, "pg_ctl"), "-D", self.dir + "/db", "-l",
+           self.dir + "/pg.log", "-o", f"-k {self.dir} -p {self.port} "
+           "-c listen_addresses=127.0.0.1 -c fsync=off", "start", "-w", timeout=120)
+        self.url = f"postgres://outpost@127.0.0.1:{self.port}/postgres"
+        say(f"PostgreSQL on port {self.port}")
+
+    def close(self):
+        sh(*self.user, os.path.join(self.bin, "pg_ctl"), "-D", self.dir + "/db", "stop", "-m",
+           "immediate", check=False, timeout=60)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __str__(self):
+        return f"PostgreSQL on {self.port}"
+
+
+class Replica(Server):
+    """`outpost server` on PostgreSQL with a DATA directory shared with the other replicas."""
+
+    def __init__(self, world, name, data, db_url):
+        self.shared_data = data
+        super().__init__(world, name, "127.0.0.1", extra=["--db", db_url])
+
+    def leader_since(self):
+        m = re.findall(r"\[([0-9-]+ [0-9:.]+)\] \[info\] cluster: replica \S+ is the leader",
+                       open(self.proc.log, errors="replace").read())
+        return m[-1] if m else None
+
+
+def scenario_replicas(w):
+    """Two replicas on PostgreSQL; SIGKILL of the leader in the middle of a staged rollout."""
+    pg = PgCluster(w)
+    w.closers.append(pg)
+    data = os.path.dirname(w.path("replicas-data", "x"))
+    reps = []
+    for name in ("a", "b"):
+        # Server() takes DATA from world.path(name, "data"): make that the shared directory.
+        link = w.path(f"server-replica-{name}", "data")
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        if not os.path.islink(link):
+            os.symlink(data, link)
+        reps.append(Server(w, f"server-replica-{name}", "127.0.0.1", extra=["--db", pg.url]))
+    a, b = reps
+
+    def leader_line(r):
+        m = re.findall(r"\[([0-9-]+ [0-9:.]+)\] \[info\] cluster: replica \S+ is the leader",
+                       open(r.proc.log, errors="replace").read())
+        return m[-1] if m else None
+
+    leader = wait_until("one replica leads", lambda: next((r for r in reps if leader_line(r)),
+                                                          None), 15, 0.2)
+    other = b if leader is a else a
+    a.model("rep-m", "1.0.0", 81)
+    b.model("rep-m", "2.0.0", 82)  # pushed through the other replica: one registry
+    token = a.enroll_token("replicas", 3)
+    manifest = w.path("manifests", "rep.yaml")
+
+    def apply(server, version):
+        with open(manifest, "w") as f:
+            f.write("apiVersion: outpost/v1\nkind: Deployment\nmetadata: {name: rep}\n"
+                    "spec:\n  selector: {sites: [\"replicas\"]}\n"
+                    f"  model: {{name: rep-m, version: {version}}}\n"
+                    "  serve:\n    route: /models/rep\n"
+                    "  rollout:\n    waves: [1, 100%]\n    bake: 4s\n")
+        server.cli(["apply", "-f", manifest])
+
+    apply(a, "1.0.0")
+    agents = [Agent(w, f"replicas-dev{i}") for i in range(3)]
+    with Stopping(agents):
+        for i, dev in enumerate(agents):
+            first, second = (a, b) if i % 2 == 0 else (b, a)
+            dev.start(f"{first.url},{second.url}", token)
+        for dev in agents:
+            dev.wait_running("rep", 1, timeout=60)
+            for _ in range(K):
+                dev.infer("rep")
+        apply(other, "2.0.0")  # through the follower: the leader rolls it out
+        wait_until("the first wave updated one device",
+                   lambda: sum(1 for d in agents if d.deployment("rep").get("current_revision")
+                               == 2) >= 1, 30, 0.2)
+        killed_at = time.time()
+        leader.proc.kill()
+        say(f"killed the leader {leader.name} (SIGKILL)")
+        wait_until(f"{other.name} leads", lambda: leader_line(other), 10, 0.1,
+                              [other.proc])
+        took = time.time() - killed_at
+        if took > 5:
+            raise Failure(f"{other.name} took {took:.1f} s to lead after the kill (> 5 s)")
+        for dev in agents:
+            dev.wait_running("rep", 2, timeout=60)
+            for _ in range(K):
+                dev.infer("rep")
+        wait_until("the rollout completed", lambda: other.cli_json(
+            ["rollout", "status", "rep"]).get("state") == "completed", 30, 0.5, [other.proc])
+        status = other.cli_json(["rollout", "status", "rep"])
+        events = [h.get("event", "") for h in status.get("history", []) if isinstance(h, dict)]
+        steps = [re.match(r"wave \d+ (started|settled)", e).group(0) for e in events
+                 if re.match(r"wave \d+ (started|settled)", e)]
+        if len(steps) != len(set(steps)):
+            raise Failure(f"a wave step was taken twice: {events}")
+        for dev in agents:
+            seqs = other.status_seqs(dev.id)
+            if seqs != sorted(set(seqs)):
+                raise Failure(f"{dev.name}: status seqs repeat or go back: {seqs}")
+            wait_until(f"{dev.name}: {2 * K} inferences counted",
+                       lambda: other.inference_count(dev.id) >= 2 * K, 30, 0.5, [other.proc])
+            counted = other.inference_count(dev.id)
+            if counted != 2 * K:
+                raise Failure(f"{dev.name}: {counted} inferences counted, {2 * K} made")
+    return (f"{leader.name} killed mid-rollout; {other.name} led {took:.2f} s later; rollout "
+            f"completed ({'; '.join(steps)}: no step twice); 3 "
+            f"devices on revision 2, status seqs strictly increasing, {2 * K} inferences each "
+            f"counted once")
+
+
 RELEASE = "/api/v1/device/release/"
 TS_PATH = RELEASE + "timestamp"
 TG_PATH = RELEASE + "targets"
@@ -1828,8 +1971,9 @@ SCENARIOS = [
     ("release", scenario_release, False),
     ("delta", scenario_delta, False),
     ("failover", scenario_failover, False),
+    ("replicas", scenario_replicas, False),
 ]
-GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] not in ("release", "delta")],
+GROUPS = {"all": [s[0] for s in SCENARIOS if s[0] not in ("release", "delta", "replicas")],
           "relay": [s[0] for s in SCENARIOS if s[0].startswith("relay")]}
 
 
