@@ -7,8 +7,8 @@
 #include "common/json_fields.h"
 #include "common/onnx/onnx_model.h"
 #include "server/api/api.h"
-#include "server/registry/delta_maker.h"
 #include "server/registry/blob_store.h"
+#include "server/registry/delta_maker.h"
 #include "server/scheduler/variant.h"
 
 namespace outpost::server::api {

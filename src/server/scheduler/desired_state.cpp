@@ -90,7 +90,9 @@ json delta_offers(const json& entries, const store::Device& device, const DeltaI
   if (deltas.empty()) return offers;
   const std::vector<std::string> held = held_artifacts(device);
   if (held.empty()) return offers;
-  auto holds = [&](const std::string& d) { return std::binary_search(held.begin(), held.end(), d); };
+  auto holds = [&](const std::string& d) {
+    return std::binary_search(held.begin(), held.end(), d);
+  };
   std::vector<std::string> needed;
   for (const auto& entry : entries) entry_digests(entry, needed);
   for (const auto& target : needed) {
