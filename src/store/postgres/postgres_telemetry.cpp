@@ -5,6 +5,7 @@
 // rollups aggregate on the server (per series and step, or per series and hour), so that only
 // histogram buckets travel point by point.
 #include "store/postgres/postgres_telemetry.h"
+#include "store/internal/telemetry_query.h"
 
 #include <algorithm>
 #include <array>
@@ -737,35 +738,10 @@ Result<TelemetryMaintenanceOutcome> PgTelemetry::maintain(int64_t now_ms,
 }
 
 Result<TelemetryQueryResult> PgTelemetry::query(const TelemetryQuery& q) {
-  const telemetry::MetricInfo* metric = telemetry::find_metric(q.metric);
-  if (metric == nullptr) {
-    return make_error(Errc::kInvalidArgument,
-                      "metric: unknown metric \"" + q.metric +
-                          "\"; expected one of: " + telemetry::known_metric_names(),
-                      "metric");
-  }
-  static const std::set<std::string, std::less<>> kGroupings = {
-      "", "device", "site", "deployment", "revision", "model", "version", "role", "detail"};
-  if (!kGroupings.contains(q.by)) {
-    return make_error(Errc::kInvalidArgument,
-                      "by: cannot group by \"" + q.by +
-                          "\"; expected device, site, deployment, revision, model, version, "
-                          "role or detail",
-                      "by");
-  }
-  if (q.until_ms <= q.since_ms) {
-    return make_error(Errc::kInvalidArgument, "until: must be after since", "until");
-  }
-  if (q.step_ms <= 0) {
-    return make_error(Errc::kInvalidArgument, "step: must be more than 0", "step");
-  }
+  auto checked = internal::check_telemetry_query(q);
+  if (!checked) return make_error(checked.error());
+  const telemetry::MetricInfo* metric = *checked;
   const int64_t steps = (q.until_ms - q.since_ms + q.step_ms - 1) / q.step_ms;
-  if (steps > kMaxTelemetryBuckets) {
-    return make_error(Errc::kInvalidArgument,
-                      "step: " + std::to_string(steps) + " steps in the range, at most " +
-                          std::to_string(kMaxTelemetryBuckets) + "; use a larger step",
-                      "step");
-  }
 
   // One snapshot for the state, the series and their points.
   return pool_.transact(

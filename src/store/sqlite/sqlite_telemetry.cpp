@@ -4,6 +4,7 @@
 // once and reused, a batch is one transaction, series ids come from a memory cache, and the
 // points table is clustered by (hour, series) so inserts stay within the current hours' pages.
 #include "store/sqlite/sqlite_telemetry.h"
+#include "store/internal/telemetry_query.h"
 
 #include <algorithm>
 #include <cmath>
@@ -915,35 +916,10 @@ Result<TelemetryMaintenanceOutcome> SqliteTelemetry::maintain(int64_t now_ms,
 }
 
 Result<TelemetryQueryResult> SqliteTelemetry::query(const TelemetryQuery& q) {
-  const telemetry::MetricInfo* metric = telemetry::find_metric(q.metric);
-  if (metric == nullptr) {
-    return make_error(Errc::kInvalidArgument,
-                      "metric: unknown metric \"" + q.metric +
-                          "\"; expected one of: " + telemetry::known_metric_names(),
-                      "metric");
-  }
-  static const std::set<std::string, std::less<>> kGroupings = {
-      "", "device", "site", "deployment", "revision", "model", "version", "role", "detail"};
-  if (!kGroupings.contains(q.by)) {
-    return make_error(Errc::kInvalidArgument,
-                      "by: cannot group by \"" + q.by +
-                          "\"; expected device, site, deployment, revision, model, version, "
-                          "role or detail",
-                      "by");
-  }
-  if (q.until_ms <= q.since_ms) {
-    return make_error(Errc::kInvalidArgument, "until: must be after since", "until");
-  }
-  if (q.step_ms <= 0) {
-    return make_error(Errc::kInvalidArgument, "step: must be more than 0", "step");
-  }
+  auto checked = internal::check_telemetry_query(q);
+  if (!checked) return make_error(checked.error());
+  const telemetry::MetricInfo* metric = *checked;
   const int64_t steps = (q.until_ms - q.since_ms + q.step_ms - 1) / q.step_ms;
-  if (steps > kMaxTelemetryBuckets) {
-    return make_error(Errc::kInvalidArgument,
-                      "step: " + std::to_string(steps) + " steps in the range, at most " +
-                          std::to_string(kMaxTelemetryBuckets) + "; use a larger step",
-                      "step");
-  }
 
   OUTPOST_TRY(exec("BEGIN"));
   TelemetryTxn txn(db_);
