@@ -29,7 +29,8 @@
 #   STORM_DEVICES (10000), STORM_REPS (3), ROLLOUT_DEVICES (10000), ROLLOUT_REPS (3),
 #   BUILD_DIR (build), DATA_PARENT ($TMPDIR or /tmp), RECORD (1), KEEP (0), PROFILE (0: 1 runs
 #   `perf record` on the server over each measured sync minute; the reports stay in the work
-#   folder, so use KEEP=1).
+#   folder, so use KEEP=1; PERF_CALLGRAPH=dwarf unwinds libraries built without frame
+#   pointers, such as libsqlite3, PERF_FREQ (499) samples per second).
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -194,7 +195,7 @@ for scenario in "${scenarios[@]}"; do
       m0=$(cpu_ticks "$sim_pid")
       if [ "$PROFILE" = "1" ] && command -v perf >/dev/null; then
         # Where the server's time goes, over the measured minute (perf samples at 499 Hz).
-        perf record -F 499 -g -p "$server_pid" -o "$work/sync/perf-$n.data" -- sleep "$SYNC_MEASURE" 2>/dev/null >&2
+        perf record -F "${PERF_FREQ:-499}" --call-graph "${PERF_CALLGRAPH:-fp}" -p "$server_pid" -o "$work/sync/perf-$n.data" -- sleep "$SYNC_MEASURE" 2>/dev/null >&2
         perf report -i "$work/sync/perf-$n.data" --no-children --sort dso -g none 2>/dev/null | grep -E '^ +[0-9]' | head -12 >"$work/sync/perf-$n-dso.txt" || true
         perf report -i "$work/sync/perf-$n.data" --no-children --sort dso,symbol -g none 2>/dev/null | grep '%' | head -40 | cut -c1-160 >"$work/sync/perf-$n-symbols.txt" || true
         perf report -i "$work/sync/perf-$n.data" --children --sort symbol -g none 2>/dev/null | grep '%' | grep 'outpost::' | head -40 | cut -c1-200 >"$work/sync/perf-$n-ours.txt" || true

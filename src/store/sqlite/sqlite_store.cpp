@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "store/internal/json_columns.h"
+#include "store/sqlite/page_cache.h"
 #include "store/sqlite/sqlite_errors.h"
 #include "store/sqlite/sqlite_telemetry.h"
 
@@ -2190,6 +2191,8 @@ Result<int> SqliteStore::schema_version() {
 Result<std::unique_ptr<Store>> open_sqlite_store(const std::string& path,
                                                  std::span<const Migration> migrations) {
   try {
+    // Before SQLite's first use in this process (see page_cache.h); a no-op after.
+    install_page_cache_guard();
     sqlite3* raw = nullptr;
     // NOMUTEX: SqliteStore's own mutex serializes every use of the connection.
     const int rc =
