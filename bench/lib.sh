@@ -3,18 +3,18 @@
 # The caller defines log(), $work (a scratch folder), $server_bin and $agent_bin, and cleans
 # up $server_pid and $agent_pid on exit.
 
-# Stops a process: SIGTERM, up to 10 s, then SIGKILL.
+# Stops a process: SIGTERM, up to SECONDS (10), then SIGKILL.
 stop_pid() {
   local pid=$1
   [ -n "$pid" ] || return 0
   kill -0 "$pid" 2>/dev/null || return 0
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do
+  for _ in $(seq 1 $((${2:-10} * 10))); do
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
   if kill -0 "$pid" 2>/dev/null; then
-    log "pid $pid ignored SIGTERM for 10 s; SIGKILL"
+    log "pid $pid ignored SIGTERM for ${2:-10} s; SIGKILL"
     kill -KILL "$pid" 2>/dev/null || true
   fi
   wait "$pid" 2>/dev/null || true

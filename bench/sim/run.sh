@@ -118,9 +118,10 @@ start_sim() {
   "$O" sim --duration 0 -o json "$@" >"$log_file.json" 2>"$log_file" &
   sim_pid=$!
 }
-# stop_sim: SIGTERM, then the summary is in $1.json.
+# stop_sim: SIGTERM, then the summary is in $1.json (after the simulator asked the server about
+# every device: up to a minute or two at 100,000).
 stop_sim() {
-  stop_pid "$sim_pid"
+  stop_pid "$sim_pid" 300
   sim_pid=""
 }
 # wait_sim LOG N REV TIMEOUT: until the simulator's progress shows N devices running revision

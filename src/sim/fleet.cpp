@@ -943,6 +943,9 @@ struct Fleet::Impl {
   int64_t run_ms = 0;
   int64_t check_ms = 0;
   int64_t loaded_from_state = 0;
+  // Lines of --state for devices past --devices: written back as they were, so a smaller run
+  // does not forget devices a larger one enrolled.
+  std::string state_beyond;
   bool ran = false;
 
   Status parse_server();
@@ -1126,6 +1129,7 @@ Status Fleet::Impl::load_state(std::vector<std::unique_ptr<Device>>& devices) {
       continue;
     }
     const int64_t i = doc.value("i", int64_t{-1});
+    if (i >= static_cast<int64_t>(devices.size())) state_beyond += line + "\n";
     if (i < 0 || i >= static_cast<int64_t>(devices.size())) continue;
     Device& d = *devices[static_cast<size_t>(i)];
     d.id.server = options.server;
@@ -1165,6 +1169,7 @@ Status Fleet::Impl::save_state(const std::vector<Device*>& devices) {
                .dump() +
            "\n";
   }
+  out += state_beyond;
   auto written = write_file_durably(options.state_file, out, 0600);
   if (!written) return make_error(written.error().with_context("--state"));
   return ok();

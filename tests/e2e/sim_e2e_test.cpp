@@ -236,6 +236,26 @@ TEST_F(SimE2E, APartitionedSiteCatchesUpWhenItReturns) {
   EXPECT_EQ(s["running"]["app"]["2"], 40) << s.dump(2);  // they caught up after the partition
 }
 
+TEST_F(SimE2E, AStateFileKeepsDevicesASmallerRunDidNotUse) {
+  ASSERT_EQ(apply({{"tag", 1}}).exit_code, 0);
+  const std::string state = root_ + "/fleet.state";
+  const std::vector<std::string> common = {
+      "--sites", "2", "--duration", "1s", "--telemetry-interval", "0s", "--state", state};
+  auto run = [&](const std::string& devices) {
+    std::vector<std::string> args = {"--devices", devices};
+    args.insert(args.end(), common.begin(), common.end());
+    start_sim(args);
+    return finish_sim();
+  };
+  EXPECT_EQ(run("30")["enrolled_before"], 0);
+  EXPECT_EQ(run("10")["enrolled_before"], 10);
+  // The 20 devices the second run left out are still in the file: nobody enrolls again.
+  const json third = run("30");
+  EXPECT_EQ(third["enrolled_before"], 30) << third.dump(2);
+  EXPECT_EQ(third["errors"], 0) << third.dump(2);
+  EXPECT_EQ(enrolled_devices(), 30);
+}
+
 TEST_F(SimE2E, BadOptionsAreRefusedNamingTheOption) {
   auto r = server_->cli({"sim", "--devices", "10", "--profile", "lossy"});
   EXPECT_EQ(r.exit_code, 1);
